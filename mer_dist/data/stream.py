@@ -1,0 +1,200 @@
+"""The WebDataset pipelines, in one place (the open_clip way).
+
+* `train_loader`: infinite, resampled shards. Every (rank, worker) draws shards with its own RNG,
+  seeded from (seed, rank, worker), so no rank ever waits on a rank that ran out of shards, and a
+  resumed run passes a new seed instead of replaying samples. Epochs are sample counts (the
+  manifest's), kept by the training loop, not by `with_epoch` (which counts per worker).
+* `eval_loader`: finite and exact. Each of world x workers slots reads its own shards (or, with
+  fewer shards than slots, every shard but only its own samples): every sample appears exactly once.
+
+Batches are built inside the workers. A sample that fails to decode is skipped and counted (never
+a crash); a shard that cannot be read is logged by name. Each batch carries its worker's running
+skip count so the trainer can log the total.
+"""
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import logging
+import random
+import time
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import tarfile_samples
+
+from mer_dist.config import LABEL_TO_ID, DataConfig
+from mer_dist.data.decode import DecodeError, decode
+
+log = logging.getLogger("mer_dist.data")
+VIDEO_KEYS = ("mp4", "avi", "mkv", "mov", "webm")
+
+
+class SkipLog:
+    """Counts skipped samples/shards and logs at most one line per `every_s` seconds."""
+
+    def __init__(self, every_s: float = 10.0):
+        self.samples = self.shards = 0
+        self._last = 0.0
+        self.every_s = every_s
+
+    def sample(self, err: Exception) -> None:
+        self.samples += 1
+        self._maybe_log(f"skipped corrupt sample ({err}); {self.samples} skipped so far in this worker")
+
+    def shard(self, err: Exception) -> bool:
+        self.shards += 1
+        log.warning("shard read error, rest of shard skipped: %s", err)  # always logged: shards matter
+        return True
+
+    def _maybe_log(self, msg: str) -> None:
+        now = time.monotonic()
+        if now - self._last >= self.every_s or self.samples <= 3:
+            self._last = now
+            log.warning(msg)
+
+
+def decode_sample(sample: dict, cfg: DataConfig, frames: int) -> dict:
+    key = sample["__key__"]
+    meta = json.loads(sample["json"]) if "json" in sample else {}
+    video = next((sample[k] for k in VIDEO_KEYS if k in sample), None)
+    if video is None:
+        raise DecodeError(key, f"no video member in shard sample (have {sorted(k for k in sample if not k.startswith('_'))})")
+    clip = decode(video, frames, cfg.height, cfg.width, cfg.sample_rate, cfg.max_seconds, key, cfg.decode_threads)
+    out = {"name": key, "frames": clip.frames, "frame_times": clip.frame_times, "audio": clip.audio,
+           "duration": clip.duration, "label": LABEL_TO_ID.get(meta.get("label"), -1),
+           "text": meta.get("text") or {"english": meta.get("transcript", ""), "chinese": ""}}
+    if "teacher.npy" in sample:
+        out["teacher"] = np.load(io.BytesIO(sample["teacher.npy"]))
+    return out
+
+
+def collate(samples: list[dict]) -> dict:
+    """Pad audio (and teacher features) to the longest in the batch; frames stay uint8."""
+    b = len(samples)
+    lens = torch.tensor([s["audio"].size for s in samples], dtype=torch.long)
+    audio = torch.zeros(b, int(lens.max()) if b else 0)
+    for i, s in enumerate(samples):
+        audio[i, : s["audio"].size] = torch.from_numpy(s["audio"])
+    batch = {"name": [s["name"] for s in samples], "text": [s["text"] for s in samples],
+             "frames": torch.from_numpy(np.stack([s["frames"] for s in samples])),
+             "frame_times": torch.from_numpy(np.stack([s["frame_times"] for s in samples])),
+             "duration": torch.tensor([s["duration"] for s in samples], dtype=torch.float32),
+             "audio": audio, "audio_lens": lens, "label": torch.tensor([s["label"] for s in samples])}
+    if all("teacher" in s for s in samples):
+        tl = torch.tensor([s["teacher"].shape[0] for s in samples], dtype=torch.long)
+        t = torch.zeros(b, int(tl.max()), samples[0]["teacher"].shape[1])
+        for i, s in enumerate(samples):
+            t[i, : tl[i]] = torch.from_numpy(s["teacher"].astype(np.float32))
+        batch["teacher"], batch["teacher_lens"] = t, tl
+    return batch
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info else (0, 1)
+
+
+class _Stream(IterableDataset):
+    def __init__(self, urls: list[str], cfg: DataConfig, rank: int, world: int, seed: int, frames: int,
+                 batch_size: int, train: bool):
+        self.urls, self.cfg, self.rank, self.world, self.seed = urls, cfg, rank, world, seed
+        self.frames, self.batch_size, self.train = frames, batch_size, train
+
+    def _samples(self, skips: SkipLog):
+        wid, nw = _worker()
+        if self.train:
+            rng = random.Random(f"{self.seed}/{self.rank}/{wid}")
+            src = ({"url": rng.choice(self.urls)} for _ in itertools.count())
+            keep = lambda i: True  # noqa: E731
+        else:
+            slot, nslots = self.rank * nw + wid, self.world * nw
+            if len(self.urls) >= nslots:
+                src, keep = ({"url": u} for u in self.urls[slot::nslots]), (lambda i: True)
+            else:   # fewer shards than slots: everyone reads every shard, keeps its own samples
+                src, keep = ({"url": u} for u in self.urls), (lambda i: i % nslots == slot)
+        stream = tarfile_samples(src, handler=skips.shard)
+        if self.train:
+            stream = _shuffle(stream, self.cfg.shuffle_buffer, random.Random(f"shuffle/{self.seed}/{self.rank}/{wid}"))
+        for i, s in enumerate(stream):
+            if not keep(i):
+                continue
+            try:
+                yield decode_sample(s, self.cfg, self.frames)
+            except DecodeError as e:
+                skips.sample(e)
+
+    def __iter__(self):
+        skips = SkipLog()
+        wid, _ = _worker()
+        buf: list[dict] = []
+        for s in self._samples(skips):
+            buf.append(s)
+            if len(buf) == self.batch_size:
+                yield {**collate(buf), "worker": wid, "skipped": skips.samples, "bad_shards": skips.shards}
+                buf = []
+        if buf:
+            yield {**collate(buf), "worker": wid, "skipped": skips.samples, "bad_shards": skips.shards}
+        # only finite (eval) streams get here: a last marker carries the final skip counts
+        yield {"worker": wid, "skipped": skips.samples, "bad_shards": skips.shards, "empty": True}
+
+
+def _shuffle(stream, bufsize: int, rng: random.Random):
+    buf = []
+    for s in stream:
+        if len(buf) < bufsize:
+            buf.append(s)
+            continue
+        i = rng.randrange(len(buf))
+        buf[i], s = s, buf[i]
+        yield s
+    rng.shuffle(buf)
+    yield from buf
+
+
+def _loader(ds: _Stream, workers: int) -> DataLoader:
+    return DataLoader(ds, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
+                      prefetch_factor=4 if workers > 0 else None, persistent_workers=False)
+
+
+def train_loader(urls: list[str], cfg: DataConfig, rank: int = 0, world: int = 1, seed: int = 0,
+                 frames: int | None = None) -> DataLoader:
+    if not urls:
+        raise ValueError("train_loader: no shards")
+    return _loader(_Stream(urls, cfg, rank, world, seed, cfg.frames if frames is None else frames,
+                           cfg.batch_size, True), cfg.workers)
+
+
+def eval_loader(urls: list[str], cfg: DataConfig, rank: int = 0, world: int = 1, frames: int | None = None,
+                batch_size: int | None = None) -> DataLoader:
+    return _loader(_Stream(urls, cfg, rank, world, 0, cfg.frames if frames is None else frames,
+                           batch_size or cfg.batch_size, False), cfg.workers)
+
+
+class SkipTotals:
+    """Sums the per-worker running skip counts that batches carry."""
+
+    def __init__(self):
+        self.by_worker: dict[int, tuple[int, int]] = {}
+
+    def update(self, batch: dict) -> None:
+        self.by_worker[batch["worker"]] = (batch["skipped"], batch["bad_shards"])
+
+    @property
+    def samples(self) -> int:
+        return sum(v[0] for v in self.by_worker.values())
+
+    @property
+    def shards(self) -> int:
+        return sum(v[1] for v in self.by_worker.values())
+
+
+def iterate(loader: DataLoader, totals: SkipTotals | None = None):
+    """Batches of a loader, with the empty end-of-worker markers folded into `totals`."""
+    for batch in loader:
+        if totals is not None:
+            totals.update(batch)
+        if not batch.get("empty"):
+            yield batch
