@@ -1,0 +1,100 @@
+"""`mer-dist <stage> [--config configs/<stage>.yaml] [--flag value ...] [key.path=value ...]`.
+
+Flags are shortcuts for config keys; anything else is a dotted override. Bad input of any kind
+(config, corpus, shards, model directory) ends in one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from mer_dist import config as C
+
+# stage -> {flag: config key}
+SHORTCUTS: dict[str, dict[str, str]] = {
+    "synth": {"out": "out", "num-labeled": "num_labeled", "num-unlabeled": "num_unlabeled",
+              "num-test": "num_test", "seed": "seed", "container": "container", "workers": "workers"},
+    "shard": {"corpus": "corpus", "out": "out", "workers": "workers", "shard-mb": "shard_mb", "strict": "strict"},
+    "probe-layers": {"shards": "data.shards", "model": "model", "out": "out", "top-k": "top_k"},
+    "adapt-audio": {"shards": "data.shards", "model": "model", "out": "out", "layers": "layers", "probe": "probe",
+                    "method": "method", "epochs": "epochs"},
+    "extract-targets": {"shards": "data.shards", "teacher": "teacher", "out": "out"},
+    "align": {"shards": "data.shards", "teacher": "teacher", "out": "out", "steps": "train.steps",
+              "zero": "train.zero_stage", "targets": "targets"},
+    "finetune": {"shards": "data.shards", "teacher": "teacher", "visual": "visual", "out": "out",
+                 "modalities": "modalities", "seed": "seed", "folds": "folds"},
+    "evaluate": {"model": "model", "shards": "shards", "split": "split", "out": "out"},
+    "demo": {"out": "out", "seeds": "seeds"},
+}
+
+
+def _runner(stage: str):
+    if stage == "synth":
+        from mer_dist.data.synth import generate
+        return generate
+    if stage == "shard":
+        from mer_dist.data.ingest import write_shards
+        return write_shards
+    if stage == "probe-layers":
+        from mer_dist.train.probe import run
+        return run
+    if stage == "adapt-audio":
+        from mer_dist.train.adapt import run
+        return run
+    if stage == "extract-targets":
+        from mer_dist.train.extract import run
+        return run
+    if stage == "align":
+        from mer_dist.train.align import run
+        return run
+    if stage == "finetune":
+        from mer_dist.train.finetune import run
+        return run
+    if stage == "evaluate":
+        from mer_dist.eval.evaluate import run
+        return run
+    from mer_dist.demo import run
+    return run
+
+
+def parse(argv: list[str]) -> tuple[str, object]:
+    parser = argparse.ArgumentParser(prog="mer-dist", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="stage", required=True)
+    for stage, flags in SHORTCUTS.items():
+        p = sub.add_parser(stage)
+        p.add_argument("--config", help=f"YAML config (e.g. configs/{stage}.yaml)")
+        for flag, key in flags.items():
+            p.add_argument(f"--{flag}", dest=key, help=f"= {key}")
+        p.add_argument("overrides", nargs="*", help="dotted overrides: key.path=value")
+    args = parser.parse_args(argv)
+    stage = args.stage
+    overrides = [f"{key}={getattr(args, key)}" for key in SHORTCUTS[stage].values()
+                 if getattr(args, key, None) is not None]
+    cfg = C.load(C.STAGES[stage], args.config, overrides + list(args.overrides))
+    return stage, cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=os.environ.get("MER_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("mlflow", "alembic", "urllib3", "httpx", "DeepSpeed", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from mer_dist.data.decode import DecodeError
+    from mer_dist.data.ingest import DataError
+    from mer_dist.models.teacher import ModelError
+    user_errors = (C.ConfigError, DataError, ModelError, DecodeError, FileNotFoundError, ValueError)
+    try:
+        stage, cfg = parse(sys.argv[1:] if argv is None else argv)
+        result = _runner(stage)(cfg)
+    except user_errors as e:
+        if os.environ.get("MER_DEBUG"):
+            raise
+        print(f"mer-dist: error: {e}".splitlines()[0], file=sys.stderr)
+        return 2
+    return int(result) if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

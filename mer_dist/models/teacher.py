@@ -1,0 +1,214 @@
+"""HuBERT: loading, per-layer features, adapters (LoRA / bottleneck), and the frozen teacher.
+
+A teacher directory (written by `adapt-audio`) holds `teacher.json` (base model, adapted layers,
+method, feature spec, content hash), the adapter (`adapter/` for LoRA via peft's
+`save_pretrained`, `bottleneck.pt` otherwise), the classification head and per-dimension
+feature statistics (`stats.npz`) used to standardise alignment targets.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import HubertConfig, HubertModel
+
+FRAME_RATE = 50.0  # HuBERT: 20 ms hop
+TINY = {
+    "hubert": dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128,
+                   conv_dim=(32,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
+                   feat_extract_norm="layer", do_stable_layer_norm=True, hidden_dropout=0.0,
+                   attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0, layerdrop=0.0,
+                   mask_time_prob=0.0),
+    "hubert6": dict(hidden_size=96, num_hidden_layers=6, num_attention_heads=4, intermediate_size=192,
+                    conv_dim=(48,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
+                    feat_extract_norm="layer", do_stable_layer_norm=True, hidden_dropout=0.0,
+                    attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0, layerdrop=0.0,
+                    mask_time_prob=0.0),
+}
+
+
+class ModelError(ValueError):
+    """A missing or invalid model directory / preset."""
+
+
+def build_hubert(spec: str, seed: int = 0) -> HubertModel:
+    """`tiny:<preset>` (random weights, deterministic in `seed`) or a local HuBERT directory."""
+    if spec.startswith("tiny:"):
+        preset = spec.split(":", 1)[1]
+        if preset not in TINY:
+            raise ModelError(f"unknown tiny HuBERT preset '{preset}' (have {', '.join(TINY)})")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = HubertModel(HubertConfig(**TINY[preset]))
+        return model.eval()
+    path = Path(spec)
+    if not (path / "config.json").is_file():
+        raise ModelError(f"HuBERT model directory {path}: no config.json (expected a local save_pretrained "
+                         f"directory, e.g. a copy of chinese-hubert-large, or tiny:hubert)")
+    try:
+        return HubertModel.from_pretrained(str(path), local_files_only=True).eval()
+    except (OSError, ValueError) as e:
+        raise ModelError(f"HuBERT model directory {path}: cannot load ({str(e).splitlines()[0]})") from None
+
+
+def num_layers(model: HubertModel) -> int:
+    return model.config.num_hidden_layers
+
+
+def hidden_states(model: nn.Module, audio: torch.Tensor, lens: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """All hidden states ([0] = encoder input, [i] = layer i) and the valid-frame mask [B, T]."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    sample_mask = torch.arange(audio.shape[1], device=audio.device)[None] < lens[:, None]
+    audio = (audio - _masked_stat(audio, sample_mask, "mean")) / (_masked_stat(audio, sample_mask, "std") + 1e-5)
+    audio = audio * sample_mask
+    kwargs = {"attention_mask": sample_mask.long()} if base.config.feat_extract_norm == "layer" else {}
+    out = model(input_values=audio, output_hidden_states=True, **kwargs)
+    flen = base._get_feat_extract_output_lengths(lens)
+    t = out.hidden_states[0].shape[1]
+    mask = torch.arange(t, device=audio.device)[None] < flen[:, None]
+    return out.hidden_states, mask
+
+
+def _masked_stat(x: torch.Tensor, mask: torch.Tensor, kind: str) -> torch.Tensor:
+    n = mask.sum(1, keepdim=True).clamp(min=1)
+    mean = (x * mask).sum(1, keepdim=True) / n
+    if kind == "mean":
+        return mean
+    return (((x - mean) * mask) ** 2).sum(1, keepdim=True).div(n).sqrt()
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.to(x.dtype).unsqueeze(-1)
+    return (x * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+def reduce_layers(hs: tuple[torch.Tensor, ...], layers: list[int], mode: str) -> torch.Tensor:
+    if mode == "last":
+        return hs[-1]
+    if mode == "sum_last4":
+        return torch.stack(hs[-4:]).sum(0)
+    chosen = [hs[i] for i in layers]
+    return torch.cat(chosen, -1) if mode == "concat" else torch.stack(chosen).mean(0)
+
+
+def pool_to_frames(feats: torch.Tensor, mask: torch.Tensor, frame_times: torch.Tensor, window: torch.Tensor,
+                   rate: float = FRAME_RATE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of the feature frames whose centres fall in [t - w/2, t + w/2) of each frame time.
+
+    feats [B,T,D], mask [B,T], frame_times [B,F], window [B] -> ([B,F,D], valid [B,F]).
+    A visual frame with no valid audio frame in its window (audio padding) is marked invalid.
+    """
+    centres = (torch.arange(feats.shape[1], device=feats.device, dtype=feats.dtype) + 0.5) / rate
+    lo = frame_times - window[:, None] / 2
+    hi = frame_times + window[:, None] / 2
+    w = (centres[None, None] >= lo[..., None]) & (centres[None, None] < hi[..., None]) & mask[:, None, :].bool()
+    w = w.to(feats.dtype)
+    cnt = w.sum(-1, keepdim=True)
+    return (w @ feats) / cnt.clamp(min=1), cnt.squeeze(-1) > 0
+
+
+def frame_window(frame_times: torch.Tensor, duration: torch.Tensor) -> torch.Tensor:
+    """Width of each visual frame's window: the spacing of the uniform frame times."""
+    return duration / frame_times.shape[1]
+
+
+# ----------------------------------------------------------------------------- adapters
+class Bottleneck(nn.Module):
+    """Feed-forward followed by a residual bottleneck adapter (down -> ReLU -> up, zero-init up)."""
+
+    def __init__(self, ff: nn.Module, dim: int, hidden: int):
+        super().__init__()
+        self.ff = ff
+        self.down, self.up = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x):
+        y = self.ff(x)
+        return y + self.up(torch.relu(self.down(y)))
+
+
+def add_bottlenecks(model: HubertModel, layers: list[int], hidden: int) -> HubertModel:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer in layers:
+        block = model.encoder.layers[layer - 1]
+        block.feed_forward = Bottleneck(block.feed_forward, model.config.hidden_size, hidden)
+    return model
+
+
+def add_lora(model: HubertModel, layers: list[int], rank: int, alpha: int, dropout: float, targets: list[str]):
+    from peft import LoraConfig, get_peft_model
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
+                     layers_to_transform=[layer - 1 for layer in layers], layers_pattern="layers", bias="none")
+    return get_peft_model(model, cfg)
+
+
+def dir_hash(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        for f in sorted(p.rglob("*")) if p.is_dir() else [p]:
+            if f.is_file():
+                h.update(f.name.encode())
+                h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- teacher
+class Teacher(nn.Module):
+    """Frozen base + adapter; audio [B,S] -> features [B,T,D] at 50 Hz, or pooled to frame times."""
+
+    def __init__(self, hubert: nn.Module, spec: dict, stats: dict | None):
+        super().__init__()
+        self.hubert, self.spec = hubert, spec
+        self.layers = list(spec["feature_layers"])
+        self.reduce = spec["feature_reduce"]
+        self.dim = int(spec["dim"])
+        mean = torch.tensor(stats["mean"]) if stats else torch.zeros(self.dim)
+        std = torch.tensor(stats["std"]) if stats else torch.ones(self.dim)
+        self.register_buffer("mean", mean.float(), persistent=False)
+        self.register_buffer("std", std.float().clamp(min=1e-4), persistent=False)
+        self.eval().requires_grad_(False)
+
+    @classmethod
+    def load(cls, path: str | Path, adapted: bool = True) -> "Teacher":
+        path = Path(path)
+        meta = path / "teacher.json"
+        if not meta.is_file():
+            raise ModelError(f"teacher directory {path}: no teacher.json (run `mer-dist adapt-audio` first)")
+        spec = json.loads(meta.read_text())
+        base = spec["base_model"]
+        hubert = build_hubert(base if not base.startswith("./") else str(path / base[2:]))
+        if adapted and spec["method"] == "lora":
+            from peft import PeftModel
+            hubert = PeftModel.from_pretrained(hubert, str(path / "adapter")).merge_and_unload()
+        elif adapted and spec["method"] == "bottleneck":
+            add_bottlenecks(hubert, spec["layers"], spec["bottleneck_dim"])
+            hubert.load_state_dict(torch.load(path / "bottleneck.pt", map_location="cpu"), strict=False)
+        # layers above the last one we read are never needed: drop them (HuBERT-large: 24 -> ~22)
+        need = len(hubert.encoder.layers) if spec["feature_reduce"] in ("last", "sum_last4") \
+            else max(spec["feature_layers"]) + 1
+        if need < len(hubert.encoder.layers):
+            hubert.encoder.layers = hubert.encoder.layers[:need]
+        stats_file = path / "stats.npz"
+        stats = dict(np.load(stats_file)) if (stats_file.is_file() and adapted) else None
+        if not adapted and (path / "stats-base.npz").is_file():
+            stats = dict(np.load(path / "stats-base.npz"))
+        return cls(hubert, spec, stats)
+
+    @torch.inference_mode()
+    def features(self, audio: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hs, mask = hidden_states(self.hubert, audio, lens)
+        return reduce_layers(hs, self.layers, self.reduce).float(), mask
+
+    def standardize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    @torch.inference_mode()
+    def utterance(self, audio: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+        f, m = self.features(audio, lens)
+        return masked_mean(f, m)

@@ -1,0 +1,115 @@
+"""Visual encoder: per-frame `transformers` backbone -> temporal transformer -> projection to teacher width.
+
+The backbone is CLIP-ViT, ViT or DINOv2 from a local directory, or `tiny:vit` built in code. The
+encoder knows nothing of launchers or DeepSpeed; `export`/`load_encoder` give the plain PyTorch
+state dict that `finetune` loads.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, CLIPVisionModel, ViTConfig, ViTModel
+
+from mer_dist.config import VisualConfig
+from mer_dist.models.teacher import ModelError
+
+TINY = {"vit": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                    patch_size=8, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+        "vit-b16": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                        patch_size=16, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)}
+
+
+def build_backbone(spec: str, image_size: int) -> tuple[nn.Module, int, tuple, tuple]:
+    """(backbone, width, pixel mean, pixel std)."""
+    if spec.startswith("tiny:"):
+        preset = spec.split(":", 1)[1]
+        if preset not in TINY:
+            raise ModelError(f"unknown tiny vision preset '{preset}' (have {', '.join(TINY)})")
+        cfg = ViTConfig(image_size=image_size, **TINY[preset])
+        return ViTModel(cfg, add_pooling_layer=False), cfg.hidden_size, (0.5,) * 3, (0.5,) * 3
+    path = Path(spec)
+    if not (path / "config.json").is_file():
+        raise ModelError(f"vision backbone directory {path}: no config.json (expected a local CLIP/ViT/DINOv2 "
+                         f"save_pretrained directory, or tiny:vit)")
+    cfg = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    if cfg.model_type in ("clip", "clip_vision_model"):
+        model = CLIPVisionModel.from_pretrained(str(path), local_files_only=True)
+        mean, std = (0.4815, 0.4578, 0.4082), (0.2686, 0.2613, 0.2758)
+        width = model.config.hidden_size
+    elif cfg.model_type in ("vit", "dinov2"):
+        model = AutoModel.from_pretrained(str(path), local_files_only=True)
+        mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+        if cfg.model_type == "vit":
+            mean, std = (0.5,) * 3, (0.5,) * 3
+        width = cfg.hidden_size
+    else:
+        raise ModelError(f"vision backbone {path}: model_type '{cfg.model_type}' not supported (clip, vit, dinov2)")
+    return model, width, mean, std
+
+
+def _blocks(backbone: nn.Module) -> list[nn.Module]:
+    enc = getattr(backbone, "encoder", None) or backbone.vision_model.encoder
+    return list(enc.layer if hasattr(enc, "layer") else enc.layers)
+
+
+class VisualEncoder(nn.Module):
+    def __init__(self, cfg: VisualConfig, out_dim: int, image_size: int, max_frames: int = 64):
+        super().__init__()
+        self.cfg, self.out_dim, self.image_size = cfg, out_dim, image_size
+        self.backbone, width, mean, std = build_backbone(cfg.backbone, image_size)
+        self.width = width
+        self.register_buffer("pix_mean", torch.tensor(mean).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("pix_std", torch.tensor(std).view(1, 3, 1, 1) * 255, persistent=False)
+        self.pos = nn.Parameter(torch.zeros(1, max_frames, width))
+        layer = nn.TransformerEncoderLayer(width, cfg.temporal_heads, 2 * width, dropout=0.1, batch_first=True,
+                                           norm_first=True)
+        self.temporal = nn.TransformerEncoder(layer, cfg.temporal_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        self.proj = nn.Linear(width, out_dim)
+        if cfg.freeze_blocks > 0:
+            emb = getattr(self.backbone, "embeddings", None) or self.backbone.vision_model.embeddings
+            for m in [emb] + _blocks(self.backbone)[: cfg.freeze_blocks]:
+                m.requires_grad_(False)
+        if cfg.gradient_checkpointing:
+            self.backbone.gradient_checkpointing_enable()
+
+    def frame_embeddings(self, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 [B,F,3,H,W] -> temporally contextualised frame embeddings [B,F,width]."""
+        b, f = frames.shape[:2]
+        x = frames.flatten(0, 1).to(self.pix_mean.dtype)
+        x = ((x - self.pix_mean) / self.pix_std).to(next(self.backbone.parameters()).dtype)
+        h = self.backbone(pixel_values=x).last_hidden_state[:, 0]       # CLS token per frame
+        h = h.view(b, f, -1) + self.pos[:, :f].to(h.dtype)
+        return self.norm(self.temporal(h))
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 [B,F,3,H,W] -> predictions in teacher space [B,F,out_dim]."""
+        return self.proj(self.frame_embeddings(frames))
+
+    def embed(self, frames: torch.Tensor) -> torch.Tensor:
+        """Clip-level feature for downstream fusion: mean over frames of the contextual embeddings."""
+        return self.frame_embeddings(frames).mean(1)
+
+
+def export(model: VisualEncoder, state_dict: dict, path: str | Path, extra: dict | None = None) -> None:
+    """Plain PyTorch checkpoint (no DeepSpeed needed to read it), written atomically."""
+    import os
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"config": dataclasses.asdict(model.cfg), "out_dim": model.out_dim, "image_size": model.image_size,
+                "state_dict": {k: v.detach().float().cpu() for k, v in state_dict.items()}, **(extra or {})}, tmp)
+    os.replace(tmp, path)
+
+
+def load_encoder(path: str | Path) -> VisualEncoder:
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"visual encoder {path}: file not found (run `mer-dist align`, or use visual=random)")
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    cfg = VisualConfig(**{**ck["config"], "init": "", "gradient_checkpointing": False})
+    model = VisualEncoder(cfg, ck["out_dim"], ck["image_size"])
+    model.load_state_dict(ck["state_dict"])
+    return model.eval()

@@ -1,0 +1,228 @@
+"""`mer-dist adapt-audio`: PEFT on the most emotional HuBERT layers -> the (frozen) alignment teacher.
+
+LoRA (peft, `layers_to_transform`) or a bottleneck adapter on the chosen layers only, with a
+classification head over a learned weighted sum of those layers' pooled outputs. Early stopping on
+the same held-out part of train that the probe used, so the two WAFs are comparable.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from mer_dist.config import LABELS, AdaptConfig, save
+from mer_dist.data.ingest import write_json_atomic
+from mer_dist.data.splits import holdout
+from mer_dist.eval.metrics import summary
+from mer_dist.models.teacher import (Teacher, add_bottlenecks, add_lora, build_hubert, dir_hash, hidden_states,
+                                     masked_mean)
+from mer_dist.tracking import Tracker
+from mer_dist.train import dist
+from mer_dist.train.probe import labeled_audio
+
+log = logging.getLogger("mer_dist.adapt")
+
+
+class AudioClassifier(nn.Module):
+    """Pooled chosen layers -> per-dim standardisation (fixed, from the unadapted model on train, as the
+    linear probe does) -> learned softmax layer weights -> linear head."""
+
+    def __init__(self, hubert: nn.Module, layers: list[int], head: str, dim: int):
+        super().__init__()
+        self.hubert, self.layers, self.head_kind = hubert, layers, head
+        self.layer_logits = nn.Parameter(torch.zeros(len(layers)))
+        self.register_buffer("feat_mean", torch.zeros(len(layers), dim))
+        self.register_buffer("feat_std", torch.ones(len(layers), dim))
+        self.head = nn.Sequential(nn.Dropout(0.1), nn.Linear(dim, len(LABELS)))
+
+    def pooled(self, audio, lens) -> torch.Tensor:
+        """[B, len(layers), D] standardised pooled features of the chosen layers."""
+        hs, mask = hidden_states(self.hubert, audio, lens)
+        x = torch.stack([masked_mean(hs[layer], mask) for layer in self.layers], 1)
+        return (x - self.feat_mean) / self.feat_std
+
+    def forward(self, audio, lens):
+        x = self.pooled(audio, lens)
+        if self.head_kind == "layer":
+            return self.head(x[:, -1])
+        return self.head((torch.softmax(self.layer_logits, 0)[None, :, None] * x).sum(1))
+
+    @torch.no_grad()
+    def fit_standardisation(self, batches) -> None:
+        self.eval()
+        x = torch.cat([self.pooled(a, n) for a, n in batches])
+        self.feat_mean.copy_(x.mean(0))
+        self.feat_std.copy_(x.std(0).clamp(min=1e-5))
+
+
+def choose_layers(cfg: AdaptConfig) -> tuple[list[int], dict]:
+    if cfg.layers:
+        return sorted(cfg.layers), {}
+    if not cfg.probe:
+        raise ValueError("adapt-audio: set `layers` (e.g. --layers 2,3) or `probe` (a probe-layers output dir)")
+    p = Path(cfg.probe) / "layers.json"
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: probe result not found (run `mer-dist probe-layers` first)")
+    probe = json.loads(p.read_text())
+    ranked = sorted((r for r in probe["layers"] if r["layer"] > 0), key=lambda r: -r["waf"])
+    return sorted(r["layer"] for r in ranked[: cfg.top_k]), probe
+
+
+def trainable_layers(model: nn.Module) -> set[int]:
+    """Encoder layers (1-based) that own a trainable parameter."""
+    found = set()
+    for name, p in model.named_parameters():
+        m = re.search(r"encoder\.layers\.(\d+)\.", name)
+        if p.requires_grad and m:
+            found.add(int(m.group(1)) + 1)
+    return found
+
+
+def _batches(idx: np.ndarray, audio: list[np.ndarray], bs: int, rng: np.random.Generator | None):
+    order = rng.permutation(idx) if rng is not None else idx
+    for i in range(0, len(order), bs):
+        part = order[i:i + bs]
+        lens = torch.tensor([audio[j].size for j in part])
+        x = torch.zeros(len(part), int(lens.max()))
+        for k, j in enumerate(part):
+            x[k, : audio[j].size] = torch.from_numpy(audio[j])
+        yield part, x, lens
+
+
+def _predict(clf: AudioClassifier, idx, audio, bs) -> np.ndarray:
+    clf.eval()
+    out = []
+    with torch.inference_mode():
+        for _, x, lens in _batches(idx, audio, bs, None):
+            out.append(clf(x, lens).argmax(-1).numpy())
+    return np.concatenate(out) if out else np.zeros(0, int)
+
+
+def run(cfg: AdaptConfig) -> dict:
+    env = dist.setup()
+    if env.world_size > 1 and not env.is_main:   # the labeled split is small: rank 0 adapts, others wait
+        dist.barrier()
+        dist.cleanup()
+        return {}
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    layers, probe = choose_layers(cfg)
+    single = dist.DistEnv()
+    names, audio, labels = labeled_audio(cfg.data.shards, "train", cfg.data, single, lambda b: [
+        a[:n].numpy().copy() for a, n in zip(b["audio"], b["audio_lens"])], "adapt: load audio")
+    y = np.asarray(labels)
+    tr, va = holdout(names, y, cfg.val_fraction, cfg.seed)
+    base = build_hubert(cfg.model)
+    if not 1 <= min(layers) <= max(layers) <= base.config.num_hidden_layers:
+        raise ValueError(f"adapt-audio: layers {layers} outside 1..{base.config.num_hidden_layers}")
+    if cfg.method == "lora":
+        hubert = add_lora(base, layers, cfg.rank, cfg.alpha, cfg.dropout, cfg.target_modules)
+    else:
+        hubert = add_bottlenecks(base, layers, cfg.bottleneck_dim)
+    touched = trainable_layers(hubert)
+    if touched != set(layers):
+        raise RuntimeError(f"adapter touches layers {sorted(touched)}, expected exactly {layers}")
+    clf = AudioClassifier(hubert, layers, cfg.head, base.config.hidden_size)
+    clf.fit_standardisation((x, lens) for _, x, lens in _batches(tr, audio, cfg.batch_size, None))
+    n_adapter = sum(p.numel() for p in hubert.parameters() if p.requires_grad)
+    n_total = sum(p.numel() for p in clf.parameters() if p.requires_grad)
+    print(f"adapt-audio: {cfg.method} on layers {layers}: {n_adapter:,} adapter + "
+          f"{n_total - n_adapter:,} head parameters trainable "
+          f"({100 * n_total / sum(p.numel() for p in clf.parameters()):.2f}% of the model)")
+    tracker = Tracker(cfg.tracking, out, "adapt-audio", tags={"method": cfg.method, "layers": layers,
+                                                               "world_size": env.world_size, "launcher": env.launcher})
+    tracker.params(cfg)
+    tracker.metrics({"trainable_params": n_total, "adapter_params": n_adapter}, step=0)
+    opt = torch.optim.AdamW([p for p in clf.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.epochs))
+    rng = np.random.default_rng(cfg.seed)
+    best, best_state, bad_epochs, history = -1.0, None, 0, []
+    bar = tqdm(range(cfg.epochs), desc="adapt-audio", unit="epoch")
+    for epoch in bar:
+        clf.train()
+        losses = []
+        for part, x, lens in _batches(tr, audio, cfg.batch_size, rng):
+            loss = nn.functional.cross_entropy(clf(x, lens), torch.from_numpy(y[part]))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        sched.step()
+        val = summary(y[va], _predict(clf, va, audio, cfg.batch_size))
+        history.append({"epoch": epoch, "loss": float(np.mean(losses)), "val_waf": val["waf"]})
+        tracker.metrics({"train_loss": np.mean(losses), "val_waf": val["waf"], "val_accuracy": val["accuracy"]}, epoch)
+        bar.set_postfix(loss=f"{np.mean(losses):.3f}", val_waf=f"{val['waf']:.3f}")
+        if val["waf"] > best:
+            best, best_state, bad_epochs = val["waf"], copy.deepcopy(
+                {k: v for k, v in clf.state_dict().items() if _is_trainable_key(clf, k)}), 0
+        else:
+            bad_epochs += 1
+            if bad_epochs >= cfg.patience:
+                break
+    clf.load_state_dict(best_state, strict=False)
+    probe_waf = _probe_waf(probe, layers)
+    result = _save(cfg, out, clf, hubert, layers, names, audio, tr, best, probe_waf, history)
+    print(f"adapt-audio: best validation WAF {best:.3f}" +
+          (f" (linear probe of the same layers: {probe_waf:.3f})" if probe_waf is not None else "") + f" -> {out}")
+    tracker.metrics({"best_val_waf": best, **({"probe_val_waf": probe_waf} if probe_waf is not None else {})},
+                    step=len(history))
+    for f in ("teacher.json", "config.yaml"):
+        tracker.artifact(out / f)
+    tracker.close()
+    dist.barrier()
+    dist.cleanup()
+    return result
+
+
+def _is_trainable_key(clf: nn.Module, key: str) -> bool:
+    params = dict(clf.named_parameters())
+    return key in params and params[key].requires_grad
+
+
+def _probe_waf(probe: dict, layers: list[int]) -> float | None:
+    scores = {r["layer"]: r["waf"] for r in probe.get("layers", [])}
+    return max(scores[layer] for layer in layers) if probe and all(layer in scores for layer in layers) else None
+
+
+def _save(cfg, out, clf, hubert, layers, names, audio, tr, best, probe_waf, history) -> dict:
+    """Adapter + head + teacher.json + target statistics (computed with the adapted model)."""
+    for p in ("adapter", "bottleneck.pt", "base"):
+        if (out / p).is_dir():
+            shutil.rmtree(out / p)
+    if cfg.method == "lora":
+        hubert.save_pretrained(str(out / "adapter"))
+        adapter_files = [out / "adapter"]
+    else:
+        torch.save({k: v for k, v in hubert.state_dict().items() if ".down." in k or ".up." in k}, out / "bottleneck.pt")
+        adapter_files = [out / "bottleneck.pt"]
+    torch.save({k: v for k, v in clf.state_dict().items() if not k.startswith("hubert.")}, out / "head.pt")
+    base_model = cfg.model
+    if cfg.model.startswith("tiny:"):   # random tiny weights travel with the teacher
+        build_hubert(cfg.model).save_pretrained(str(out / "base"))
+        base_model = "./base"
+    dim = clf.feat_mean.shape[1] * (len(layers) if cfg.feature_reduce == "concat" else 1)
+    spec = {"base_model": base_model, "method": cfg.method, "layers": layers, "rank": cfg.rank, "alpha": cfg.alpha,
+            "dropout": cfg.dropout, "target_modules": cfg.target_modules, "bottleneck_dim": cfg.bottleneck_dim,
+            "feature_layers": layers, "feature_reduce": cfg.feature_reduce, "dim": dim, "frame_rate": 50,
+            "adapter_hash": dir_hash(adapter_files + [out / "head.pt"]), "val_waf": best, "probe_val_waf": probe_waf,
+            "history": history}
+    write_json_atomic(out / "teacher.json", spec)
+    for adapted, fname in ((True, "stats.npz"), (False, "stats-base.npz")):
+        teacher = Teacher.load(out, adapted=adapted)
+        feats = []
+        for _, x, lens in _batches(tr, audio, cfg.batch_size, None):
+            f, m = teacher.features(x, lens)
+            feats.append(f[m].numpy())
+        allf = np.concatenate(feats)
+        np.savez(out / fname, mean=allf.mean(0), std=allf.std(0))
+    save(cfg, out / "config.yaml")
+    return spec

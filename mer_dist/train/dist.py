@@ -1,0 +1,166 @@
+"""Where am I in the job? Rank/world/master from whichever launcher started us.
+
+torchrun, the deepspeed launcher and `accelerate launch` export RANK/WORLD_SIZE/LOCAL_RANK/
+MASTER_*; `srun` exports SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID and the node list. We normalise
+both into the torch env:// variables and create the process group ourselves (accelerate's
+`Accelerator()` miscounts processes on CPU, so it is never asked). Training loops only see a
+`DistEnv`; they never learn which launcher ran them.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import signal
+import subprocess
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as tdist
+
+
+@dataclass
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    launcher: str = "single"
+    job_id: str = ""
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda", self.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def first_host(nodelist: str) -> str:
+    """First hostname of a Slurm node list ('gpu[003-005,9],cpu1' -> 'gpu003')."""
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             timeout=10, check=True).stdout.split()
+        if out:
+            return out[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    m = re.match(r"^([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
+    if not m:
+        return nodelist
+    prefix, ranges = m.group(1), m.group(2)
+    return prefix + ranges.split(",")[0].split("-")[0] if ranges else prefix
+
+
+def _tasks_per_node(value: str) -> int:
+    m = re.match(r"(\d+)", value or "")
+    return int(m.group(1)) if m else 1
+
+
+def detect(env: dict | None = None) -> DistEnv:
+    e = os.environ if env is None else env
+    job = e.get("SLURM_JOB_ID", "")
+    if "RANK" in e and "WORLD_SIZE" in e:
+        if any(k.startswith("ACCELERATE_") for k in e):
+            launcher = "accelerate"
+        elif "CROSS_RANK" in e:
+            launcher = "deepspeed"
+        elif "TORCHELASTIC_RUN_ID" in e:
+            launcher = "torchrun"
+        else:
+            launcher = "env"
+        world = int(e["WORLD_SIZE"])
+        return DistEnv(int(e["RANK"]), world, int(e.get("LOCAL_RANK", 0)),
+                       int(e.get("LOCAL_WORLD_SIZE", e.get("LOCAL_SIZE", world))),
+                       e.get("MASTER_ADDR", "127.0.0.1"), int(e.get("MASTER_PORT", 29500)), launcher, job)
+    if "SLURM_PROCID" in e and "SLURM_NTASKS" in e:
+        port = int(e.get("MASTER_PORT", 0)) or 20000 + int(job or 0) % 20000
+        addr = e.get("MASTER_ADDR") or first_host(e.get("SLURM_JOB_NODELIST", e.get("SLURM_NODELIST", "127.0.0.1")))
+        return DistEnv(int(e["SLURM_PROCID"]), int(e["SLURM_NTASKS"]), int(e.get("SLURM_LOCALID", 0)),
+                       _tasks_per_node(e.get("SLURM_TASKS_PER_NODE", e.get("SLURM_NTASKS_PER_NODE", "1"))),
+                       addr, port, "slurm", job)
+    return DistEnv(job_id=job)
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup(threads: int = 0, always_group: bool = False) -> DistEnv:
+    """Detect, export env:// variables, pin CPU threads, and init the process group (gloo/nccl).
+
+    The group is created when world > 1, or always when asked (DeepSpeed wants one even alone).
+    """
+    d = detect()
+    if d.world_size == 1 and "MASTER_PORT" not in os.environ:
+        d.master_port = _free_port()
+    os.environ.update(RANK=str(d.rank), WORLD_SIZE=str(d.world_size), LOCAL_RANK=str(d.local_rank),
+                      MASTER_ADDR=d.master_addr, MASTER_PORT=str(d.master_port))
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        n = threads or max(1, len(os.sched_getaffinity(0)) // max(1, d.local_world_size))
+        torch.set_num_threads(n)
+    else:
+        torch.cuda.set_device(d.local_rank)
+    if not tdist.is_initialized() and (d.world_size > 1 or always_group):
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        tdist.init_process_group(backend, init_method="env://", rank=d.rank, world_size=d.world_size,
+                                 timeout=datetime.timedelta(minutes=30))
+    return d
+
+
+def barrier() -> None:
+    if tdist.is_initialized():
+        tdist.barrier()
+
+
+def all_gather_object(obj) -> list:
+    if not tdist.is_initialized() or tdist.get_world_size() == 1:
+        return [obj]
+    out = [None] * tdist.get_world_size()
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, src: int = 0):
+    if not tdist.is_initialized() or tdist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def cleanup() -> None:
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+class StopFlag:
+    """SIGTERM / SIGUSR1 (Slurm pre-emption warning) -> finish the step, checkpoint, exit.
+
+    A signal may reach only some ranks (or arrive between their steps), so `should_stop` agrees
+    across ranks with a MAX all-reduce: every rank stops at the same step.
+    """
+
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1)):
+        self.signum = 0
+        for s in signals:
+            signal.signal(s, self._handler)
+
+    def _handler(self, signum, frame) -> None:
+        self.signum = signum
+
+    def should_stop(self) -> bool:
+        flag = torch.tensor([self.signum], dtype=torch.int64)
+        if tdist.is_initialized() and tdist.get_world_size() > 1:
+            if tdist.get_backend() == "nccl":
+                flag = flag.cuda()
+            tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
+        self.signum = int(flag.item())
+        return self.signum != 0
