@@ -121,6 +121,14 @@ def run(cfg: AlignConfig) -> int:
     stream_seed = zlib.crc32(f"{cfg.train.seed}/{start}".encode())
     it = iter(train_loader(urls, cfg.data, env.rank, env.world_size, seed=stream_seed))
     eval_batches = _eval_set(cfg)
+    if eval_batches:   # eval targets computed once (offline runs load the teacher just for this)
+        eval_teacher = teacher or Teacher.load(cfg.teacher).to(device)
+        for b in eval_batches:
+            feats, mask = eval_teacher.features(b["audio"].to(device), b["audio_lens"].to(device))
+            ft = b["frame_times"].to(device)
+            tgt, valid = pool_to_frames(feats, mask, ft, frame_window(ft, b["duration"].to(device)))
+            b["target"] = ((tgt - mean) / std if cfg.standardize else tgt, valid)
+        del eval_teacher
     stop = dist.StopFlag()
     tracker = Tracker(cfg.tracking, out, "align", active=env.is_main, tags={
         "world_size": env.world_size, "launcher": env.launcher, "slurm_job_id": env.job_id,
@@ -147,7 +155,7 @@ def run(cfg: AlignConfig) -> int:
         return tgt, valid
 
     def step_loss(batch) -> tuple[torch.Tensor, torch.Tensor]:
-        tgt, valid = targets_of(batch)
+        tgt, valid = batch["target"] if "target" in batch else targets_of(batch)
         pred = engine(batch["frames"].to(device, non_blocking=True)).float()
         return alignment_loss(pred, tgt, valid, cfg.loss, cfg.frame_weight, cfg.utterance_weight)
 

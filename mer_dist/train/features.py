@@ -1,0 +1,157 @@
+"""Utterance features of frozen encoders, cached on disk by (encoder fingerprint, sample name).
+
+A sweep over fusion hyper-parameters or seeds recomputes nothing: `<cache>/<modality>-<hash>.npz`
+holds names + features, and only names not yet in it go through the encoder.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from webdataset.tariterators import tarfile_samples
+
+from mer_dist.config import LABEL_TO_ID, DataConfig, VisualConfig
+from mer_dist.data.ingest import shard_urls
+from mer_dist.data.stream import SkipTotals, eval_loader, iterate
+
+log = logging.getLogger("mer_dist.features")
+
+
+def index(shards: str, split: str) -> tuple[list[str], np.ndarray, list[dict]]:
+    """Names, labels (-1 = unlabeled) and transcripts of a split, from the shards' JSON members only."""
+    names, labels, texts = [], [], []
+    src = [{"url": u} for u in shard_urls(shards, split)]
+    for s in tarfile_samples(src, select_files=lambda f: f.endswith(".json")):
+        meta = json.loads(s["json"])
+        names.append(s["__key__"])
+        labels.append(LABEL_TO_ID.get(meta.get("label"), -1))
+        texts.append(meta.get("text") or {"english": meta.get("transcript", ""), "chinese": ""})
+    order = np.argsort(names)
+    return [names[i] for i in order], np.asarray(labels)[order], [texts[i] for i in order]
+
+
+class Cache:
+    def __init__(self, folder: str | Path, modality: str, fingerprint: str):
+        key = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
+        self.path = Path(folder) / f"{modality}-{key}.npz"
+        self.data: dict[str, np.ndarray] = {}
+        if self.path.is_file():
+            z = np.load(self.path, allow_pickle=False)
+            self.data = dict(zip(z["names"].tolist(), z["feats"]))
+
+    def missing(self, names: list[str]) -> list[str]:
+        return [n for n in names if n not in self.data]
+
+    def put(self, names: list[str], feats: np.ndarray) -> None:
+        self.data.update(zip(names, feats))
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        names = sorted(self.data)
+        tmp = self.path.with_name(self.path.name + ".tmp.npz")
+        np.savez(tmp, names=np.asarray(names), feats=np.stack([self.data[n] for n in names]))
+        tmp.replace(self.path)
+
+    def get(self, names: list[str]) -> np.ndarray:
+        return np.stack([self.data[n] for n in names])
+
+
+class Encoders:
+    """The frozen encoders of a finetune run, built lazily: a fully cached run never builds one."""
+
+    def __init__(self, specs: dict, image_size: int):
+        self.specs, self.image_size = specs, image_size
+        self._built: dict = {}
+        self.calls = {"a": 0, "v": 0, "t": 0}
+
+    def fingerprint(self, m: str) -> str:
+        s = self.specs[m]
+        if m == "a":
+            tj = json.loads((Path(s["teacher"]) / "teacher.json").read_text())
+            return f"a|{tj['base_model']}|{tj['adapter_hash'] if s['adapted'] else 'base'}|{tj['feature_layers']}|{tj['feature_reduce']}"
+        if m == "v":
+            if s["encoder"] == "random":
+                return f"v|random|{s['seed']}|{json.dumps(s['visual_model'], sort_keys=True)}|{self.image_size}"
+            p = Path(s["encoder"])
+            if not p.is_file():
+                from mer_dist.models.teacher import ModelError
+                raise ModelError(f"visual encoder {p}: file not found (run `mer-dist align`, or use visual=random)")
+            return f"v|{hashlib.sha256(p.read_bytes()).hexdigest()}"
+        return f"t|{self.build('t').fingerprint()}|{s['column']}"
+
+    def build(self, m: str):
+        if m in self._built:
+            return self._built[m]
+        s = self.specs[m]
+        if m == "a":
+            from mer_dist.models.teacher import Teacher
+            enc = Teacher.load(s["teacher"], adapted=s["adapted"])
+        elif m == "v":
+            from mer_dist.models.visual import VisualEncoder, load_encoder
+            if s["encoder"] == "random":
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(s["seed"])
+                    enc = VisualEncoder(VisualConfig(**s["visual_model"]), 1, self.image_size).eval()
+            else:
+                enc = load_encoder(s["encoder"])
+        else:
+            from mer_dist.models.lexical import TextEncoder
+            enc = TextEncoder(s["model"])
+        self._built[m] = enc
+        return enc
+
+    @torch.inference_mode()
+    def encode(self, m: str, batch: dict) -> np.ndarray:
+        self.calls[m] += 1
+        enc = self.build(m)
+        if m == "a":
+            return enc.utterance(batch["audio"], batch["audio_lens"]).numpy()
+        if m == "v":
+            return enc.embed(batch["frames"]).numpy()
+        return enc.encode([t[self.specs["t"]["column"]] for t in batch["text"]])
+
+
+def extract(encoders: Encoders, modalities: list[str], shards: str, split: str, data: DataConfig,
+            cache_dir: str | Path) -> tuple[list[str], np.ndarray, dict[str, np.ndarray], np.ndarray]:
+    """(names, labels, {modality: [N, D]}, present [N, M]) for a split; computes only what the cache lacks."""
+    names, labels, texts = index(shards, split)
+    caches = {m: Cache(cache_dir, m, encoders.fingerprint(m)) for m in modalities}
+    todo = set().union(*(c.missing(names) for c in caches.values()))
+    if todo:
+        frames = data.frames if caches.get("v") and caches["v"].missing(names) else 0
+        totals = SkipTotals()
+        for batch in iterate(eval_loader(shard_urls(shards, split), data, 0, 1, frames=frames), totals):
+            for m, c in caches.items():
+                need = [i for i, n in enumerate(batch["name"]) if n not in c.data]
+                if need:
+                    sub = {k: ([v[i] for i in need] if isinstance(v, list) else v[need]) for k, v in batch.items()
+                           if k in ("audio", "audio_lens", "frames", "text")}
+                    c.put([batch["name"][i] for i in need], encoders.encode(m, sub))
+        for c in caches.values():
+            c.save()
+        if totals.samples:
+            log.warning("%s: %d sample(s) could not be decoded; they are predicted from the other modalities",
+                        split, totals.samples)
+    dims = {m: (next(iter(c.data.values())).shape[0] if c.data else 1) for m, c in caches.items()}
+    feats, present = {}, np.ones((len(names), len(modalities)), bool)
+    for j, m in enumerate(modalities):
+        c = caches[m]
+        feats[m] = np.stack([c.data.get(n, np.zeros(dims[m], np.float32)) for n in names]).astype(np.float32)
+        present[:, j] = [n in c.data for n in names]
+        if m == "t":
+            col = encoders.specs["t"]["column"]
+            present[:, j] &= [bool(t.get(col, "").strip()) for t in texts]
+    return names, labels, feats, present
+
+
+def specs_for(cfg) -> dict:
+    """Encoder specs of a FinetuneConfig (stored in the model so `evaluate` rebuilds the same features)."""
+    return {"a": {"teacher": str(Path(cfg.teacher).resolve()), "adapted": cfg.acoustic == "adapted"},
+            "v": {"encoder": cfg.visual if cfg.visual == "random" else str(Path(cfg.visual).resolve()),
+                  "seed": cfg.seed, "visual_model": asdict(cfg.visual_model)},
+            "t": {"model": cfg.text_model, "column": cfg.text_column}}
