@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# mer-dist alignment pretraining on Slurm: one task per GPU (srun), or torchrun per node.
+#
+#   sbatch slurm/align.sh                                   # defaults below: 2 nodes x 8 GPUs
+#   sbatch --nodes=4 slurm/align.sh                         # any #SBATCH value can be overridden
+#   MER_CONFIG=configs/mer2024/align.yaml MER_OVERRIDES="train.steps=50000" sbatch slurm/align.sh
+#   MER_LAUNCH=torchrun sbatch --ntasks-per-node=1 --signal=B:USR1@120 slurm/align.sh
+#
+# Environment (all optional): MER_CONFIG, MER_OVERRIDES (space-separated key=value), MER_LAUNCH
+# (srun|torchrun), MER_PYTHON, MER_MAX_RESTARTS, MER_WORKDIR, CONTAINER_IMAGE with CONTAINER_RUNTIME
+# (pyxis|apptainer), MASTER_ADDR, MASTER_PORT, GPUS_PER_NODE.
+#
+# Pre-emption: Slurm sends USR1 120 s before the time limit (or `scancel --signal=USR1 JOB`); every
+# rank checkpoints and exits 75, and this script requeues the job, which resumes from `latest`.
+#SBATCH --job-name=mer-align
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=12
+#SBATCH --time=24:00:00
+#SBATCH --requeue
+#SBATCH --signal=USR1@120
+#SBATCH --open-mode=append
+#SBATCH --output=logs/%x-%j.out
+set -uo pipefail
+
+STAGE="${MER_STAGE:-align}"
+CONFIG="${MER_CONFIG:-configs/${STAGE}.yaml}"
+LAUNCH="${MER_LAUNCH:-srun}"
+PYTHON="${MER_PYTHON:-python}"
+MAX_RESTARTS="${MER_MAX_RESTARTS:-20}"
+EXIT_PREEMPTED=75
+cd "${MER_WORKDIR:-${SLURM_SUBMIT_DIR:-.}}" || exit 1
+mkdir -p logs
+
+MASTER_ADDR="${MASTER_ADDR:-$(scontrol show hostnames "${SLURM_JOB_NODELIST}" | head -n 1)}"
+MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
+export MASTER_ADDR MASTER_PORT
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"
+read -r -a OVERRIDES <<< "${MER_OVERRIDES:-}"
+
+container=()
+if [ -n "${CONTAINER_IMAGE:-}" ]; then
+  case "${CONTAINER_RUNTIME:-pyxis}" in
+    pyxis) container=(--container-image="${CONTAINER_IMAGE}" --container-workdir="$PWD" --container-mounts="$PWD:$PWD") ;;
+    apptainer) ;;  # handled in the command below
+    *) echo "[align.sh] unknown CONTAINER_RUNTIME=${CONTAINER_RUNTIME}" >&2; exit 2 ;;
+  esac
+fi
+prefix=()
+if [ -n "${CONTAINER_IMAGE:-}" ] && [ "${CONTAINER_RUNTIME:-pyxis}" = apptainer ]; then
+  prefix=(apptainer exec --nv --bind "$PWD" "${CONTAINER_IMAGE}")
+fi
+
+echo "[align.sh] $(date -Is) job ${SLURM_JOB_ID} restart ${SLURM_RESTART_COUNT:-0}: ${SLURM_JOB_NUM_NODES} node(s)," \
+     "${SLURM_NTASKS} task(s), master ${MASTER_ADDR}:${MASTER_PORT}, launch=${LAUNCH}, config=${CONFIG}"
+
+preempted=0
+child=""
+# torchrun's agent dies on USR1, so in torchrun mode the batch shell takes it (--signal=B:USR1@120)
+# and forwards SIGTERM, which torchrun passes to its workers.
+trap 'preempted=1; echo "[align.sh] USR1: pre-emption, checkpointing"; [ -n "$child" ] && kill -TERM "$child" 2>/dev/null' USR1
+
+if [ "$LAUNCH" = torchrun ]; then
+  GPUS_PER_NODE="${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}"
+  srun --ntasks-per-node=1 --kill-on-bad-exit=1 "${container[@]}" "${prefix[@]}" \
+    "$PYTHON" -m torch.distributed.run --nnodes="${SLURM_JOB_NUM_NODES}" --nproc_per_node="${GPUS_PER_NODE}" \
+    --rdzv_backend=c10d --rdzv_endpoint="${MASTER_ADDR}:${MASTER_PORT}" --rdzv_id="${SLURM_JOB_ID}" \
+    -m mer_dist "$STAGE" --config "$CONFIG" "${OVERRIDES[@]}" &
+else
+  srun --kill-on-bad-exit=1 "${container[@]}" "${prefix[@]}" \
+    "$PYTHON" -m mer_dist "$STAGE" --config "$CONFIG" "${OVERRIDES[@]}" &
+fi
+child=$!
+# a trapped signal makes `wait` return early: keep waiting until the step is really gone
+rc=0
+while :; do
+  wait "$child"
+  rc=$?
+  kill -0 "$child" 2>/dev/null || break
+done
+
+if [ "$rc" -eq "$EXIT_PREEMPTED" ] || [ "$preempted" -eq 1 ]; then
+  if [ "${SLURM_RESTART_COUNT:-0}" -lt "$MAX_RESTARTS" ]; then
+    echo "[align.sh] $(date -Is) checkpoint saved (rc=$rc): requeueing job ${SLURM_JOB_ID}"
+    scontrol requeue "${SLURM_JOB_ID}"
+    exit 0
+  fi
+  echo "[align.sh] restart limit ${MAX_RESTARTS} reached, not requeueing" >&2
+fi
+echo "[align.sh] $(date -Is) finished rc=$rc"
+exit "$rc"

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# mer-dist fusion fine-tuning on Slurm: K folds spread over the tasks (fold k on rank k mod N).
+#   sbatch slurm/finetune.sh
+#   MER_CONFIG=configs/mer2024/finetune.yaml MER_OVERRIDES="seed=1" sbatch slurm/finetune.sh
+#SBATCH --job-name=mer-finetune
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=5
+#SBATCH --gpus-per-node=1
+#SBATCH --cpus-per-task=4
+#SBATCH --time=04:00:00
+#SBATCH --open-mode=append
+#SBATCH --output=logs/%x-%j.out
+set -euo pipefail
+cd "${MER_WORKDIR:-${SLURM_SUBMIT_DIR:-.}}"
+mkdir -p logs
+MASTER_ADDR="${MASTER_ADDR:-$(scontrol show hostnames "${SLURM_JOB_NODELIST}" | head -n 1)}"
+MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
+export MASTER_ADDR MASTER_PORT
+read -r -a OVERRIDES <<< "${MER_OVERRIDES:-}"
+srun --kill-on-bad-exit=1 "${MER_PYTHON:-python}" -m mer_dist finetune --config "${MER_CONFIG:-configs/finetune.yaml}" "${OVERRIDES[@]}"

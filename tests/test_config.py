@@ -1,0 +1,41 @@
+import pytest
+
+from mer_dist import config as C
+from conftest import run_cli
+
+
+def test_overrides_and_types(tmp_path):
+    f = tmp_path / "a.yaml"
+    f.write_text("train:\n  steps: 7\ndata:\n  frames: 4\n")
+    cfg = C.load(C.AlignConfig, f, ["train.lr=3e-4", "data.frames=16", "model.freeze_blocks=2"])
+    assert (cfg.train.steps, cfg.train.lr, cfg.data.frames, cfg.model.freeze_blocks) == (7, 3e-4, 16, 2)
+    assert C.load(C.AdaptConfig, None, ["layers=2,3"]).layers == [2, 3]
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("train.stepz=3", "unknown config key 'train.stepz'"),
+    ("train.steps=abc", "config key 'train.steps': expected int"),
+    ("loss=hinge", "config key 'loss': expected one of"),
+])
+def test_bad_keys(override, needle):
+    with pytest.raises(C.ConfigError, match=needle.replace("(", r"\(")):
+        C.load(C.AlignConfig, None, [override])
+
+
+def test_cli_errors_are_one_line_exit_2(tmp_path):
+    p = run_cli("align", "train.stepz=3", check=False)
+    assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "train.stepz" in p.stderr
+    p = run_cli("align", "--config", tmp_path / "nope.yaml", check=False)
+    assert p.returncode == 2 and "config file not found" in p.stderr and "nope.yaml" in p.stderr
+    p = run_cli("probe-layers", "--shards", tmp_path, "tracking.enabled=false", check=False)
+    assert p.returncode == 2 and "manifest.json" in p.stderr
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+    names = {"probe": C.ProbeConfig, "adapt": C.AdaptConfig, "align": C.AlignConfig, "finetune": C.FinetuneConfig}
+    for stage, cls in C.STAGES.items():
+        short = {"probe-layers": "probe", "adapt-audio": "adapt", "extract-targets": "extract"}.get(stage, stage)
+        C.load(cls, Path("configs") / f"{short}.yaml")
+    for short, cls in names.items():
+        C.load(cls, Path("configs/mer2024") / f"{short}.yaml")

@@ -1,0 +1,133 @@
+"""synth -> shard -> stream on real mp4/avi files, with corrupt input."""
+import json
+import shutil
+import tarfile
+
+import numpy as np
+import pytest
+
+from mer_dist.config import LABELS, DataConfig, ShardConfig, SynthConfig
+from mer_dist.data.decode import DecodeError, decode
+from mer_dist.data.ingest import DataError, read_corpus, shard_urls, write_shards
+from mer_dist.data.stream import SkipTotals, eval_loader, iterate, train_loader
+from mer_dist.data.synth import generate
+
+
+def test_round_trip_values(corpus, shards):
+    man = json.loads((shards / "manifest.json").read_text())
+    assert man["splits"]["train"]["samples"] == 96 and man["splits"]["test"]["samples"] == 24
+    assert man["splits"]["unlabeled"]["samples"] == 64 and len(man["splits"]["train"]["shards"]) > 1
+    labels = {r["name"]: r["discrete"] for r in __import__("csv").DictReader(open(corpus / "label-disdim.csv"))}
+    texts = {r["name"]: r["english"] for r in __import__("csv").DictReader(open(corpus / "label-transcription.csv"))}
+    assert sum(man["splits"]["train"]["labels"].values()) == 96
+    cfg = DataConfig(frames=5, height=24, width=40, batch_size=7, workers=0)
+    seen = 0
+    for b in iterate(eval_loader(shard_urls(shards, "train"), cfg)):
+        assert b["frames"].shape[1:] == (5, 3, 24, 40) and b["frames"].dtype.__str__() == "torch.uint8"
+        for i, name in enumerate(b["name"]):
+            assert LABELS[int(b["label"][i])] == labels[name]
+            assert b["text"][i]["english"] == texts[name]
+            dur = float(b["duration"][i])
+            n = int(b["audio_lens"][i])
+            assert abs(n - dur * 16000) < 0.1 * 16000, (name, n, dur)
+            ft = b["frame_times"][i].numpy()
+            assert np.allclose(ft, (np.arange(5) + 0.5) * dur / 5, atol=1e-4)
+            assert b["frames"][i].float().std() > 5            # a drawn face, not a blank frame
+        seen += len(b["name"])
+    assert seen == 96
+
+
+def test_exactly_once_across_ranks_and_workers(shards):
+    cfg = DataConfig(frames=1, height=16, width=16, batch_size=5, workers=2)
+    names = []
+    for rank in range(2):
+        for b in iterate(eval_loader(shard_urls(shards, "train"), cfg, rank=rank, world=2)):
+            names += b["name"]
+    assert len(names) == 96 and len(set(names)) == 96
+    # also with more slots than shards (sample-level split)
+    one = [shard_urls(shards, "test")[0]]
+    n_in_shard = json.loads((shards / "manifest.json").read_text())["splits"]["test"]["shards"][0]["samples"]
+    names = []
+    for rank in range(2):
+        for b in iterate(eval_loader(one, cfg, rank=rank, world=2)):
+            names += b["name"]
+    assert len(names) == len(set(names)) == n_in_shard
+
+
+def test_deterministic_synth_and_stream(tmp_path):
+    a = generate(SynthConfig(out=str(tmp_path / "a"), num_labeled=6, num_unlabeled=3, num_test=2, height=32, width=32, seed=5, workers=1))
+    b = generate(SynthConfig(out=str(tmp_path / "b"), num_labeled=6, num_unlabeled=3, num_test=2, height=32, width=32, seed=5, workers=2))
+    for f in ("label-disdim.csv", "label-transcription.csv", "label-test.csv"):
+        assert (a / f).read_text() == (b / f).read_text()
+    x = decode(a / "video-labeled/sample_00000003.mp4", 4, 32, 32)
+    y = decode(b / "video-labeled/sample_00000003.mp4", 4, 32, 32)
+    assert np.array_equal(x.frames, y.frames) and np.array_equal(x.audio, y.audio)
+    c = generate(SynthConfig(out=str(tmp_path / "c"), num_labeled=6, num_unlabeled=3, num_test=2, height=32, width=32, seed=6, workers=1))
+    assert (a / "label-transcription.csv").read_text() != (c / "label-transcription.csv").read_text()
+
+
+def test_train_stream_seeded(shards):
+    cfg = DataConfig(frames=2, height=16, width=16, batch_size=4, workers=0, shuffle_buffer=8)
+    def first(seed):
+        it = iter(train_loader(shard_urls(shards, "unlabeled"), cfg, seed=seed))
+        return [n for _ in range(3) for n in next(it)["name"]]
+    assert first(1) == first(1) and first(1) != first(2)
+
+
+def test_avi_and_bad_clips(tmp_path):
+    root = generate(SynthConfig(out=str(tmp_path / "c"), num_labeled=8, num_unlabeled=4, num_test=0, height=32,
+                                width=32, container="avi", workers=1))
+    vids = sorted((root / "video-labeled").iterdir())
+    vids[0].write_bytes(b"\x00" * 1000)                                       # corrupt
+    vids[1].write_bytes(vids[1].read_bytes()[: 600])                          # truncated
+    from mer_dist.data.synth import make_clip, write_av, ClipSpec
+    clip = make_clip(SynthConfig(height=32, width=32), ClipSpec("x", "sad", 0))
+    vids[2].unlink()
+    write_av(root / "video-labeled" / f"{vids[2].stem}.mp4", clip["frames"], None, 10, "mp4")   # no audio stream
+    m = write_shards(ShardConfig(corpus=str(root), out=str(tmp_path / "s"), workers=1))
+    skipped = {s["name"]: s["reason"] for s in m["skipped"]}
+    assert set(skipped) == {vids[0].stem, vids[1].stem, vids[2].stem}
+    assert skipped[vids[2].stem] == "no audio stream"
+    assert m["splits"]["train"]["samples"] == 5
+    b = next(iterate(eval_loader(shard_urls(tmp_path / "s", "train"), DataConfig(frames=3, height=32, width=32, workers=0))))
+    assert b["frames"].shape[1:] == (3, 3, 32, 32)
+    with pytest.raises(DataError, match="bad clip"):
+        write_shards(ShardConfig(corpus=str(root), out=str(tmp_path / "s2"), workers=1, strict=True))
+
+
+def test_wrong_label_names_the_row(tmp_path, corpus):
+    root = tmp_path / "c"
+    shutil.copytree(corpus, root)
+    lines = (root / "label-disdim.csv").read_text().splitlines()
+    name = lines[3].split(",")[0]
+    lines[3] = f"{name},joyful,1.0"
+    (root / "label-disdim.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=rf"label-disdim.csv:4 \({name}\): unknown label 'joyful'"):
+        read_corpus(root)
+
+
+def test_missing_shard_and_corrupt_sample_skipped(tmp_path, shards):
+    s = tmp_path / "s"
+    shutil.copytree(shards, s)
+    urls = shard_urls(s, "unlabeled")
+    # replace one sample's video bytes in a shard by garbage: the stream skips and counts it
+    src = urls[0]
+    with tarfile.open(src) as t:
+        members = [(m, t.extractfile(m).read()) for m in t.getmembers()]
+    bad_name = members[0][0].name
+    import io
+    with tarfile.open(src, "w") as t:
+        for m, data in members:
+            if m.name == bad_name:
+                data = b"garbage" * 50
+            m.size = len(data)
+            t.addfile(m, io.BytesIO(data))
+    totals = SkipTotals()
+    cfg = DataConfig(frames=2, height=16, width=16, batch_size=4, workers=1)
+    names = [n for b in iterate(eval_loader(urls, cfg), totals) for n in b["name"]]
+    assert totals.samples == 1 and bad_name.split(".")[0] not in names and len(names) == 63
+    (s / urls[1].split("/")[-1]).unlink()
+    with pytest.raises(DataError, match="shard listed in manifest.json is missing"):
+        shard_urls(s, "unlabeled")
+    with pytest.raises(DecodeError, match="cannot open"):
+        decode(b"not a video", 2, 8, 8, name="x")
