@@ -59,7 +59,25 @@ def _runner(stage: str):
     return run
 
 
+def _strip_local_rank(argv: list[str]) -> list[str]:
+    """The deepspeed launcher prepends --local_rank=N; LOCAL_RANK in the environment says the same."""
+    out, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if a.startswith(("--local_rank=", "--local-rank=")):
+            os.environ.setdefault("LOCAL_RANK", a.split("=", 1)[1])
+        elif a in ("--local_rank", "--local-rank") and i + 1 < len(argv):
+            os.environ.setdefault("LOCAL_RANK", argv[i + 1])
+            skip = True
+        else:
+            out.append(a)
+    return out
+
+
 def parse(argv: list[str]) -> tuple[str, object]:
+    argv = _strip_local_rank(argv)
     parser = argparse.ArgumentParser(prog="mer-dist", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="stage", required=True)
     for stage, flags in SHORTCUTS.items():

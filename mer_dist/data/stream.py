@@ -18,6 +18,7 @@ import itertools
 import json
 import logging
 import random
+import signal
 import time
 
 import numpy as np
@@ -154,9 +155,16 @@ def _shuffle(stream, bufsize: int, rng: random.Random):
     yield from buf
 
 
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """Loader workers leave SIGTERM/SIGUSR1 to the trainer, which checkpoints and then shuts them down."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 def _loader(ds: _Stream, workers: int) -> DataLoader:
     return DataLoader(ds, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
-                      prefetch_factor=4 if workers > 0 else None, persistent_workers=False)
+                      prefetch_factor=4 if workers > 0 else None, persistent_workers=False,
+                      worker_init_fn=_ignore_stop_signals if workers > 0 else None)
 
 
 def train_loader(urls: list[str], cfg: DataConfig, rank: int = 0, world: int = 1, seed: int = 0,

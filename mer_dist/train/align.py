@@ -201,11 +201,13 @@ def run(cfg: AlignConfig) -> int:
             exit_code = EXIT_PREEMPTED
             break
     bar.close()
+    local, full = _param_elements(engine.module)
     sd = consolidated_state_dict(engine, cfg.train.zero_stage)
     if env.is_main:
         export(model, sd, out / "encoder.pt", {"step": step, "teacher": teacher_spec.get("adapter_hash", "")})
         summary = {"step": step, "samples_seen": samples_seen, "world_size": env.world_size,
-                   "launcher": env.launcher, "exit_code": exit_code, "skipped_samples": skips.samples}
+                   "launcher": env.launcher, "exit_code": exit_code, "skipped_samples": skips.samples,
+                   "zero_stage": cfg.train.zero_stage, "param_elements_rank0": local, "param_elements_total": full}
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         if exit_code == 0:
             tracker.artifact(out / "encoder.pt")
@@ -236,6 +238,13 @@ def _evaluate(engine, batches, step_loss) -> dict:
     losses, coss = zip(*[(lo.item(), co.item()) for lo, co in (step_loss(b) for b in batches)])
     engine.train()
     return {"eval_loss": float(np.mean(losses)), "eval_cos": float(np.mean(coss))}
+
+
+def _param_elements(module) -> tuple[int, int]:
+    """(elements this rank holds, elements of the full model); they differ under ZeRO-3 partitioning."""
+    local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in module.parameters())
+    full = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
+    return int(local), int(full)
 
 
 def _mean_across_ranks(values: list[float]) -> list[float]:
