@@ -1,0 +1,68 @@
+"""A real Slurm on localhost: sbatch slurm/align.sh, pre-emption by USR1, requeue and resume. Lints."""
+import json
+import os
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from conftest import REPO
+
+SLURM = REPO / "tests" / "cluster" / "local_slurm.sh"
+
+
+def test_shellcheck_and_hadolint():
+    if not shutil.which("shellcheck"):
+        pytest.skip("shellcheck not installed (tests/setup.sh installs it)")
+    p = subprocess.run(["shellcheck", "slurm/align.sh", "slurm/finetune.sh", "tests/setup.sh", ".ci/run",
+                        str(SLURM)], cwd=REPO, capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout
+    p = subprocess.run(["hadolint", "docker/Dockerfile"], cwd=REPO, capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    if os.geteuid() != 0:
+        pytest.skip("local Slurm needs root (daemons + munge key)")
+    env = {**os.environ, "SLURM_LOCAL_CPUS": "4", "SLURM_LOCAL_DIR": "/tmp/mer-dist-slurm"}
+    p = subprocess.run(["bash", str(SLURM), "start"], capture_output=True, text=True, env=env, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    yield env
+    subprocess.run(["bash", str(SLURM), "stop"], capture_output=True, env=env, timeout=120)
+
+
+def test_sbatch_preempt_requeue_resume(slurm, shards, teacher, tmp_path, mlflow_server):
+    out = tmp_path / "run"
+    overrides = (f"data.shards={shards} teacher={teacher} out={out} train.steps=60 train.ckpt_every=20 "
+                 "train.log_every=2 train.eval_samples=0 data.height=32 data.width=32 data.frames=4 "
+                 "data.batch_size=4 data.workers=1")
+    env = {**slurm, "MER_OVERRIDES": overrides, "MER_WORKDIR": str(REPO), "MLFLOW_TRACKING_URI": mlflow_server["uri"]}
+    log = tmp_path / "job.out"
+    job = subprocess.run(["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0",
+                          "--cpus-per-task=1", "--time=20", f"--output={log}", "slurm/align.sh"],
+                         cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout.strip()
+    deadline = time.time() + 300
+    while time.time() < deadline:   # pre-empt once training is under way (after step 24 > first checkpoint)
+        if (out / "metrics.jsonl").exists() and any(json.loads(x).get("step", 0) >= 24 for x in open(out / "metrics.jsonl")):
+            break
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--signal=USR1", job], check=True)
+    w = subprocess.run(["bash", str(SLURM), "wait", job, "600"], env=slurm, capture_output=True, text=True)
+    text = log.read_text()
+    assert w.returncode == 0, text[-4000:]
+    assert "requeueing job" in text and "restart 1" in text, text[-3000:]
+    stop = int(text.split("align: signal 10 -> checkpoint at step ")[1].split()[0])
+    assert 24 <= stop < 60
+    assert f"resumed from checkpoint step{stop:08d} at step {stop}" in text
+    s = json.loads((out / "summary.json").read_text())
+    assert s["step"] == 60 and s["world_size"] == 2 and s["launcher"] == "slurm" and (out / "encoder.pt").is_file()
+    steps = [json.loads(x)["step"] for x in open(out / "metrics.jsonl") if '"loss"' in x]
+    # no step logged twice: the resumed run continued from the pre-emption checkpoint itself
+    assert len(steps) == len(set(steps)) and steps[-1] == 60
+    from mlflow.tracking import MlflowClient
+    c = MlflowClient(mlflow_server["uri"])
+    runs = c.search_runs([c.get_experiment_by_name("mer-dist").experiment_id], f"tags.slurm_job_id = '{job}'")
+    tags = {r.data.tags["restart"]: r.data.tags for r in runs}
+    assert set(tags) == {"0", "1"} and all(t["launcher"] == "slurm" and t["world_size"] == "2" for t in tags.values())
