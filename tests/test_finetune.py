@@ -1,0 +1,80 @@
+"""Fusion model, feature cache, K-fold fine-tuning and evaluation on the real pipeline."""
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import DATA, run_cli
+from mer_dist import config as C
+from mer_dist.models.fusion import FusionModel
+
+
+@pytest.mark.parametrize("kind", ["attention", "weights"])
+@pytest.mark.parametrize("mods", [["a"], ["v", "t"], ["a", "v", "t"]])
+def test_fusion_any_subset_forward_backward(kind, mods):
+    dims = {"a": 8, "v": 12, "t": 6}
+    model = FusionModel({m: dims[m] for m in mods}, C.FusionConfig(kind=kind, width=16, heads=2))
+    feats = {m: torch.randn(5, dims[m]) for m in mods}
+    present = torch.ones(5, len(mods), dtype=torch.bool)
+    present[0, 0] = False                      # a sample missing its first modality
+    present[1] = False                         # ... and one missing everything
+    out = model(feats, present)
+    assert out.shape == (5, 6) and torch.isfinite(out).all()
+    out.sum().backward()
+    assert model.head[2].weight.grad.abs().sum() > 0
+    assert all(model.proj[m][2].weight.grad.abs().sum() > 0 for m in mods)
+    model.eval()
+    if len(mods) > 1:   # a missing modality changes the prediction only through the others
+        feats2 = {m: f.clone() for m, f in feats.items()}
+        feats2[mods[0]][0] += 100.0
+        assert torch.allclose(model(feats, present)[0], model(feats2, present)[0], atol=1e-5)
+
+
+def test_finetune_evaluate_cache_and_predictions(shards, teacher, tmp_path):
+    cache = tmp_path / "cache"
+    common = ["--shards", shards, "--teacher", teacher, "--visual", "random", "folds=3", "epochs=40",
+              f"cache={cache}", *DATA]
+    p = run_cli("finetune", "--out", tmp_path / "m1", "--modalities", "a,v,t", *common)
+    m = json.loads((tmp_path / "m1" / "metrics.json").read_text())
+    assert m["folds"] == 3 and m["n_train"] == 96
+    # beats the majority-class WAF by a clear margin, cross-validated and on test
+    assert m["cv_waf"] > m["majority_waf"] + 0.15 and m["test_waf"] > m["majority_waf"] + 0.15, m
+    assert "CV WAF" in p.stdout
+    # cached features reused: a second run (another seed) calls no encoder at all
+    from mer_dist.train.features import Encoders, extract, specs_for
+    cfg = C.load(C.FinetuneConfig, overrides={"data.shards": str(shards), "teacher": str(teacher), "visual": "random",
+                                               "cache": str(cache), "data.height": 32, "data.width": 32, "data.frames": 4})
+    enc = Encoders(specs_for(cfg), 32)
+    names, y, feats, present = extract(enc, ["a", "v", "t"], str(shards), "train", cfg.data, cache)
+    assert enc.calls == {"a": 0, "v": 0, "t": 0} and len(names) == 96 and present.all()
+    enc2 = Encoders(specs_for(C.load(C.FinetuneConfig, overrides={**{"data.shards": str(shards), "teacher": str(teacher),
+                                                                      "visual": "random", "seed": 7}})), 32)
+    extract(enc2, ["v"], str(shards), "train", cfg.data, cache)
+    assert enc2.calls["v"] > 0          # another random encoder is another cache key
+    # evaluate: predictions for the unlabeled split (MER2024 submission format), every name once
+    ev = tmp_path / "ev"
+    run_cli("evaluate", "--model", tmp_path / "m1", "--split", "unlabeled", "--out", ev, "tracking.enabled=false")
+    rows = list(csv.DictReader(open(ev / "predictions.csv")))
+    assert len(rows) == 64 and len({r["name"] for r in rows}) == 64
+    assert {r["discrete"] for r in rows} <= set(C.LABELS)
+    probs = np.loadtxt(ev / "probabilities.csv", delimiter=",", skiprows=1, usecols=range(1, 7))
+    assert np.allclose(probs.sum(1), 1, atol=1e-4)
+    test = json.loads((tmp_path / "m1" / "eval-test" / "metrics.json").read_text())
+    assert (tmp_path / "m1" / "eval-test" / "confusion.png").is_file()
+    assert np.array(test["confusion"]).sum() == 24
+
+
+def test_missing_transcript_still_predicted(shards, teacher, tmp_path):
+    """A sample with an empty transcript is predicted from audio + video."""
+    from mer_dist.train.features import Encoders, extract, specs_for
+    cfg = C.load(C.FinetuneConfig, overrides={"data.shards": str(shards), "teacher": str(teacher), "visual": "random",
+                                               "text_column": "chinese", "cache": str(tmp_path / "c"),
+                                               "data.height": 32, "data.width": 32, "data.frames": 4})
+    names, y, feats, present = extract(Encoders(specs_for(cfg), 32), ["a", "t"], str(shards), "test", cfg.data, cfg.cache)
+    assert present.all()
+    present[:, 1] = False
+    model = FusionModel({m: f.shape[1] for m, f in feats.items()}, cfg.fusion).eval()
+    out = model({m: torch.from_numpy(f) for m, f in feats.items()}, torch.from_numpy(present))
+    assert out.shape == (24, 6) and torch.isfinite(out).all()
