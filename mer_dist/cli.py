@@ -86,11 +86,14 @@ def parse(argv: list[str]) -> tuple[str, object]:
         for flag, key in flags.items():
             p.add_argument(f"--{flag}", dest=key, help=f"= {key}")
         p.add_argument("overrides", nargs="*", help="dotted overrides: key.path=value")
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)   # overrides may sit between flags
+    stray = [r for r in rest if "=" not in r or r.startswith("-")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
     stage = args.stage
     overrides = [f"{key}={getattr(args, key)}" for key in SHORTCUTS[stage].values()
                  if getattr(args, key, None) is not None]
-    cfg = C.load(C.STAGES[stage], args.config, overrides + list(args.overrides))
+    cfg = C.load(C.STAGES[stage], args.config, overrides + list(args.overrides) + rest)
     return stage, cfg
 
 

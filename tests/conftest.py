@@ -65,10 +65,8 @@ def teacher(shards, probe_dir, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` on 127.0.0.1 (sqlite backend), stopped at the end of the session."""
-    d = tmp_path_factory.mktemp("mlflow")
+def start_mlflow(d: Path) -> tuple[str, subprocess.Popen]:
+    """A real `mlflow server` on 127.0.0.1 with a sqlite backend; returns (uri, process)."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
                              "--backend-store-uri", f"sqlite:///{d}/mlflow.db", "--default-artifact-root", str(d / "art"),
@@ -79,16 +77,27 @@ def mlflow_server(tmp_path_factory):
     for _ in range(120):
         try:
             urllib.request.urlopen(uri + "/health", timeout=1)
-            break
+            return uri, proc
         except OSError:
             time.sleep(0.5)
-    else:
-        proc.kill()
-        raise RuntimeError(f"mlflow server did not start: {(d / 'server.log').read_text()[-2000:]}")
-    yield {"uri": uri, "proc": proc, "dir": d}
+    stop_mlflow(proc)
+    raise RuntimeError(f"mlflow server did not start: {(d / 'server.log').read_text()[-2000:]}")
+
+
+def stop_mlflow(proc: subprocess.Popen) -> None:
     import signal
     try:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(20)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    d = tmp_path_factory.mktemp("mlflow")
+    uri, proc = start_mlflow(d)
+    yield {"uri": uri, "proc": proc, "dir": d}
+    stop_mlflow(proc)

@@ -111,3 +111,29 @@ def test_other_launchers(launcher, shards, teacher, tmp_path):
     assert rc == 0, log[-4000:]
     s = json.loads((out / "summary.json").read_text())
     assert s["world_size"] == 2 and s["launcher"] == launcher and s["step"] == 4 and (out / "encoder.pt").is_file()
+
+
+def test_mlflow_down_at_start_or_mid_run(shards, teacher, tmp_path):
+    from conftest import start_mlflow, stop_mlflow
+    base = [sys.executable, "-m", "mer_dist", "align", "--shards", str(shards), "--teacher", str(teacher),
+            "--steps", "24", *ARGS, "train.eval_samples=0"]
+    # down at start: a port nobody listens on
+    dead = f"http://127.0.0.1:{free_port()}"
+    p = subprocess.run(base + ["--out", str(tmp_path / "a")], cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "MLFLOW_TRACKING_URI": dead})
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "MLflow unavailable" in p.stderr and str(tmp_path / "a" / "metrics.jsonl") in p.stderr
+    assert [r["step"] for r in metrics(tmp_path / "a") if "loss" in r] == list(range(2, 25, 2))
+    # goes away mid-run
+    (tmp_path / "srv").mkdir()
+    uri, server = start_mlflow(tmp_path / "srv")
+    proc = subprocess.Popen(base + ["--out", str(tmp_path / "b"), "train.log_every=1"], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "MLFLOW_TRACKING_URI": uri})
+    deadline = time.time() + 200
+    while time.time() < deadline and not ((tmp_path / "b" / "metrics.jsonl").exists() and len(metrics(tmp_path / "b")) >= 4):
+        time.sleep(0.2)
+    stop_mlflow(server)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "metrics continue in" in err and "all metrics are in" in err
+    assert [r["step"] for r in metrics(tmp_path / "b") if "loss" in r] == list(range(1, 25))
