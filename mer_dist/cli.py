@@ -6,6 +6,7 @@ Flags are shortcuts for config keys; anything else is a dotted override. Bad inp
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -30,33 +31,18 @@ SHORTCUTS: dict[str, dict[str, str]] = {
 }
 
 
+# stage -> "module:function", imported only when the stage runs (keeps `mer-dist --help` fast)
+RUNNERS = {
+    "synth": "mer_dist.data.synth:generate", "shard": "mer_dist.data.ingest:write_shards",
+    "probe-layers": "mer_dist.train.probe:run", "adapt-audio": "mer_dist.train.adapt:run",
+    "extract-targets": "mer_dist.train.extract:run", "align": "mer_dist.train.align:run",
+    "finetune": "mer_dist.train.finetune:run", "evaluate": "mer_dist.eval.evaluate:run", "demo": "mer_dist.demo:run",
+}
+
+
 def _runner(stage: str):
-    if stage == "synth":
-        from mer_dist.data.synth import generate
-        return generate
-    if stage == "shard":
-        from mer_dist.data.ingest import write_shards
-        return write_shards
-    if stage == "probe-layers":
-        from mer_dist.train.probe import run
-        return run
-    if stage == "adapt-audio":
-        from mer_dist.train.adapt import run
-        return run
-    if stage == "extract-targets":
-        from mer_dist.train.extract import run
-        return run
-    if stage == "align":
-        from mer_dist.train.align import run
-        return run
-    if stage == "finetune":
-        from mer_dist.train.finetune import run
-        return run
-    if stage == "evaluate":
-        from mer_dist.eval.evaluate import run
-        return run
-    from mer_dist.demo import run
-    return run
+    module, fn = RUNNERS[stage].split(":")
+    return getattr(importlib.import_module(module), fn)
 
 
 def _strip_local_rank(argv: list[str]) -> list[str]:

@@ -35,7 +35,7 @@ class DataConfig:
     batch_size: int = 8            # per rank
     workers: int = 1               # DataLoader workers per rank
     shuffle_buffer: int = 64
-    decode_threads: int = 0        # PyAV codec threads per clip (0 = codec default, 1 = single)
+    decode_threads: int = 1        # PyAV codec threads per clip: 1 (loader workers give the parallelism), 0 = codec default
 
 
 @dataclass

@@ -131,3 +131,25 @@ def test_missing_shard_and_corrupt_sample_skipped(tmp_path, shards):
         shard_urls(s, "unlabeled")
     with pytest.raises(DecodeError, match="cannot open"):
         decode(b"not a video", 2, 8, 8, name="x")
+
+
+def test_reencode_to_fixed_fps_and_size(tmp_path, corpus):
+    from mer_dist.config import ReencodeConfig
+    from mer_dist.data.decode import probe
+    root = tmp_path / "c"
+    root.mkdir()
+    for f in ("label-disdim.csv", "label-transcription.csv"):
+        lines = (corpus / f).read_text().splitlines()
+        (root / f).write_text("\n".join(lines[:4]) + "\n")
+    (root / "video-labeled").mkdir()
+    for line in (corpus / "label-disdim.csv").read_text().splitlines()[1:4]:
+        name = line.split(",")[0]
+        shutil.copy(corpus / "video-labeled" / f"{name}.mp4", root / "video-labeled")
+    write_shards(ShardConfig(corpus=str(root), out=str(tmp_path / "s"), workers=1,
+                             reencode=ReencodeConfig(enabled=True, fps=5, height=16, width=24)))
+    with tarfile.open(shard_urls(tmp_path / "s", "train")[0]) as t:
+        mp4 = next(m for m in t.getmembers() if m.name.endswith(".mp4"))
+        info = probe(t.extractfile(mp4).read())
+    assert info["fps"] == 5.0 and info["has_audio"]
+    b = next(iterate(eval_loader(shard_urls(tmp_path / "s", "train"), DataConfig(frames=2, height=16, width=24, workers=0))))
+    assert len(b["name"]) == 3

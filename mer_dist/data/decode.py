@@ -85,7 +85,12 @@ def decode(source: str | Path | bytes, frames: int, height: int, width: int, sam
         out = np.zeros((frames, height, width, 3), np.uint8)
         filled = 0
         last = None
-        resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate) if a is not None else None
+        # mono float audio already at the target rate needs no resampler (the synthetic corpus, many 16 kHz sets)
+        passthrough = a is not None and a.sample_rate == sample_rate and a.codec_context.layout.nb_channels == 1 \
+            and a.format is not None and a.format.name in ("flt", "fltp")
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate) \
+            if a is not None and not passthrough else None
+        reformatter = av.video.reformatter.VideoReformatter()  # one swscale context for all kept frames
         chunks: list[np.ndarray] = []
         n_audio = 0
         max_samples = int(max_seconds * sample_rate) if max_seconds > 0 else None
@@ -100,13 +105,13 @@ def decode(source: str | Path | bytes, frames: int, height: int, width: int, sam
                     img = None
                     while filled < frames and t + half >= targets[filled]:
                         if img is None:
-                            img = fr.to_ndarray(format="rgb24", width=width, height=height)
+                            img = reformatter.reformat(fr, width, height, "rgb24").to_ndarray()
                         out[filled] = img
                         filled += 1
                     last = fr
-            elif resampler is not None and (max_samples is None or n_audio < max_samples):
+            elif a is not None and (max_samples is None or n_audio < max_samples):
                 for fr in packet.decode():
-                    for rf in resampler.resample(fr):
+                    for rf in (resampler.resample(fr) if resampler is not None else (fr,)):
                         arr = rf.to_ndarray().reshape(-1)
                         chunks.append(arr)
                         n_audio += arr.size
@@ -117,7 +122,7 @@ def decode(source: str | Path | bytes, frames: int, height: int, width: int, sam
             if last is None:
                 raise DecodeError(name, "no video frames decoded")
             if filled < frames:                     # trailing targets past the last frame: repeat it
-                out[filled:] = last.to_ndarray(format="rgb24", width=width, height=height)
+                out[filled:] = reformatter.reformat(last, width, height, "rgb24").to_ndarray()
         audio = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
         if max_samples is not None:
             audio = audio[:max_samples]

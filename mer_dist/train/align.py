@@ -32,9 +32,10 @@ log = logging.getLogger("mer_dist.align")
 EXIT_PREEMPTED = 75
 
 
-def ds_config(cfg: AlignConfig, width: int, on_gpu: bool) -> dict:
-    """configs/ds/zero{N}.json with every "auto" filled from the stage config (set once, never disagree)."""
-    path = resolve_repo_file(f"configs/ds/zero{cfg.train.zero_stage}.json")
+def ds_config(cfg: AlignConfig, width: int, on_gpu: bool, launch_file: str = "") -> dict:
+    """configs/ds/zero{N}.json (or the file the launch named) with every "auto" filled from the stage config,
+    so batch size, accumulation and schedule are set once and never disagree."""
+    path = Path(launch_file) if launch_file else resolve_repo_file(f"configs/ds/zero{cfg.train.zero_stage}.json")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: DeepSpeed config not found (train.zero_stage must be 1, 2 or 3)")
     ds = json.loads(path.read_text())
@@ -107,8 +108,10 @@ def run(cfg: AlignConfig) -> int:
     if cfg.model.init:
         model.load_state_dict(torch.load(cfg.model.init, map_location="cpu", weights_only=False)["state_dict"])
     on_gpu = device.type == "cuda"
+    ds = ds_config(cfg, model.width, on_gpu, env.ds_config_file)
+    cfg.train.zero_stage = int(ds.get("zero_optimization", {}).get("stage", 0))   # the stage actually run
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-                                           config=ds_config(cfg, model.width, on_gpu))
+                                           config=ds)
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
     client = checkpoint.load(engine, ckdir, env) or {}
     start = int(client.get("step", 0))
@@ -202,12 +205,14 @@ def run(cfg: AlignConfig) -> int:
             break
     bar.close()
     local, full = _param_elements(engine.module)
+    state_bytes = _state_bytes(engine, cfg.train.zero_stage, local, full)
     sd = consolidated_state_dict(engine, cfg.train.zero_stage)
     if env.is_main:
         export(model, sd, out / "encoder.pt", {"step": step, "teacher": teacher_spec.get("adapter_hash", "")})
         summary = {"step": step, "samples_seen": samples_seen, "world_size": env.world_size,
                    "launcher": env.launcher, "exit_code": exit_code, "skipped_samples": skips.samples,
-                   "zero_stage": cfg.train.zero_stage, "param_elements_rank0": local, "param_elements_total": full}
+                   "zero_stage": cfg.train.zero_stage, "param_elements_rank0": local, "param_elements_total": full,
+                   "state_bytes_rank0": state_bytes}
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         if exit_code == 0:
             tracker.artifact(out / "encoder.pt")
@@ -245,6 +250,19 @@ def _param_elements(module) -> tuple[int, int]:
     local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in module.parameters())
     full = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
     return int(local), int(full)
+
+
+def _state_bytes(engine, stage: int, local: int, full: int) -> int:
+    """Bytes this rank holds for parameters + gradients + optimizer state (fp32 master partition and Adam
+    moments, measured on the engine's optimizer; gradients: full under ZeRO-1, the partition above)."""
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    parts = list(inner.state.keys())      # the fp32 (flat, partitioned) tensors Adam steps (after >= 1 step)
+    partition = sum(p.numel() for p in parts)
+    moments = sum(t.numel() * t.element_size() for p in parts for t in inner.state.get(p, {}).values()
+                  if torch.is_tensor(t) and t.dim() > 0)
+    param_bytes = next(engine.module.parameters()).element_size()
+    grads = (full if stage < 2 else partition) * param_bytes
+    return int(local * param_bytes + partition * 4 + grads + moments)
 
 
 def _mean_across_ranks(values: list[float]) -> list[float]:

@@ -29,6 +29,7 @@ class DistEnv:
     master_port: int = 29500
     launcher: str = "single"
     job_id: str = ""
+    ds_config_file: str = ""   # a DeepSpeed config chosen at launch time (accelerate's deepspeed_config_file)
 
     @property
     def is_main(self) -> bool:
@@ -61,7 +62,12 @@ def _tasks_per_node(value: str) -> int:
 
 
 def detect(env: dict | None = None) -> DistEnv:
-    e = os.environ if env is None else env
+    d = _detect(os.environ if env is None else env)
+    d.ds_config_file = (os.environ if env is None else env).get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
+    return d
+
+
+def _detect(e) -> DistEnv:
     job = e.get("SLURM_JOB_ID", "")
     if "RANK" in e and "WORLD_SIZE" in e:
         if any(k.startswith("ACCELERATE_") for k in e):

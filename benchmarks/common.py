@@ -1,0 +1,40 @@
+"""Shared set-up for the benchmark scripts: a cached synthetic corpus + shards + teacher."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(os.environ.get("MER_BENCH_DIR", "/tmp/mer-dist-bench"))
+REPO = Path(__file__).resolve().parents[1]
+
+
+def setup(quick: bool) -> dict:
+    """Corpus (64x64 @ 10 fps, ~2 s clips), shards and a teacher, built once per size and reused."""
+    from mer_dist.config import ShardConfig, SynthConfig
+    from mer_dist.data.ingest import write_shards
+    from mer_dist.data.synth import generate
+    base = ROOT / ("quick" if quick else "full")
+    n = (48, 96, 0) if quick else (96, 1000, 0)
+    if not (base / "shards" / "manifest.json").is_file():
+        generate(SynthConfig(out=str(base / "corpus"), num_labeled=n[0], num_unlabeled=n[1], num_test=n[2], workers=2))
+        write_shards(ShardConfig(corpus=str(base / "corpus"), out=str(base / "shards"), shard_mb=4.0))
+    if not (base / "teacher" / "teacher.json").is_file():
+        subprocess.run([sys.executable, "-m", "mer_dist", "adapt-audio", "--shards", str(base / "shards"),
+                        "--layers", "3,4", "--out", str(base / "teacher"), "epochs=1", "tracking.enabled=false"],
+                       check=True, capture_output=True, cwd=REPO)
+    return {"base": base, "corpus": base / "corpus", "shards": base / "shards", "teacher": base / "teacher"}
+
+
+def timed(fn, *args, **kwargs) -> tuple[float, object]:
+    t0 = time.perf_counter()
+    r = fn(*args, **kwargs)
+    return time.perf_counter() - t0, r
+
+
+def report(title: str, rows: list[tuple[str, str]]) -> None:
+    print(f"\n## {title}")
+    for k, v in rows:
+        print(f"  {k:<48} {v}")
