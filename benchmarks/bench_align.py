@@ -9,22 +9,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 
 from common import REPO, report, setup, timed
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from mer_dist.train.dist import free_port
 
 
 def _engine_and_stream(env: dict, shards, targets: str, workers: int):
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_port()))
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     from mer_dist import config as C
     from mer_dist.train import dist
     from mer_dist.train.align import alignment_loss, ds_config, load_stats
@@ -102,7 +96,7 @@ def data_bound_and_targets(quick: bool) -> dict:
 
 
 def _align(env, nproc: int, steps: int, extra: list[str], out) -> dict:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
            "-m", "mer_dist", "align", "--shards", str(env["shards"]), "--teacher", str(env["teacher"]), "--out", str(out),
            "--steps", str(steps), "tracking.enabled=false", "train.eval_samples=0", "train.log_every=5",
            "train.threads=1", "data.workers=0", *extra]

@@ -33,7 +33,7 @@ def main() -> None:
             ("#4 break-even epochs", "break_even_epochs", "report"), ("#5 ZeRO-1 vs 1 rank", "zero1_vs_1rank", "report"),
             ("#5 ZeRO-2 vs 1 rank", "zero2_vs_1rank", "report"), ("#5 ZeRO-3 vs 1 rank", "zero3_vs_1rank", "<= 0.55"),
             ("#6 2 ranks vs 1", "scaling_2_vs_1", ">= 1.7"), ("#7 worker RSS growth (MiB)", "worker_rss_growth_mb", "flat")]
-    print(f"\n| figure | value | target |\n|---|---|---|")
+    print("\n| figure | value | target |\n|---|---|---|")
     for name, key, target in rows:
         print(f"| {name} | {figures[key]:.2f} | {target} |")
     print(f"\nall benchmarks: {time.time() - t0:.0f} s{' (quick)' if a.quick else ''}")

@@ -6,7 +6,6 @@ synth -> shard -> probe-layers -> adapt-audio -> align (torchrun, DeepSpeed ZeRO
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import numpy as np
 
 from mer_dist import config as C
 from mer_dist.tracking import default_uri
+from mer_dist.train.dist import free_port
 
 ROWS = [  # (row, description, modalities, visual, acoustic)
     ("a", "visual only, random-init encoder", ["v"], "random", "adapted"),
@@ -26,12 +26,6 @@ ROWS = [  # (row, description, modalities, visual, acoustic)
     ("f", "fusion a+v+t, aligned encoder", ["a", "v", "t"], "aligned", "adapted"),
     ("g", "fusion a+v+t, random encoder", ["a", "v", "t"], "random", "adapted"),
 ]
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(cfg: C.DemoConfig) -> int:
@@ -59,7 +53,7 @@ def run(cfg: C.DemoConfig) -> int:
     stage("adapt-audio", lambda: adapt.run(C.load(C.AdaptConfig, overrides={
         **data, "out": str(out / "teacher"), "probe": str(out / "probe"), "epochs": 15})))
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={cfg.align_procs}",
-           f"--master_port={_port()}", "-m", "mer_dist", "align", "--shards", str(out / "shards"),
+           f"--master_port={free_port()}", "-m", "mer_dist", "align", "--shards", str(out / "shards"),
            "--teacher", str(out / "teacher"), "--out", str(out / "align"), "--steps", str(cfg.align_steps),
            "data.workers=1", "train.eval_every=40"]
     stage("align", lambda: subprocess.run(cmd, check=True))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DATA, REPO, run_cli
+from conftest import REPO
 from mer_dist.models.teacher import ModelError, Teacher, build_hubert, hidden_states, pool_to_frames
 
 

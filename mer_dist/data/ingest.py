@@ -119,6 +119,13 @@ def _reencode(path: str, cfg: ReencodeConfig) -> bytes:
     return data
 
 
+def tar_add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+    """One shard member with fixed mtime/mode, so the same input gives byte-identical shards."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(payload), 0, 0o644
+    tar.addfile(info, io.BytesIO(payload))
+
+
 def _write_shard(job: tuple[str, list[dict], ReencodeConfig]) -> str:
     """Write one shard to a temp name, then rename: a crashed run never leaves a half shard."""
     path, samples, reenc = job
@@ -135,11 +142,8 @@ def _write_shard(job: tuple[str, list[dict], ReencodeConfig]) -> str:
                     "text": s["text"]}
             if s["label"] is not None:
                 meta["label"] = s["label"]
-            for member, payload in ((f"{s['name']}.{ext}", data),
-                                    (f"{s['name']}.json", json.dumps(meta, ensure_ascii=False).encode())):
-                info = tarfile.TarInfo(member)
-                info.size, info.mtime, info.mode = len(payload), 0, 0o644
-                tar.addfile(info, io.BytesIO(payload))
+            tar_add(tar, f"{s['name']}.{ext}", data)
+            tar_add(tar, f"{s['name']}.json", json.dumps(meta, ensure_ascii=False).encode())
     os.replace(tmp, path)
     return path
 

@@ -112,7 +112,6 @@ def run(cfg: AlignConfig) -> int:
     cfg.train.zero_stage = int(ds.get("zero_optimization", {}).get("stage", 0))   # the stage actually run
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                            config=ds)
-    dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
     client = checkpoint.load(engine, ckdir, env) or {}
     start = int(client.get("step", 0))
     samples_seen = int(client.get("samples_seen", 0))

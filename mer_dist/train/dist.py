@@ -91,7 +91,8 @@ def _detect(e) -> DistEnv:
     return DistEnv(job_id=job)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (single-process runs and local launches)."""
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -105,7 +106,7 @@ def setup(threads: int = 0, always_group: bool = False) -> DistEnv:
     """
     d = detect()
     if d.world_size == 1 and "MASTER_PORT" not in os.environ:
-        d.master_port = _free_port()
+        d.master_port = free_port()
     os.environ.update(RANK=str(d.rank), WORLD_SIZE=str(d.world_size), LOCAL_RANK=str(d.local_rank),
                       MASTER_ADDR=d.master_addr, MASTER_PORT=str(d.master_port))
     if not torch.cuda.is_available():

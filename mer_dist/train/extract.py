@@ -18,16 +18,10 @@ from webdataset.tariterators import tarfile_samples
 
 from mer_dist.config import ExtractConfig
 from mer_dist.data.decode import DecodeError
-from mer_dist.data.ingest import load_manifest, shard_urls, write_json_atomic
+from mer_dist.data.ingest import load_manifest, shard_urls, tar_add, write_json_atomic
 from mer_dist.data.stream import collate, decode_sample
 from mer_dist.models.teacher import Teacher
 from mer_dist.train import dist
-
-
-def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(payload), 0, 0o644
-    tar.addfile(info, io.BytesIO(payload))
 
 
 def _process(url: str, dst: Path, teacher: Teacher, cfg: ExtractConfig, tmeta: dict) -> tuple[int, int]:
@@ -48,9 +42,9 @@ def _process(url: str, dst: Path, teacher: Teacher, cfg: ExtractConfig, tmeta: d
                 np.save(buf, arr)
                 for k, v in raw.items():
                     if not k.startswith("__"):
-                        _add(tar, f"{raw['__key__']}.{k}", v)
-                _add(tar, f"{raw['__key__']}.teacher.npy", buf.getvalue())
-                _add(tar, f"{raw['__key__']}.teacher.json", json.dumps(tmeta).encode())
+                        tar_add(tar, f"{raw['__key__']}.{k}", v)
+                tar_add(tar, f"{raw['__key__']}.teacher.npy", buf.getvalue())
+                tar_add(tar, f"{raw['__key__']}.teacher.json", json.dumps(tmeta).encode())
                 kept += 1
             pending.clear()
 
