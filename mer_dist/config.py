@@ -169,6 +169,9 @@ class AlignConfig:
     split: str = "unlabeled"
     eval_split: str = "train"      # a fixed held-out alignment set (never trained on by align)
     targets: Literal["online", "offline"] = "online"
+    # what the video regresses onto: the teacher's layer features, its frame-level emotion logits
+    # (the adaptation head per 50 Hz frame), or both concatenated; logits need online targets
+    target_space: Literal["features", "logits", "both"] = "features"
     loss: Literal["mse", "cosine"] = "mse"
     frame_weight: float = 1.0
     utterance_weight: float = 1.0
@@ -227,6 +230,7 @@ class DemoConfig:
     synth: SynthConfig = field(default_factory=SynthConfig)
     align_steps: int = 240
     align_procs: int = 2
+    align_target_space: Literal["features", "logits", "both"] = "logits"   # see RESULTS.md
     seeds: int = 1                 # seeds per ablation row (3 for the RESULTS.md table)
     folds: int = 5
 

@@ -55,7 +55,7 @@ def run(cfg: C.DemoConfig) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={cfg.align_procs}",
            f"--master_port={free_port()}", "-m", "mer_dist", "align", "--shards", str(out / "shards"),
            "--teacher", str(out / "teacher"), "--out", str(out / "align"), "--steps", str(cfg.align_steps),
-           "data.workers=1", "train.eval_every=40"]
+           "data.workers=1", "train.eval_every=40", f"target_space={cfg.align_target_space}"]
     stage("align", lambda: subprocess.run(cmd, check=True))
     results: dict[str, list[float]] = {}
 

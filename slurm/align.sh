@@ -57,6 +57,10 @@ echo "[align.sh] $(date -Is) job ${SLURM_JOB_ID} restart ${SLURM_RESTART_COUNT:-
 
 preempted=0
 child=""
+# the job writes this file when it checkpointed for pre-emption (exit 75), even if srun then reports
+# another code because it killed a slower rank on the way out
+export MER_REQUEUE_MARKER="${MER_REQUEUE_MARKER:-$PWD/logs/.requeue-${SLURM_JOB_ID}}"
+rm -f "$MER_REQUEUE_MARKER"
 # torchrun's agent dies on USR1, so in torchrun mode the batch shell takes it (--signal=B:USR1@120)
 # and forwards SIGTERM, which torchrun passes to its workers.
 trap 'preempted=1; echo "[align.sh] USR1: pre-emption, checkpointing"; [ -n "$child" ] && kill -TERM "$child" 2>/dev/null' USR1
@@ -80,6 +84,10 @@ while :; do
   kill -0 "$child" 2>/dev/null || break
 done
 
+if [ -f "$MER_REQUEUE_MARKER" ]; then
+  preempted=1
+  rm -f "$MER_REQUEUE_MARKER"
+fi
 if [ "$rc" -eq "$EXIT_PREEMPTED" ] || [ "$preempted" -eq 1 ]; then
   if [ "${SLURM_RESTART_COUNT:-0}" -lt "$MAX_RESTARTS" ]; then
     echo "[align.sh] $(date -Is) checkpoint saved (rc=$rc): requeueing job ${SLURM_JOB_ID}"

@@ -105,14 +105,18 @@ def test_zero3_sigterm_resume(shards, teacher, tmp_path):
     assert after and all(abs(r["lr"] - expected[r["step"]]) < 1e-9 for r in after), (after[:2], expected)
 
 
-@pytest.mark.parametrize("launcher,stage", [("deepspeed", 2), ("accelerate", 2), ("accelerate3", 3)])
-def test_other_launchers(launcher, stage, shards, teacher, tmp_path):
+@pytest.mark.parametrize("launcher,stage,space", [("deepspeed", 2, "logits"), ("accelerate", 2, "features"),
+                                                  ("accelerate3", 3, "both")])
+def test_other_launchers(launcher, stage, space, shards, teacher, tmp_path):
     out = tmp_path / "run"
-    rc, log = align(launcher, shards, teacher, out, 4, ["train.eval_samples=0"])
+    rc, log = align(launcher, shards, teacher, out, 4, ["train.eval_samples=4", f"target_space={space}"])
     assert rc == 0, log[-4000:]
     s = json.loads((out / "summary.json").read_text())
     assert s["world_size"] == 2 and s["launcher"] == launcher.rstrip("3") and s["step"] == 4
-    assert s["zero_stage"] == stage and (out / "encoder.pt").is_file()   # accelerate's config file chose the stage
+    assert s["zero_stage"] == stage        # accelerate's deepspeed_config_file chose the stage
+    # the encoder regresses onto the chosen target space: layer features (64), emotion logits (6) or both
+    ck = torch.load(out / "encoder.pt", weights_only=False)
+    assert ck["out_dim"] == {"features": 64, "logits": 6, "both": 70}[space]
 
 
 def test_mlflow_down_at_start_or_mid_run(shards, teacher, tmp_path):

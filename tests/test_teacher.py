@@ -106,3 +106,18 @@ def test_extract_targets_two_ranks_offline_equals_online(teacher, shards, tmp_pa
     p2 = subprocess.run([sys.executable, "-m", "mer_dist", "extract-targets", "--shards", str(shards), "--teacher",
                          str(teacher), "--out", str(out)], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert p2.returncode == 0 and "64 samples" in p2.stdout
+
+
+def test_frame_posteriors_average_to_the_utterance_prediction(teacher):
+    """The head is linear on mean-pooled features: the mean of the frame logits is the utterance logit."""
+    from mer_dist.models.teacher import masked_mean
+    t = Teacher.load(teacher)
+    x, n = torch.randn(3, 24000) * 0.1, torch.tensor([24000, 18000, 9000])
+    frame_logits, mask = t.posteriors(x, n)
+    assert frame_logits.shape[-1] == 6 and mask.shape == frame_logits.shape[:2]
+    hs, m2 = hidden_states(t.hubert, x, n)
+    h, layers = t.head, json.loads((teacher / "teacher.json").read_text())["layers"]
+    pooled = torch.stack([masked_mean(hs[la], m2) for la in layers], 1)
+    z = (torch.softmax(h["layer_logits"], 0)[None, :, None] * (pooled - h["feat_mean"]) / h["feat_std"]).sum(1)
+    expected = z @ h["head.1.weight"].T + h["head.1.bias"]
+    assert torch.allclose(masked_mean(frame_logits, mask), expected, atol=1e-4)

@@ -172,6 +172,7 @@ class Teacher(nn.Module):
         std = torch.tensor(stats["std"]) if stats else torch.ones(self.dim)
         self.register_buffer("mean", mean.float(), persistent=False)
         self.register_buffer("std", std.float().clamp(min=1e-4), persistent=False)
+        self.head: dict | None = None
         self.eval().requires_grad_(False)
 
     @classmethod
@@ -198,12 +199,34 @@ class Teacher(nn.Module):
         stats = dict(np.load(stats_file)) if (stats_file.is_file() and adapted) else None
         if not adapted and (path / "stats-base.npz").is_file():
             stats = dict(np.load(path / "stats-base.npz"))
-        return cls(hubert, spec, stats)
+        teacher = cls(hubert, spec, stats)
+        if adapted and (path / "head.pt").is_file():
+            teacher.head = torch.load(path / "head.pt", map_location="cpu")
+        return teacher
 
     @torch.inference_mode()
     def features(self, audio: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         hs, mask = hidden_states(self.hubert, audio, lens)
         return reduce_layers(hs, self.layers, self.reduce).float(), mask
+
+    @torch.inference_mode()
+    def posteriors(self, audio: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frame-level emotion logits [B,T,6]: the adaptation head applied to every 50 Hz frame.
+
+        The head is linear on mean-pooled features, so the mean of these over an utterance is exactly the
+        teacher's utterance-level prediction: a target that holds only what the teacher knows of emotion.
+        """
+        if self.head is None:
+            raise ModelError("this teacher has no classification head (head.pt); use align.target_space=features")
+        hs, mask = hidden_states(self.hubert, audio, lens)
+        h = self.head
+        x = torch.stack([hs[layer] for layer in self.spec["layers"]], 2)          # [B,T,L,D]
+        x = (x - h["feat_mean"]) / h["feat_std"]
+        if self.spec.get("head", "weighted") == "layer":
+            z = x[:, :, -1]
+        else:
+            z = (torch.softmax(h["layer_logits"], 0)[None, None, :, None] * x).sum(2)
+        return z @ h["head.1.weight"].T + h["head.1.bias"], mask
 
     def standardize(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std

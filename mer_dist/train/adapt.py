@@ -213,6 +213,7 @@ def _save(cfg, out, clf, hubert, layers, names, audio, tr, best, probe_waf, hist
     spec = {"base_model": base_model, "method": cfg.method, "layers": layers, "rank": cfg.rank, "alpha": cfg.alpha,
             "dropout": cfg.dropout, "target_modules": cfg.target_modules, "bottleneck_dim": cfg.bottleneck_dim,
             "feature_layers": layers, "feature_reduce": cfg.feature_reduce, "dim": dim, "frame_rate": 50,
+            "head": cfg.head,
             "adapter_hash": dir_hash(adapter_files + [out / "head.pt"]), "val_waf": best, "probe_val_waf": probe_waf,
             "history": history}
     write_json_atomic(out / "teacher.json", spec)

@@ -20,7 +20,7 @@ import torch.distributed as tdist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from mer_dist.config import AlignConfig, resolve_repo_file, save
+from mer_dist.config import LABELS, AlignConfig, resolve_repo_file, save
 from mer_dist.data.ingest import load_manifest, shard_urls
 from mer_dist.data.stream import SkipTotals, eval_loader, iterate, train_loader
 from mer_dist.models.teacher import Teacher, frame_window, pool_to_frames
@@ -100,11 +100,15 @@ def run(cfg: AlignConfig) -> int:
         if (Path(cfg.teacher) / "teacher.json").is_file() else None
     if teacher_spec is None:
         raise FileNotFoundError(f"{Path(cfg.teacher) / 'teacher.json'}: teacher not found (run `mer-dist adapt-audio`)")
+    if cfg.target_space != "features" and cfg.targets == "offline":
+        raise ValueError("align.target_space=logits/both needs align.targets=online (teacher.npy holds layer features)")
     teacher = Teacher.load(cfg.teacher).to(device) if cfg.targets == "online" else None
     mean, std = (t.to(device) for t in load_stats(cfg.teacher))
+    out_dim = {"features": int(teacher_spec["dim"]), "logits": len(LABELS),
+               "both": int(teacher_spec["dim"]) + len(LABELS)}[cfg.target_space]
 
     torch.manual_seed(cfg.train.seed)   # identical init on every rank
-    model = VisualEncoder(cfg.model, int(teacher_spec["dim"]), cfg.data.height)
+    model = VisualEncoder(cfg.model, out_dim, cfg.data.height)
     if cfg.model.init:
         model.load_state_dict(torch.load(cfg.model.init, map_location="cpu", weights_only=False)["state_dict"])
     on_gpu = device.type == "cuda"
@@ -122,14 +126,24 @@ def run(cfg: AlignConfig) -> int:
     # a resumed run draws a fresh stream (seed mixes in the step) instead of replaying the first samples
     stream_seed = zlib.crc32(f"{cfg.train.seed}/{start}".encode())
     it = iter(train_loader(urls, cfg.data, env.rank, env.world_size, seed=stream_seed))
+    def teacher_targets(t: Teacher, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frame-time targets from a live teacher, in the configured target space."""
+        audio, lens = batch["audio"].to(device), batch["audio_lens"].to(device)
+        parts, mask = [], None
+        if cfg.target_space in ("features", "both"):
+            feats, mask = t.features(audio, lens)
+            parts.append((feats - mean) / std if cfg.standardize else feats)
+        if cfg.target_space in ("logits", "both"):
+            logits, mask = t.posteriors(audio, lens)
+            parts.append(logits.float())
+        ft = batch["frame_times"].to(device)
+        return pool_to_frames(torch.cat(parts, -1), mask, ft, frame_window(ft, batch["duration"].to(device)))
+
     eval_batches = _eval_set(cfg)
     if eval_batches:   # eval targets computed once (offline runs load the teacher just for this)
         eval_teacher = teacher or Teacher.load(cfg.teacher).to(device)
         for b in eval_batches:
-            feats, mask = eval_teacher.features(b["audio"].to(device), b["audio_lens"].to(device))
-            ft = b["frame_times"].to(device)
-            tgt, valid = pool_to_frames(feats, mask, ft, frame_window(ft, b["duration"].to(device)))
-            b["target"] = ((tgt - mean) / std if cfg.standardize else tgt, valid)
+            b["target"] = teacher_targets(eval_teacher, b)
         del eval_teacher
     stop = dist.StopFlag()
     tracker = Tracker(cfg.tracking, out, "align", active=env.is_main, tags={
@@ -143,18 +157,16 @@ def run(cfg: AlignConfig) -> int:
         tracker.artifact(out / "config.yaml")
 
     def targets_of(batch) -> tuple[torch.Tensor, torch.Tensor]:
-        ft, dur = batch["frame_times"].to(device), batch["duration"].to(device)
         if cfg.targets == "online":
-            feats, mask = teacher.features(batch["audio"].to(device), batch["audio_lens"].to(device))
-        else:
-            if "teacher" not in batch:
-                raise ValueError("align.targets=offline but the shards have no teacher.npy (run extract-targets)")
-            feats = batch["teacher"].to(device)
-            mask = torch.arange(feats.shape[1], device=device)[None] < batch["teacher_lens"].to(device)[:, None]
-        tgt, valid = pool_to_frames(feats.float(), mask, ft, frame_window(ft, dur))
+            return teacher_targets(teacher, batch)
+        if "teacher" not in batch:
+            raise ValueError("align.targets=offline but the shards have no teacher.npy (run extract-targets)")
+        feats = batch["teacher"].to(device).float()
         if cfg.standardize:
-            tgt = (tgt - mean) / std
-        return tgt, valid
+            feats = (feats - mean) / std
+        mask = torch.arange(feats.shape[1], device=device)[None] < batch["teacher_lens"].to(device)[:, None]
+        ft = batch["frame_times"].to(device)
+        return pool_to_frames(feats, mask, ft, frame_window(ft, batch["duration"].to(device)))
 
     def step_loss(batch) -> tuple[torch.Tensor, torch.Tensor]:
         tgt, valid = batch["target"] if "target" in batch else targets_of(batch)
@@ -200,6 +212,11 @@ def run(cfg: AlignConfig) -> int:
         if stopping:
             if env.is_main:
                 print(f"align: signal {stop.signum} -> checkpoint at step {step} saved, exiting for requeue", flush=True)
+                # launch scripts may name a file to learn of this even when a slower rank is killed before
+                # the exit code reaches them (srun --kill-on-bad-exit): written before any rank exits
+                marker = os.environ.get("MER_REQUEUE_MARKER")
+                if marker:
+                    Path(marker).write_text(f"{step}\n")
             exit_code = EXIT_PREEMPTED
             break
     bar.close()
