@@ -11,7 +11,6 @@ import hashlib
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from transformers import HubertConfig, HubertModel
@@ -162,16 +161,12 @@ def dir_hash(paths: list[Path]) -> str:
 class Teacher(nn.Module):
     """Frozen base + adapter; audio [B,S] -> features [B,T,D] at 50 Hz, or pooled to frame times."""
 
-    def __init__(self, hubert: nn.Module, spec: dict, stats: dict | None):
+    def __init__(self, hubert: nn.Module, spec: dict):
         super().__init__()
         self.hubert, self.spec = hubert, spec
         self.layers = list(spec["feature_layers"])
         self.reduce = spec["feature_reduce"]
         self.dim = int(spec["dim"])
-        mean = torch.tensor(stats["mean"]) if stats else torch.zeros(self.dim)
-        std = torch.tensor(stats["std"]) if stats else torch.ones(self.dim)
-        self.register_buffer("mean", mean.float(), persistent=False)
-        self.register_buffer("std", std.float().clamp(min=1e-4), persistent=False)
         self.head: dict | None = None
         self.eval().requires_grad_(False)
 
@@ -195,30 +190,37 @@ class Teacher(nn.Module):
             else max(spec["feature_layers"]) + 1
         if need < len(hubert.encoder.layers):
             hubert.encoder.layers = hubert.encoder.layers[:need]
-        stats_file = path / "stats.npz"
-        stats = dict(np.load(stats_file)) if (stats_file.is_file() and adapted) else None
-        if not adapted and (path / "stats-base.npz").is_file():
-            stats = dict(np.load(path / "stats-base.npz"))
-        teacher = cls(hubert, spec, stats)
+        teacher = cls(hubert, spec)
         if adapted and (path / "head.pt").is_file():
             teacher.head = torch.load(path / "head.pt", map_location="cpu")
         return teacher
 
     @torch.inference_mode()
-    def features(self, audio: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def outputs(self, audio: torch.Tensor, lens: torch.Tensor, features: bool = True,
+                logits: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """One HuBERT pass -> [layer features [B,T,D]] and/or [frame emotion logits [B,T,6]], valid mask [B,T]."""
         hs, mask = hidden_states(self.hubert, audio, lens)
-        return reduce_layers(hs, self.layers, self.reduce).float(), mask
+        out = [reduce_layers(hs, self.layers, self.reduce).float()] if features else []
+        if logits:
+            out.append(self._frame_logits(hs).float())
+        return out, mask
 
-    @torch.inference_mode()
+    def features(self, audio: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        (f,), mask = self.outputs(audio, lens)
+        return f, mask
+
     def posteriors(self, audio: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Frame-level emotion logits [B,T,6]: the adaptation head applied to every 50 Hz frame.
 
         The head is linear on mean-pooled features, so the mean of these over an utterance is exactly the
         teacher's utterance-level prediction: a target that holds only what the teacher knows of emotion.
         """
+        (z,), mask = self.outputs(audio, lens, features=False, logits=True)
+        return z, mask
+
+    def _frame_logits(self, hs: tuple[torch.Tensor, ...]) -> torch.Tensor:
         if self.head is None:
             raise ModelError("this teacher has no classification head (head.pt); use align.target_space=features")
-        hs, mask = hidden_states(self.hubert, audio, lens)
         h = self.head
         x = torch.stack([hs[layer] for layer in self.spec["layers"]], 2)          # [B,T,L,D]
         x = (x - h["feat_mean"]) / h["feat_std"]
@@ -226,10 +228,7 @@ class Teacher(nn.Module):
             z = x[:, :, -1]
         else:
             z = (torch.softmax(h["layer_logits"], 0)[None, None, :, None] * x).sum(2)
-        return z @ h["head.1.weight"].T + h["head.1.bias"], mask
-
-    def standardize(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
+        return z @ h["head.1.weight"].T + h["head.1.bias"]
 
     @torch.inference_mode()
     def utterance(self, audio: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:

@@ -217,13 +217,12 @@ def _save(cfg, out, clf, hubert, layers, names, audio, tr, best, probe_waf, hist
             "adapter_hash": dir_hash(adapter_files + [out / "head.pt"]), "val_waf": best, "probe_val_waf": probe_waf,
             "history": history}
     write_json_atomic(out / "teacher.json", spec)
-    for adapted, fname in ((True, "stats.npz"), (False, "stats-base.npz")):
-        teacher = Teacher.load(out, adapted=adapted)
-        feats = []
-        for _, x, lens in _batches(tr, audio, cfg.batch_size, None):
-            f, m = teacher.features(x, lens)
-            feats.append(f[m].numpy())
-        allf = np.concatenate(feats)
-        np.savez(out / fname, mean=allf.mean(0), std=allf.std(0))
+    teacher = Teacher.load(out)
+    feats = []
+    for _, x, lens in _batches(tr, audio, cfg.batch_size, None):
+        f, m = teacher.features(x, lens)
+        feats.append(f[m].numpy())
+    allf = np.concatenate(feats)
+    np.savez(out / "stats.npz", mean=allf.mean(0), std=allf.std(0))
     save(cfg, out / "config.yaml")
     return spec

@@ -96,10 +96,10 @@ def run(cfg: AlignConfig) -> int:
     device = env.device
     urls = shard_urls(cfg.data.shards, cfg.split)
     epoch_samples = load_manifest(cfg.data.shards)["splits"][cfg.split]["samples"]
-    teacher_spec = json.loads((Path(cfg.teacher) / "teacher.json").read_text()) \
-        if (Path(cfg.teacher) / "teacher.json").is_file() else None
-    if teacher_spec is None:
-        raise FileNotFoundError(f"{Path(cfg.teacher) / 'teacher.json'}: teacher not found (run `mer-dist adapt-audio`)")
+    spec_file = Path(cfg.teacher) / "teacher.json"
+    if not spec_file.is_file():
+        raise FileNotFoundError(f"{spec_file}: teacher not found (run `mer-dist adapt-audio`)")
+    teacher_spec = json.loads(spec_file.read_text())
     if cfg.target_space != "features" and cfg.targets == "offline":
         raise ValueError("align.target_space=logits/both needs align.targets=online (teacher.npy holds layer features)")
     teacher = Teacher.load(cfg.teacher).to(device) if cfg.targets == "online" else None
@@ -126,16 +126,14 @@ def run(cfg: AlignConfig) -> int:
     # a resumed run draws a fresh stream (seed mixes in the step) instead of replaying the first samples
     stream_seed = zlib.crc32(f"{cfg.train.seed}/{start}".encode())
     it = iter(train_loader(urls, cfg.data, env.rank, env.world_size, seed=stream_seed))
+
     def teacher_targets(t: Teacher, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Frame-time targets from a live teacher, in the configured target space."""
-        audio, lens = batch["audio"].to(device), batch["audio_lens"].to(device)
-        parts, mask = [], None
-        if cfg.target_space in ("features", "both"):
-            feats, mask = t.features(audio, lens)
-            parts.append((feats - mean) / std if cfg.standardize else feats)
-        if cfg.target_space in ("logits", "both"):
-            logits, mask = t.posteriors(audio, lens)
-            parts.append(logits.float())
+        """Frame-time targets from a live teacher (one HuBERT pass), in the configured target space."""
+        parts, mask = t.outputs(batch["audio"].to(device), batch["audio_lens"].to(device),
+                                features=cfg.target_space in ("features", "both"),
+                                logits=cfg.target_space in ("logits", "both"))
+        if cfg.target_space != "logits" and cfg.standardize:
+            parts[0] = (parts[0] - mean) / std
         ft = batch["frame_times"].to(device)
         return pool_to_frames(torch.cat(parts, -1), mask, ft, frame_window(ft, batch["duration"].to(device)))
 
