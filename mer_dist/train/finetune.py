@@ -75,10 +75,11 @@ def run(cfg: FinetuneConfig) -> dict:
     env = dist.setup()
     out = Path(cfg.out)
     encoders = Encoders(specs_for(cfg), cfg.data.height)
-    if env.is_main:   # fill the cache once; the other ranks then read it
-        extract(encoders, cfg.modalities, cfg.data.shards, "train", cfg.data, cache_dir(cfg))
+    def features():
+        return extract(encoders, cfg.modalities, cfg.data.shards, "train", cfg.data, cache_dir(cfg))
+    train = features() if env.is_main else None   # rank 0 fills the cache; the other ranks then read it
     dist.barrier()
-    names, y, feats, present = extract(encoders, cfg.modalities, cfg.data.shards, "train", cfg.data, cache_dir(cfg))
+    names, y, feats, present = train or features()
     keep = y >= 0
     if not keep.all():
         raise ValueError(f"{cfg.data.shards}: {int((~keep).sum())} train sample(s) without a label")
