@@ -17,35 +17,36 @@ from common import REPO, report, setup, timed
 from mer_dist.train.dist import free_port
 
 
-def _engine_and_stream(env: dict, shards, targets: str, workers: int):
+def _engine_and_stream(env: dict, shards, targets: str, workers: int, loss: str = "mse", target_space: str = "features"):
+    """The real align pieces (teacher, `batch_targets`, `Aligner`, objective, DeepSpeed engine) in one process."""
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     from mer_dist import config as C
     from mer_dist.train import dist
-    from mer_dist.train.align import alignment_loss, ds_config, load_stats
+    from mer_dist.train.align import Aligner, batch_targets, ds_config
+    from mer_dist.train.losses import AlignmentObjective
     from mer_dist.data.ingest import shard_urls
     from mer_dist.data.stream import train_loader
-    from mer_dist.models.teacher import Teacher, frame_window, pool_to_frames
+    from mer_dist.models.teacher import Teacher, TargetStats
     from mer_dist.models.visual import VisualEncoder
-    cfg = C.load(C.AlignConfig, overrides={"data.shards": str(shards), "teacher": str(env["teacher"]),
-                                            "targets": targets, "data.workers": workers, "train.steps": 1000})
+    cfg = C.load(C.AlignConfig, overrides={"data.shards": str(shards), "teacher": str(env["teacher"]), "loss": loss,
+                                            "targets": targets, "target_space": target_space,
+                                            "data.workers": workers, "train.steps": 1000})
     dist.setup(threads=1, always_group=True)
     import deepspeed
     import torch
     teacher = Teacher.load(cfg.teacher) if targets == "online" else None
-    mean, std = load_stats(cfg.teacher)
-    model = VisualEncoder(cfg.model, teacher.dim if teacher else 64, cfg.data.height)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config(cfg, model.width, False))
+    stats = TargetStats.load(cfg.teacher)
+    dim = stats.mean.numel()
+    encoder = VisualEncoder(cfg.model, cfg.data.height)
+    regress = {"features": dim, "logits": 6, "both": dim + 6}[target_space]
+    objective = AlignmentObjective(C.parse_loss(cfg.loss), encoder.width, regress, 6, dim)
+    model = Aligner(encoder, objective)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config(cfg, encoder.width, False))
     it = iter(train_loader(shard_urls(shards, "unlabeled"), cfg.data, seed=0))
 
     def step(batch):
-        ft, dur = batch["frame_times"], batch["duration"]
-        if teacher is not None:
-            feats, mask = teacher.features(batch["audio"], batch["audio_lens"])
-        else:
-            feats = batch["teacher"]
-            mask = torch.arange(feats.shape[1])[None] < batch["teacher_lens"][:, None]
-        tgt, valid = pool_to_frames(feats, mask, ft, frame_window(ft, dur))
-        loss, _ = alignment_loss(engine(batch["frames"]), (tgt - mean) / std, valid, "mse", 1.0, 1.0)
+        loss, _ = engine(batch["frames"], batch_targets(batch, teacher, stats, objective.needs, target_space,
+                                                          torch.device("cpu")))
         engine.backward(loss)
         engine.step()
     return it, step, cfg
@@ -95,6 +96,29 @@ def data_bound_and_targets(quick: bool) -> dict:
     return out
 
 
+def objectives(quick: bool) -> dict:
+    """Step time of each alignment objective on one held batch (online targets), as a ratio to `mse`."""
+    env = setup(quick)
+    n = 8 if quick else 30
+    times = {}
+    for loss, space in (("mse", "features"), ("mse", "logits"), ("kd", "features"), ("infonce", "features"),
+                        ("kd,infonce", "features")):
+        it, step, _ = _engine_and_stream(env, env["shards"], "online", workers=0, loss=loss, target_space=space)
+        held = next(it)
+        for _ in range(2):
+            step(held)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step(held)
+        times[f"{loss}/{space}"] = (time.perf_counter() - t0) / n
+        del it
+    base = times["mse/features"]
+    out = {f"{k}_vs_mse": v / base for k, v in times.items()}
+    report("#9 objectives: step time with the batch in memory (online teacher, tiny:vit, batch 8, 1 thread)",
+           [(k, f"{v * 1e3:.0f} ms ({v / base:.2f}x mse/features; target <= 1.15x)") for k, v in times.items()])
+    return out
+
+
 def _align(env, nproc: int, steps: int, extra: list[str], out) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
            "-m", "mer_dist", "align", "--shards", str(env["shards"]), "--teacher", str(env["teacher"]), "--out", str(out),
@@ -134,9 +158,11 @@ def zero_and_scaling(quick: bool) -> dict:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--part", choices=["targets", "zero", "all"], default="all")
+    ap.add_argument("--part", choices=["targets", "objectives", "zero", "all"], default="all")
     a = ap.parse_args()
     if a.part in ("targets", "all"):
         data_bound_and_targets(a.quick)
+    if a.part in ("objectives", "all"):
+        objectives(a.quick)
     if a.part in ("zero", "all"):
         zero_and_scaling(a.quick)

@@ -27,12 +27,15 @@ def main() -> None:
     figures |= bench_decode.run(a.quick)
     figures |= bench_loader.run(a.quick)
     figures |= bench_align.data_bound_and_targets(a.quick)
+    figures |= bench_align.objectives(a.quick)
     figures |= bench_align.zero_and_scaling(a.quick)
     rows = [("#1 decode vs ffmpeg", "decode_vs_ffmpeg", ">= 0.8"), ("#2 loader vs W x 1-core", "loader_vs_linear", ">= 0.9"),
             ("#3 step: stream vs memory", "stream_vs_memory", "<= 1.10"), ("#4 offline vs online", "offline_vs_online", ">= 1"),
             ("#4 break-even epochs", "break_even_epochs", "report"), ("#5 ZeRO-1 vs 1 rank", "zero1_vs_1rank", "report"),
             ("#5 ZeRO-2 vs 1 rank", "zero2_vs_1rank", "report"), ("#5 ZeRO-3 vs 1 rank", "zero3_vs_1rank", "<= 0.55"),
-            ("#6 2 ranks vs 1", "scaling_2_vs_1", ">= 1.7"), ("#7 worker RSS growth (MiB)", "worker_rss_growth_mb", "flat")]
+            ("#6 2 ranks vs 1", "scaling_2_vs_1", ">= 1.7"),
+            ("#9 kd step vs mse", "kd/features_vs_mse", "<= 1.15"), ("#9 infonce step vs mse", "infonce/features_vs_mse", "<= 1.15"),
+            ("#9 kd+infonce step vs mse", "kd,infonce/features_vs_mse", "<= 1.15"), ("#7 worker RSS growth (MiB)", "worker_rss_growth_mb", "flat")]
     print("\n| figure | value | target |\n|---|---|---|")
     for name, key, target in rows:
         print(f"| {name} | {figures[key]:.2f} | {target} |")

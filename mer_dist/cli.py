@@ -27,7 +27,11 @@ SHORTCUTS: dict[str, dict[str, str]] = {
     "finetune": {"shards": "data.shards", "teacher": "teacher", "visual": "visual", "out": "out",
                  "modalities": "modalities", "seed": "seed", "folds": "folds"},
     "evaluate": {"model": "model", "shards": "shards", "split": "split", "out": "out"},
-    "demo": {"out": "out", "seeds": "seeds"},
+    "pseudo-label": {"model": "model", "shards": "shards", "split": "split", "out": "out", "threshold": "threshold",
+                     "top-per-class": "top_per_class", "agree-with": "agree_with"},
+    "self-train": {"shards": "finetune.data.shards", "teacher": "finetune.teacher", "visual": "finetune.visual",
+                   "out": "out", "rounds": "rounds", "seed": "finetune.seed"},
+    "demo": {"out": "out", "seeds": "seeds", "self-train-rounds": "self_train_rounds"},
 }
 
 
@@ -36,7 +40,8 @@ RUNNERS = {
     "synth": "mer_dist.data.synth:generate", "shard": "mer_dist.data.ingest:write_shards",
     "probe-layers": "mer_dist.train.probe:run", "adapt-audio": "mer_dist.train.adapt:run",
     "extract-targets": "mer_dist.train.extract:run", "align": "mer_dist.train.align:run",
-    "finetune": "mer_dist.train.finetune:run", "evaluate": "mer_dist.eval.evaluate:run", "demo": "mer_dist.demo:run",
+    "finetune": "mer_dist.train.finetune:run", "evaluate": "mer_dist.eval.evaluate:run",
+    "pseudo-label": "mer_dist.train.pseudo:run", "self-train": "mer_dist.train.selftrain:run", "demo": "mer_dist.demo:run",
 }
 
 

@@ -23,6 +23,40 @@ class ConfigError(ValueError):
     """A bad config file, key or value. The CLI prints it on one line and exits 2."""
 
 
+def _check(ok: bool, key: str, expected: str, value: Any) -> None:
+    """Range checks at load time: one line naming the key, what was expected and what came."""
+    if not ok:
+        raise ConfigError(f"config key '{key}': expected {expected}, got {value!r}")
+
+
+LOSS_KINDS = ("mse", "cosine", "kd", "infonce")
+
+
+@dataclass
+class LossTerm:
+    kind: str
+    weight: float
+
+
+def parse_loss(spec: list[str]) -> list[LossTerm]:
+    """["kd", "infonce:0.5"] -> [LossTerm("kd", 1.0), LossTerm("infonce", 0.5)]; ConfigError naming a bad entry."""
+    terms = []
+    for item in spec:
+        name, _, w = item.partition(":")
+        _check(name.strip() in LOSS_KINDS, "loss", f"objectives from {list(LOSS_KINDS)} (name or name:weight)", item)
+        try:
+            weight = float(w) if w else 1.0
+        except ValueError:
+            weight = -1.0
+        _check(weight > 0, "loss", "a positive weight after ':'", item)
+        terms.append(LossTerm(name.strip(), weight))
+    kinds = [t.kind for t in terms]
+    _check(bool(terms), "loss", "at least one objective", spec)
+    _check(len(set(kinds)) == len(kinds), "loss", "each objective once", spec)
+    _check(not {"mse", "cosine"} <= set(kinds), "loss", "mse or cosine, not both (they share one head)", spec)
+    return terms
+
+
 # ----------------------------------------------------------------------------- sections
 @dataclass
 class DataConfig:
@@ -37,6 +71,12 @@ class DataConfig:
     shuffle_buffer: int = 64
     decode_threads: int = 1        # PyAV codec threads per clip: 1 (loader workers give the parallelism), 0 = codec default
 
+    def __post_init__(self):
+        for key in ("frames", "height", "width", "sample_rate", "batch_size"):
+            _check(getattr(self, key) >= 1, f"data.{key}", "an integer >= 1", getattr(self, key))
+        _check(self.workers >= 0, "data.workers", "an integer >= 0", self.workers)
+        _check(self.max_seconds > 0, "data.max_seconds", "a number > 0", self.max_seconds)
+
 
 @dataclass
 class TrackingConfig:
@@ -45,6 +85,12 @@ class TrackingConfig:
     experiment: str = "mer-dist"
     run_name: str = ""
     system_metrics: bool = True
+    system_metrics_interval: float = 10.0   # seconds between system/* samples (CPU, memory, GPU)
+    tags: list[str] = field(default_factory=list)   # extra run tags, "key=value" (self-train links its rounds so)
+
+    def __post_init__(self):
+        for t in self.tags:
+            _check("=" in t, "tracking.tags", "key=value entries", t)
 
 
 @dataclass
@@ -160,6 +206,12 @@ class AlignTrainConfig:
     threads: int = 0               # torch threads per rank; 0 = cores / local ranks
     seed: int = 0
 
+    def __post_init__(self):
+        for key in ("steps", "grad_accum", "log_every", "eval_every", "ckpt_every"):
+            _check(getattr(self, key) >= 1, f"train.{key}", "an integer >= 1", getattr(self, key))
+        _check(self.warmup_steps >= 0, "train.warmup_steps", "an integer >= 0", self.warmup_steps)
+        _check(self.lr > 0, "train.lr", "a number > 0", self.lr)
+
 
 @dataclass
 class AlignConfig:
@@ -172,13 +224,30 @@ class AlignConfig:
     # what the video regresses onto: the teacher's layer features, its frame-level emotion logits
     # (the adaptation head per 50 Hz frame), or both concatenated; logits need online targets
     target_space: Literal["features", "logits", "both"] = "features"
-    loss: Literal["mse", "cosine"] = "mse"
-    frame_weight: float = 1.0
-    utterance_weight: float = 1.0
-    standardize: bool = True       # per-dim standardised targets (stats stored with the teacher)
+    # objectives, summed: mse | cosine (regression in target_space), kd (distil the teacher's frame and
+    # utterance emotion posteriors), infonce (clip-level contrastive, negatives from every rank); "name:weight"
+    loss: list[str] = field(default_factory=lambda: ["mse"])
+    kd_temperature: float = 2.0    # kd: softmax temperature tau (loss scaled by tau^2)
+    kd_confidence: bool = False    # kd: weight frames/clips by the teacher's confidence (1 - normalised entropy)
+    infonce_dim: int = 128         # infonce: width of the shared embedding both projection heads map to
+    pairing: Literal["matched", "shuffled"] = "matched"   # shuffled: each video meets another clip's audio (control)
+    acoustic: Literal["adapted", "base"] = "adapted"      # base: the teacher without its adapter (control)
+    frame_weight: float = 1.0      # weight of the frame-level part of mse/cosine/kd
+    utterance_weight: float = 1.0  # weight of the utterance-level part of mse/cosine/kd
+    standardize: bool = True       # per-dim standardised feature targets (stats stored with the teacher)
     model: VisualConfig = field(default_factory=VisualConfig)
     train: AlignTrainConfig = field(default_factory=AlignTrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self):
+        kinds = {t.kind for t in parse_loss(self.loss)}
+        if self.targets == "offline":
+            _check("kd" not in kinds and (self.target_space == "features" or not kinds & {"mse", "cosine"}),
+                   "targets", "online for kd and for logits targets (teacher.npy holds layer features only)",
+                   self.targets)
+        _check(self.pairing == "matched" or self.data.batch_size >= 2, "data.batch_size",
+               ">= 2 with pairing=shuffled (pairs are drawn within a batch)", self.data.batch_size)
+        _check(self.kd_temperature > 0, "kd_temperature", "a number > 0", self.kd_temperature)
 
 
 @dataclass
@@ -209,10 +278,49 @@ class FinetuneConfig:
     batch_size: int = 32
     class_weights: bool = False
     cache: str = ""                # feature cache dir ("" -> <shards>/../feature-cache)
+    pseudo: str = ""               # a `mer-dist pseudo-label` output: its clips join the training part of every fold
+    pseudo_split: str = "unlabeled"   # the split the pseudo-labelled clips come from
+    pseudo_weight: float = 0.5     # loss weight of a pseudo-labelled clip (a labeled clip weighs 1)
+    pseudo_soft: bool = False      # train on the pseudo-labels' probabilities instead of their argmax
+    transductive: bool = False     # allow pseudo-labelled test clips (MER2024 hides test in the unlabeled pool); tagged
     out: str = "runs/model"
     test_split: str = "test"
     seed: int = 0
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+@dataclass
+class PseudoLabelConfig:
+    model: str = "runs/model"      # a `mer-dist finetune` output: its fold ensemble labels the clips
+    shards: str = ""               # "" -> the shards the model was trained on
+    split: str = "unlabeled"
+    out: str = "runs/pseudo"
+    threshold: float = 0.6         # keep a clip when the ensemble's top probability is at least this
+    top_per_class: int = 0         # then keep at most N most confident clips per predicted class (0 = no cap)
+    agree_with: str = ""           # a second finetune output; keep a clip only where both predict the same class
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self):
+        _check(0.0 <= self.threshold <= 1.0, "threshold", "a probability in [0, 1]", self.threshold)
+        _check(self.top_per_class >= 0, "top_per_class", "an integer >= 0", self.top_per_class)
+
+
+@dataclass
+class SelfTrainConfig:
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)   # every round's fine-tuning (its `out` unused)
+    out: str = "runs/self-train"   # round<r>/ (models), pseudo<r>/ (pseudo-labels), rounds.csv/json (the table)
+    rounds: int = 2                # pseudo-label + fine-tune rounds after round 0 (plain fine-tuning)
+    start: str = ""                # an existing finetune output to use as round 0 (instead of fine-tuning it again)
+    thresholds: list[float] = field(default_factory=lambda: [0.7, 0.6])   # per round; the last one repeats
+    top_per_class: int = 0         # per round: at most N pseudo-labels per predicted class (0 = no cap)
+    agree_with: str = ""           # a second finetune output that must agree (see pseudo-label)
+    truth: str = ""                # hidden truth CSV (name,discrete) for pseudo-label precision; "" -> the
+                                   # corpus's .truth-unlabeled.csv when the synthetic generator wrote one
+
+    def __post_init__(self):
+        _check(self.rounds >= 0, "rounds", "an integer >= 0", self.rounds)
+        _check(bool(self.thresholds) and all(0 <= t <= 1 for t in self.thresholds), "thresholds",
+               "a non-empty list of probabilities", self.thresholds)
 
 
 @dataclass
@@ -230,15 +338,18 @@ class DemoConfig:
     synth: SynthConfig = field(default_factory=SynthConfig)
     align_steps: int = 240
     align_procs: int = 2
-    align_target_space: Literal["features", "logits", "both"] = "logits"   # see RESULTS.md
+    # alignment runs (see mer_dist/demo.py VARIANTS); the first is the encoder self-training builds on.
+    # The RESULTS.md table: infonce,shuffled,base,mse-features,mse-logits,kd,kd+infonce
+    align_variants: list[str] = field(default_factory=lambda: ["infonce", "shuffled"])
     seeds: int = 1                 # seeds per ablation row (3 for the RESULTS.md table)
     folds: int = 5
+    self_train_rounds: int = 1     # self-training rounds on the fusion row (0 = none)
 
 
 STAGES: dict[str, type] = {
     "synth": SynthConfig, "shard": ShardConfig, "probe-layers": ProbeConfig, "adapt-audio": AdaptConfig,
     "extract-targets": ExtractConfig, "align": AlignConfig, "finetune": FinetuneConfig,
-    "evaluate": EvaluateConfig, "demo": DemoConfig,
+    "evaluate": EvaluateConfig, "pseudo-label": PseudoLabelConfig, "self-train": SelfTrainConfig, "demo": DemoConfig,
 }
 
 
@@ -365,7 +476,73 @@ def save(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
+# ----------------------------------------------------------------------------- docs + YAML files
+STAGE_FILES = {"synth": "synth", "shard": "shard", "probe-layers": "probe", "adapt-audio": "adapt",
+               "extract-targets": "extract", "align": "align", "finetune": "finetune", "evaluate": "evaluate",
+               "pseudo-label": "pseudo", "self-train": "selftrain", "demo": "demo"}
+
+
+def field_docs() -> dict[tuple[str, str], str]:
+    """(dataclass name, field) -> its one-line doc: the comment on the field's line in this file."""
+    import io
+    import tokenize
+    docs, cls, pending = {}, "", None
+    src = Path(__file__).read_text()
+    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+        line = tok.line
+        if tok.type == tokenize.NAME and tok.string == "class" and tok.start[1] == 0:
+            cls = line.split()[1].split("(")[0].rstrip(":")
+        elif tok.type == tokenize.NAME and tok.start[1] == 4 and line[4:].split(":")[0].isidentifier() \
+                and ":" in line and "=" in line and not line.lstrip().startswith(("def", "return", "if", "for")):
+            pending = (cls, tok.string)
+        elif tok.type == tokenize.COMMENT and pending and tok.start[0] == _line_of(src, line):
+            docs[pending] = tok.string.lstrip("# ").strip()
+            pending = None
+        elif tok.type == tokenize.NEWLINE:
+            pending = None
+    return docs
+
+
+def _line_of(src: str, line: str) -> int:
+    return src.splitlines().index(line.rstrip("\n")) + 1
+
+
+def render_yaml(cls: type, stage: str) -> str:
+    """configs/<stage>.yaml: every key with its default and its doc, generated so the files never drift."""
+    docs = field_docs()
+    out = [f"# mer-dist {stage}: every key with its default (generated by `python -m mer_dist.config`; override any",
+           "# key on the command line as key.path=value)"]
+
+    def walk(c, obj, indent):
+        for f in dataclasses.fields(c):
+            v = getattr(obj, f.name)
+            doc = docs.get((c.__name__, f.name), "")
+            pad = "  " * indent
+            if dataclasses.is_dataclass(v):
+                out.append(f"{pad}{f.name}:" + (f"  # {doc}" if doc else ""))
+                walk(type(v), v, indent + 1)
+            else:
+                text = yaml.safe_dump({f.name: v}, default_flow_style=True, width=1000).strip()[1:-1]
+                out.append(f"{pad}{text}" + (f"  # {doc}" if doc else ""))
+    walk(cls, cls(), 0)
+    return "\n".join(out) + "\n"
+
+
+def write_yaml_files(folder: str | Path = REPO_ROOT / "configs") -> list[Path]:
+    written = []
+    for stage, short in STAGE_FILES.items():
+        path = Path(folder) / f"{short}.yaml"
+        path.write_text(render_yaml(STAGES[stage], stage))
+        written.append(path)
+    return written
+
+
 def resolve_repo_file(rel: str) -> Path:
     """A repo file (configs/ds/*.json...) from the cwd, else from the source checkout."""
     p = Path(rel)
     return p if p.exists() else REPO_ROOT / rel
+
+
+if __name__ == "__main__":
+    for p in write_yaml_files():
+        print(p)

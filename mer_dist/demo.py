@@ -1,10 +1,12 @@
 """`mer-dist demo`: the whole pipeline on a small synthetic corpus, alignment on 2 processes.
 
-synth -> shard -> probe-layers -> adapt-audio -> align (torchrun, DeepSpeed ZeRO-2) -> finetune
-(the ablation rows) -> evaluate, then a table of stage times and test WAF per row.
+synth -> shard -> probe-layers -> adapt-audio -> align (torchrun, DeepSpeed ZeRO-2; one run per alignment
+variant and seed) -> finetune (the ablation rows) -> self-train (pseudo-labels on the unlabeled pool) ->
+a table of stage times and test WAF per row, mean ± sd over seeds. Every number is computed by this run.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -17,19 +19,28 @@ from mer_dist import config as C
 from mer_dist.tracking import default_uri
 from mer_dist.train.dist import free_port
 
-ROWS = [  # (row, description, modalities, visual, acoustic)
-    ("a", "visual only, random-init encoder", ["v"], "random", "adapted"),
-    ("b", "visual only, aligned encoder", ["v"], "aligned", "adapted"),
-    ("c", "audio only, base teacher", ["a"], "random", "base"),
-    ("d", "audio only, adapted teacher", ["a"], "random", "adapted"),
-    ("e", "text only", ["t"], "random", "adapted"),
-    ("f", "fusion a+v+t, aligned encoder", ["a", "v", "t"], "aligned", "adapted"),
-    ("g", "fusion a+v+t, random encoder", ["a", "v", "t"], "random", "adapted"),
+# alignment variants: name -> (what it is, align overrides). The first one is the product's default objective.
+VARIANTS = {
+    "infonce": ("InfoNCE, clip level (default)", ["loss=infonce"]),
+    "shuffled": ("InfoNCE, shuffled audio-video pairs (control)", ["loss=infonce", "pairing=shuffled"]),
+    "base": ("InfoNCE, teacher without adapter (control)", ["loss=infonce", "acoustic=base"]),
+    "mse-features": ("MSE onto layer features (the method's recipe)", ["loss=mse", "target_space=features"]),
+    "mse-logits": ("MSE onto frame emotion logits", ["loss=mse", "target_space=logits"]),
+    "kd": ("KD of frame + utterance posteriors", ["loss=kd"]),
+    "kd+infonce": ("KD + InfoNCE", ["loss=kd,infonce"]),
+}
+SINGLE = [  # (row, description, modalities, acoustic)
+    ("audio-base", "audio only, base teacher", ["a"], "base"),
+    ("audio", "audio only, adapted teacher", ["a"], "adapted"),
+    ("text", "text only", ["t"], "adapted"),
 ]
 
 
 def run(cfg: C.DemoConfig) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    unknown = [v for v in cfg.align_variants if v not in VARIANTS]
+    if unknown:
+        raise C.ConfigError(f"config key 'align_variants': unknown {unknown} (have {', '.join(VARIANTS)})")
     out = Path(cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MLFLOW_TRACKING_URI", default_uri(out / "x"))
@@ -39,12 +50,12 @@ def run(cfg: C.DemoConfig) -> int:
         t0 = time.time()
         print(f"\n=== {name} ===", flush=True)
         r = fn()
-        times[name] = time.time() - t0
+        times[name] = times.get(name, 0.0) + time.time() - t0
         return r
 
     from mer_dist.data.ingest import write_shards
     from mer_dist.data.synth import generate
-    from mer_dist.train import adapt, finetune, probe
+    from mer_dist.train import adapt, finetune, probe, selftrain
     synth = C.SynthConfig(**{**vars(cfg.synth), "out": str(out / "corpus")})
     stage("synth", lambda: generate(synth))
     stage("shard", lambda: write_shards(C.ShardConfig(corpus=str(out / "corpus"), out=str(out / "shards"))))
@@ -52,35 +63,71 @@ def run(cfg: C.DemoConfig) -> int:
     stage("probe-layers", lambda: probe.run(C.load(C.ProbeConfig, overrides={**data, "out": str(out / "probe")})))
     stage("adapt-audio", lambda: adapt.run(C.load(C.AdaptConfig, overrides={
         **data, "out": str(out / "teacher"), "probe": str(out / "probe"), "epochs": 15})))
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={cfg.align_procs}",
-           f"--master_port={free_port()}", "-m", "mer_dist", "align", "--shards", str(out / "shards"),
-           "--teacher", str(out / "teacher"), "--out", str(out / "align"), "--steps", str(cfg.align_steps),
-           "data.workers=1", "train.eval_every=40", f"target_space={cfg.align_target_space}"]
-    stage("align", lambda: subprocess.run(cmd, check=True))
-    results: dict[str, list[float]] = {}
 
-    def ablation():
-        for row, _, mods, visual, acoustic in ROWS:
-            for seed in range(cfg.seeds):
-                ft = C.load(C.FinetuneConfig, overrides={
-                    **data, "teacher": str(out / "teacher"), "modalities": mods, "acoustic": acoustic, "seed": seed,
-                    "folds": cfg.folds, "visual": str(out / "align" / "encoder.pt") if visual == "aligned" else "random",
-                    "out": str(out / "models" / f"{row}-seed{seed}")})
-                m = finetune.run(ft)
-                results.setdefault(row, []).append(m["test_waf"])
-    stage("finetune+evaluate", ablation)
-    table = _table(results, times, cfg)
+    def align(variant: str, seed: int) -> Path:
+        dst = out / "align" / f"{variant}-seed{seed}"
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={cfg.align_procs}",
+               f"--master_port={free_port()}", "-m", "mer_dist", "align", "--shards", str(out / "shards"),
+               "--teacher", str(out / "teacher"), "--out", str(dst), "--steps", str(cfg.align_steps),
+               "data.workers=1", "train.eval_every=40", f"train.seed={seed}", *VARIANTS[variant][1]]
+        subprocess.run(cmd, check=True)
+        return dst / "encoder.pt"
+
+    def ft(row: str, seed: int, mods: list[str], visual: str, acoustic: str = "adapted") -> dict:
+        return finetune.run(C.load(C.FinetuneConfig, overrides={
+            **data, "teacher": str(out / "teacher"), "modalities": mods, "acoustic": acoustic, "seed": seed,
+            "folds": cfg.folds, "visual": visual, "out": str(out / "models" / f"{row}-seed{seed}")}))
+
+    results: dict[str, list[float]] = {}
+    rounds: list[list[dict]] = []
+    for seed in range(cfg.seeds):
+        encoders = {v: stage("align", lambda v=v: str(align(v, seed))) for v in cfg.align_variants}
+
+        def ablation():
+            for row, _, mods, acoustic in SINGLE:
+                results.setdefault(row, []).append(ft(row, seed, mods, "random", acoustic)["test_waf"])
+            for name, visual in [("random", "random"), *encoders.items()]:
+                for mods, kind in ((["v"], "visual"), (["a", "v", "t"], "fusion")):
+                    row = f"{kind}/{name}"
+                    results.setdefault(row, []).append(ft(row.replace("/", "-"), seed, mods, visual)["test_waf"])
+        stage("finetune+evaluate", ablation)
+        if cfg.self_train_rounds > 0:
+            st = C.load(C.SelfTrainConfig, overrides={
+                **{f"finetune.{k}": v for k, v in data.items()}, "finetune.teacher": str(out / "teacher"),
+                "finetune.visual": encoders[cfg.align_variants[0]], "finetune.seed": seed,
+                "finetune.folds": cfg.folds, "rounds": cfg.self_train_rounds, "out": str(out / f"self-train-seed{seed}"),
+                "start": str(out / "models" / f"fusion-{cfg.align_variants[0]}-seed{seed}")})   # round 0 = that row
+            rows = stage("self-train", lambda st=st: selftrain.run(st))["rounds"]
+            rounds.append(rows)
+            results.setdefault("self-train", []).append(rows[-1]["test_waf"])
+    table = _table(results, times, rounds, cfg)
     print("\n" + table)
     (out / "RESULTS.md").write_text(table + "\n")
+    (out / "results.json").write_text(json.dumps({"test_waf": results, "self_train": rounds, "seconds": times}, indent=1))
     print(f"\nLook at the runs:  mlflow ui --backend-store-uri {os.environ['MLFLOW_TRACKING_URI']} --host 127.0.0.1")
     return 0
 
 
-def _table(results: dict[str, list[float]], times: dict[str, float], cfg: C.DemoConfig) -> str:
-    lines = ["| stage | seconds |", "|---|---|"] + [f"| {k} | {v:.0f} |" for k, v in times.items()]
-    lines += ["", f"| row | model | test WAF (mean ± std over {cfg.seeds} seed(s)) |", "|---|---|---|"]
-    for row, desc, *_ in ROWS:
-        w = np.asarray(results.get(row, [np.nan]))
-        lines.append(f"| ({row}) | {desc} | {w.mean():.3f} ± {w.std():.3f} |")
-    return "\n".join(lines)
+def _row(name: str, values: list[float]) -> str:
+    w = np.asarray(values, dtype=float)
+    return f"| {name} | {w.mean():.3f} ± {w.std(ddof=1) if len(w) > 1 else 0.0:.3f} | {', '.join(f'{v:.3f}' for v in w)} |"
 
+
+def _table(results: dict[str, list[float]], times: dict[str, float], rounds: list[list[dict]], cfg: C.DemoConfig) -> str:
+    lines = ["| stage | seconds |", "|---|---|"] + [f"| {k} | {v:.0f} |" for k, v in times.items()]
+    head = [f"| model | test WAF (mean ± sd over {cfg.seeds} seed(s)) | per seed |", "|---|---|---|"]
+    lines += ["", "Single modalities", "", *head]
+    lines += [_row(desc, results[row]) for row, desc, *_ in SINGLE]
+    for kind, mods in (("visual", "visual only (frozen encoder)"), ("fusion", "fusion a+v+t")):
+        lines += ["", mods, "", *head, _row("random-init encoder", results[f"{kind}/random"])]
+        lines += [_row(f"aligned: {VARIANTS[v][0]}", results[f"{kind}/{v}"]) for v in cfg.align_variants]
+    if rounds:
+        lines += ["", f"Self-training on the unlabeled pool ({cfg.self_train_rounds} round(s)) on top of fusion with the "
+                  f"{cfg.align_variants[0]} encoder", "", *head,
+                  _row(f"fusion a+v+t, aligned ({cfg.align_variants[0]}), after self-training", results["self-train"]),
+                  "", "| seed | round | pseudo-labels kept | precision | CV WAF | test WAF |", "|---|---|---|---|---|---|"]
+        for seed, rows in enumerate(rounds):
+            for r in rows:
+                prec = f"{r['precision']:.3f}" if r.get("precision", -1) >= 0 else "-"
+                lines.append(f"| {seed} | {r['round']} | {r.get('kept', 0)} | {prec} | {r['cv_waf']:.3f} | {r['test_waf']:.3f} |")
+    return "\n".join(lines)

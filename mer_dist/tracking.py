@@ -5,9 +5,17 @@ whatever happens to the server). MLflow calls run on a background thread through
 a server that is down at start or disappears mid-run costs the training loop nothing; the thread
 warns once, drops MLflow records while the server is down, retries every `retry_s` seconds, and
 `close()` says where the complete metrics are. Other ranks get a tracker that does nothing.
+
+Imports: every mlflow module the thread will need is imported *here, on the caller's thread*,
+before the thread starts; the thread only does I/O with objects that already exist. Two threads
+importing one package at once is how `mlflow.entities` came out half-initialised under load, so
+the public methods queue plain Python records and never touch mlflow themselves. Any failure,
+an import failure included, turns MLflow off for this run with one warning: training goes on.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -30,15 +38,60 @@ def default_uri(out: str | Path) -> str:
     return f"sqlite:///{(Path(out).resolve().parent / 'mlflow.db')}"
 
 
+def artifact_root(uri: str) -> str | None:
+    """Artifacts of a local store live beside it (not in ./mlruns of whatever directory the user is in);
+    a tracking server decides for itself (None)."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
+class _MlflowApi:
+    """The mlflow names the worker thread uses, imported once on the constructing thread."""
+
+    def __init__(self, uri: str, system_metrics: bool):
+        from mlflow.entities import Metric, Param, RunTag
+        from mlflow.tracking import MlflowClient
+        self.Metric, self.Param, self.RunTag = Metric, Param, RunTag
+        self.monitor_cls = None
+        if system_metrics:
+            try:
+                import mlflow.utils.autologging_utils  # noqa: F401  (imported lazily by the monitor)
+                from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+                self.monitor_cls = SystemMetricsMonitor
+            except Exception as e:  # noqa: BLE001 - optional (psutil / platform)
+                log.info("system metrics unavailable: %s", e)
+        # resolves the store now (a SQLite store is created and migrated here, on this thread);
+        # a remote store is only contacted later, by the worker
+        with _store_lock(uri):
+            self.client = MlflowClient(uri)
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str):
+    """Processes that create one SQLite store at once race in its schema migration: serialise them."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 class Tracker:
     def __init__(self, cfg: TrackingConfig, out: str | Path, stage: str, active: bool = True,
-                 tags: dict[str, Any] | None = None, retry_s: float = 30.0):
+                 tags: dict[str, Any] | None = None, retry_s: float = 30.0, run_id: str = ""):
         self.active = active                       # rank 0: local metrics.jsonl always
         self.mlflow = active and cfg.enabled       # ... and MLflow when enabled
         self.out, self.local = Path(out), Path(out) / "metrics.jsonl"
         self.stage, self.cfg, self.retry_s = stage, cfg, retry_s
         self.uri = cfg.uri or default_uri(out)
-        self.run_id = ""
+        self.run_id = run_id                       # non-empty: reattach to this run (a resumed job)
         self.ever_down = False
         self._down_since = 0.0
         if not active:
@@ -48,28 +101,41 @@ class Tracker:
             return
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-        self._tags = {"stage": stage, **{k: str(v) for k, v in (tags or {}).items()}}
+        try:
+            self._api = _MlflowApi(self.uri, cfg.system_metrics)
+        except Exception as e:  # noqa: BLE001 - tracking must never stop a stage
+            log.warning("MLflow disabled for this run (%s: %s); metrics are in %s", type(e).__name__,
+                        (str(e).splitlines() or [""])[0][:200], self.local)
+            self.mlflow, self.ever_down = False, True
+            return
+        self._tags = {"stage": stage, **{k: str(v) for k, v in (tags or {}).items()},
+                      **dict(t.split("=", 1) for t in cfg.tags)}
         self._q: queue.Queue = queue.Queue()
-        self._client = None
         self._monitor = None
+        self._connected = threading.Event()
         self._thread = threading.Thread(target=self._work, name="mlflow-tracker", daemon=True)
         self._thread.start()
 
     # -- background thread --------------------------------------------------------------
     def _connect(self) -> bool:
+        c = self._api.client
         try:
-            from mlflow.tracking import MlflowClient
-            self._client = MlflowClient(self.uri)
             if self.run_id:
-                self._client.get_run(self.run_id)       # reachable again?
+                c.get_run(self.run_id)       # reachable (again)?
+                if not self._connected.is_set():   # reattaching to an earlier job's run
+                    c.update_run(self.run_id, status="RUNNING")
+                    for k, v in self._tags.items():
+                        c.set_tag(self.run_id, k, v)
             else:
-                exp = self._client.get_experiment_by_name(self.cfg.experiment)
-                exp_id = exp.experiment_id if exp else self._client.create_experiment(self.cfg.experiment)
+                exp = c.get_experiment_by_name(self.cfg.experiment)
+                exp_id = exp.experiment_id if exp else c.create_experiment(
+                    self.cfg.experiment, artifact_location=artifact_root(self.uri))
                 name = self.cfg.run_name or f"{self.stage}-{time.strftime('%Y%m%d-%H%M%S')}"
-                self.run_id = self._client.create_run(exp_id, tags=self._tags, run_name=name).info.run_id
+                self.run_id = c.create_run(exp_id, tags=self._tags, run_name=name).info.run_id
                 log.info("MLflow run %s at %s", self.run_id, self.uri)
-                if self.cfg.system_metrics:
-                    self._start_system_metrics()
+            if self._monitor is None and self._api.monitor_cls is not None:
+                self._start_system_metrics()
+            self._connected.set()
             self._down_since = 0.0
             return True
         except Exception as e:  # noqa: BLE001 - tracking must never stop training
@@ -78,10 +144,12 @@ class Tracker:
 
     def _start_system_metrics(self) -> None:
         try:
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-            self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=10)
+            self._monitor = self._api.monitor_cls(
+                self.run_id, sampling_interval=self.cfg.system_metrics_interval, tracking_uri=self.uri, resume_logging=True,
+                node_id=os.environ.get("MLFLOW_SYSTEM_METRICS_NODE_ID") or None)
             self._monitor.start()
         except Exception as e:  # noqa: BLE001
+            self._monitor = False
             log.info("system metrics unavailable: %s", e)
 
     def _fail(self, e: Exception) -> None:
@@ -91,40 +159,51 @@ class Tracker:
         self._down_since = time.monotonic()
         self.ever_down = True
 
+    def _send(self, kind: str, payload: Any) -> None:
+        """Plain record -> MLflow call (entities built here, from classes imported before the thread)."""
+        c, run, api = self._api.client, self.run_id, self._api
+        if kind == "params":
+            c.log_batch(run, params=[api.Param(k, v) for k, v in payload.items()])
+        elif kind == "metrics":
+            c.log_batch(run, metrics=[api.Metric(k, v, ts, step) for k, v, ts, step in payload])
+        elif kind == "tags":
+            c.log_batch(run, tags=[api.RunTag(k, v) for k, v in payload.items()])
+        elif kind == "artifact":
+            c.log_artifact(run, *payload)
+        elif kind == "end":
+            c.set_terminated(run, payload)
+
     def _work(self) -> None:
-        connected = self._connect()
-        while True:
-            item = self._q.get()
-            if item is None:
-                break
-            if not connected or self._down_since:
-                if time.monotonic() - self._down_since < self.retry_s:
-                    continue            # server down: this record lives in metrics.jsonl only
-                connected = self._connect()
-                if not connected:
-                    continue
-            fn, args = item
-            try:
-                fn(self._client, self.run_id, *args)
-            except Exception as e:  # noqa: BLE001
-                self._fail(e)
-        if self._monitor is not None:
-            try:
+        try:
+            connected = self._connect()
+            while True:
+                item = self._q.get()
+                if item is None:
+                    break
+                if not connected or self._down_since:
+                    if time.monotonic() - self._down_since < self.retry_s:
+                        continue            # server down: this record lives in metrics.jsonl only
+                    connected = self._connect()
+                    if not connected:
+                        continue
+                try:
+                    self._send(*item)
+                except Exception as e:  # noqa: BLE001
+                    self._fail(e)
+            if self._monitor:
                 self._monitor.finish()
-            except Exception:  # noqa: BLE001
-                pass
+        except Exception as e:  # noqa: BLE001 - whatever happens here stays here
+            self._fail(e)
 
-    def _submit(self, fn, *args) -> None:
+    def _submit(self, kind: str, payload: Any) -> None:
         if self.mlflow:
-            self._q.put((fn, args))
+            self._q.put((kind, payload))
 
-    # -- public API ---------------------------------------------------------------------
+    # -- public API: plain Python only, no mlflow on the caller's thread ---------------
     def params(self, cfg_or_dict: Any) -> None:
-        from mlflow.entities import Param
         d = cfg_or_dict if isinstance(cfg_or_dict, dict) else to_dict(cfg_or_dict)
         flat = {k: (json.dumps(v) if isinstance(v, list) else v) for k, v in flatten(d).items()}
-        params = [Param(k, str(v)[:500]) for k, v in flat.items()]
-        self._submit(lambda c, run, ps: c.log_batch(run, params=ps), params)
+        self._submit("params", {k: str(v)[:500] for k, v in flat.items()})
 
     def metrics(self, values: dict[str, float], step: int) -> None:
         if not self.active:
@@ -132,23 +211,26 @@ class Tracker:
         values = {k: float(v) for k, v in values.items()}
         with open(self.local, "a") as f:
             f.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
-        from mlflow.entities import Metric
         ts = int(time.time() * 1000)
-        ms = [Metric(k, v, ts, step) for k, v in values.items()]
-        self._submit(lambda c, run, m: c.log_batch(run, metrics=m), ms)
+        self._submit("metrics", [(k, v, ts, step) for k, v in values.items()])
+
+    def tags(self, tags: dict[str, Any]) -> None:
+        self._submit("tags", {k: str(v) for k, v in tags.items()})
 
     def artifact(self, path: str | Path, subdir: str | None = None) -> None:
         if Path(path).exists():
-            self._submit(lambda c, run, p, d: c.log_artifact(run, p, d), str(path), subdir)
+            self._submit("artifact", (str(path), subdir))
 
-    def tags(self, tags: dict[str, Any]) -> None:
-        for k, v in tags.items():
-            self._submit(lambda c, run, key, val: c.set_tag(run, key, val), k, str(v))
+    def wait_run_id(self, timeout_s: float = 30.0) -> str:
+        """The MLflow run id once the worker has connected ("" if it has not, or MLflow is off)."""
+        if self.mlflow:
+            self._connected.wait(timeout_s)
+        return self.run_id if self.mlflow and self._connected.is_set() else ""
 
     def close(self, status: str = "FINISHED", timeout_s: float = 60.0) -> None:
         if not self.mlflow:
             return
-        self._submit(lambda c, run, s: c.set_terminated(run, s), status)
+        self._submit("end", status)
         self._q.put(None)
         self._thread.join(timeout_s)
         if self.ever_down or self._thread.is_alive():

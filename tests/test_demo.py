@@ -1,13 +1,29 @@
-"""The README's demo command, at a reduced size: every stage runs and the table comes out."""
+"""The README's demo command, at a reduced size: every stage runs and every row of the table is computed."""
+import json
+
+import numpy as np
+
 from conftest import run_cli
 
 
 def test_demo_small(tmp_path):
     p = run_cli("demo", "--out", tmp_path / "demo", "synth.num_labeled=60", "synth.num_unlabeled=60",
                 "synth.num_test=24", "synth.height=32", "synth.width=32", "synth.seconds=1.2", "align_steps=12",
-                "folds=2", timeout=900)
+                "folds=2", "align_variants=[infonce,shuffled]", "--seeds", "2", timeout=1200)
     table = (tmp_path / "demo" / "RESULTS.md").read_text()
-    for row in "abcdefg":
-        assert f"| ({row}) |" in table
-    assert "mlflow ui --backend-store-uri sqlite:///" in p.stdout
-    assert (tmp_path / "demo" / "align" / "encoder.pt").is_file() and (tmp_path / "demo" / "mlflow.db").is_file()
+    res = json.loads((tmp_path / "demo" / "results.json").read_text())
+    rows = ["audio-base", "audio", "text", "visual/random", "visual/infonce", "visual/shuffled", "fusion/random",
+            "fusion/infonce", "fusion/shuffled", "self-train"]
+    assert sorted(res["test_waf"]) == sorted(rows)
+    values = np.array([res["test_waf"][r] for r in rows])             # [rows, seeds]: computed, not copied
+    assert values.shape == (len(rows), 2) and np.isfinite(values).all() and ((values >= 0) & (values <= 1)).all()
+    assert len({tuple(v) for v in values.round(6)}) >= len(rows) - 2    # rows differ (ties only by chance)
+    for r in rows:                                                     # the table shows what was measured
+        w = np.asarray(res["test_waf"][r])
+        assert f"{w.mean():.3f} ± {w.std(ddof=1):.3f}" in table, r
+    # each encoder came from its own alignment run per seed, with the configured control
+    for seed in (0, 1):
+        cfg = (tmp_path / "demo" / "align" / f"shuffled-seed{seed}" / "config.yaml").read_text()
+        assert "pairing: shuffled" in cfg and f"seed: {seed}" in cfg
+    assert [r["round"] for r in res["self_train"][0]] == [0, 1] and res["self_train"][0][1]["kept"] > 0
+    assert "mlflow ui --backend-store-uri sqlite:///" in p.stdout and (tmp_path / "demo" / "mlflow.db").is_file()

@@ -113,11 +113,11 @@ def test_frame_posteriors_average_to_the_utterance_prediction(teacher):
     from mer_dist.models.teacher import masked_mean
     t = Teacher.load(teacher)
     x, n = torch.randn(3, 24000) * 0.1, torch.tensor([24000, 18000, 9000])
-    frame_logits, mask = t.posteriors(x, n)
+    (frame_logits,), mask = t.outputs(x, n, features=False, logits=True)
     assert frame_logits.shape[-1] == 6 and mask.shape == frame_logits.shape[:2]
     hs, m2 = hidden_states(t.hubert, x, n)
     h, layers = t.head, json.loads((teacher / "teacher.json").read_text())["layers"]
     pooled = torch.stack([masked_mean(hs[la], m2) for la in layers], 1)
-    z = (torch.softmax(h["layer_logits"], 0)[None, :, None] * (pooled - h["feat_mean"]) / h["feat_std"]).sum(1)
-    expected = z @ h["head.1.weight"].T + h["head.1.bias"]
+    z = (torch.softmax(h.layer_logits, 0)[None, :, None] * (pooled - h.feat_mean) / h.feat_std).sum(1)
+    expected = h.head[1](z)
     assert torch.allclose(masked_mean(frame_logits, mask), expected, atol=1e-4)

@@ -8,10 +8,12 @@ fail to open or lack a video or audio stream are reported by name and left out (
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
 import tarfile
+import tempfile
 import time
 from collections import Counter
 from multiprocessing import get_context
@@ -106,17 +108,20 @@ def _check(rec: dict) -> dict:
     return {**rec, **info, "bytes": os.path.getsize(rec["path"])}
 
 
-def _reencode(path: str, cfg: ReencodeConfig) -> bytes:
-    """Decode every frame at the target fps/size and write a fresh H.264+AAC mp4 (in memory)."""
+def _reencode(path: str, cfg: ReencodeConfig, workdir: Path) -> bytes:
+    """Decode every frame at the target fps/size and write a fresh H.264+AAC mp4 (via a private temp file in
+    the output directory: created exclusively, so a planted link cannot redirect the write)."""
     from mer_dist.data.synth import write_av  # the one encoder the project has
     info = probe(path)
     n = max(1, int(round(info["duration_s"] * cfg.fps)))
     clip = decode(path, n, cfg.height, cfg.width)
-    tmp = Path(f"/tmp/mer-reencode-{os.getpid()}.mp4")
-    write_av(tmp, clip.frames.transpose(0, 2, 3, 1), clip.audio, cfg.fps, "mp4")
-    data = tmp.read_bytes()
-    tmp.unlink()
-    return data
+    fd, tmp = tempfile.mkstemp(prefix=".reencode-", suffix=".mp4", dir=workdir)
+    os.close(fd)
+    try:
+        write_av(Path(tmp), clip.frames.transpose(0, 2, 3, 1), clip.audio, cfg.fps, "mp4")
+        return Path(tmp).read_bytes()
+    finally:
+        os.unlink(tmp)
 
 
 def tar_add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
@@ -133,13 +138,13 @@ def _write_shard(job: tuple[str, list[dict], ReencodeConfig]) -> str:
     with tarfile.open(tmp, "w") as tar:
         for s in samples:
             if reenc.enabled:
-                data, ext, fps = _reencode(s["path"], reenc), "mp4", reenc.fps
+                data, ext, fps = _reencode(s["path"], reenc, Path(path).parent), "mp4", reenc.fps
             else:
                 data, ext = Path(s["path"]).read_bytes(), Path(s["path"]).suffix.lstrip(".").lower()
                 fps = s["fps"]
             meta = {"name": s["name"], "split": s["split"], "duration_s": round(s["duration_s"], 4), "fps": fps,
                     "source": s["path"], "transcript": s["text"]["english"] or s["text"]["chinese"],
-                    "text": s["text"]}
+                    "text": s["text"], "sha256": hashlib.sha256(data).hexdigest()}   # content key of caches
             if s["label"] is not None:
                 meta["label"] = s["label"]
             tar_add(tar, f"{s['name']}.{ext}", data)

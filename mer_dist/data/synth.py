@@ -29,6 +29,7 @@ from tqdm import tqdm
 from mer_dist.config import LABELS, SynthConfig, to_dict
 
 SR = 16000
+TRUTH_FILE = ".truth-unlabeled.csv"
 CONFUSABLE = {
     "neutral": ["worried", "sad", "happy"], "angry": ["worried", "surprise", "sad"],
     "happy": ["surprise", "neutral"], "sad": ["worried", "neutral"],
@@ -267,5 +268,11 @@ def generate(cfg: SynthConfig) -> Path:
             for r in results:
                 if splits[r["meta"]["name"]] == keep:
                     w.writerow([r["meta"]["name"], r["meta"]["emotion"], r["meta"]["valence"]])
+    # the true emotion of every clip in video-unlabeled/: hidden (dot file), never read by training code; the
+    # self-training round table reads it to report pseudo-label precision, which a real corpus cannot tell
+    with open(out / TRUTH_FILE, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["name", "discrete"])
+        w.writerows([r["meta"]["name"], r["meta"]["emotion"]] for r in results if splits[r["meta"]["name"]] != "train")
     (out / "synth.json").write_text(json.dumps({"config": to_dict(cfg), "clips": [r["meta"] for r in results]}))
     return out

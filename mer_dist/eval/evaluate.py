@@ -1,4 +1,9 @@
-"""`mer-dist evaluate`: fold-ensemble predictions on a split; metrics where labels exist; MER2024 submission CSV."""
+"""`mer-dist evaluate`: fold-ensemble predictions on a split; metrics where labels exist; MER2024 submission CSV.
+
+`load_model` reads a finetune output (`model.pt`: tensors and plain values only, `weights_only=True`)
+and `predict` gives the fold ensemble's probabilities on any split of any shards; `pseudo-label` uses
+both. Features are extracted with the model's own encoders, keyed by clip content, spread over ranks.
+"""
 from __future__ import annotations
 
 import csv
@@ -11,27 +16,46 @@ from mer_dist.config import LABELS, DataConfig, EvaluateConfig, FusionConfig, sa
 from mer_dist.data.ingest import write_json_atomic
 from mer_dist.eval import plots
 from mer_dist.eval.metrics import summary
-from mer_dist.models.fusion import FusionModel
+from mer_dist.models.fusion import ensemble_probs
+from mer_dist.models.teacher import ModelError
 from mer_dist.tracking import Tracker
+from mer_dist.train import dist
 from mer_dist.train.features import Encoders, extract
 
 
-def run(cfg: EvaluateConfig, encoders: Encoders | None = None) -> dict:
-    model_file = Path(cfg.model) / "model.pt"
+def load_model(model_dir: str | Path) -> dict:
+    model_file = Path(model_dir) / "model.pt"
     if not model_file.is_file():
         raise FileNotFoundError(f"{model_file}: model not found (run `mer-dist finetune` first)")
-    ck = torch.load(model_file, map_location="cpu", weights_only=False)
-    data = DataConfig(**{**ck["data"], "shards": cfg.shards or ck["shards"]})
+    try:
+        ck = torch.load(model_file, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - refusals of pickled code come in several exception types
+        raise ModelError(f"{model_file}: not a plain tensor file, refusing to load it ({type(e).__name__})") from None
+    need = {"folds", "dims", "fusion", "modalities", "specs", "image_size", "data", "shards", "cache"}
+    if not isinstance(ck, dict) or not need <= set(ck):
+        raise ModelError(f"{model_file}: expected a model.pt written by `mer-dist finetune` (keys {sorted(need)})")
+    return ck
+
+
+def predict(ck: dict, split: str, shards: str = "", encoders: Encoders | None = None, rank: int = 0,
+            world: int = 1) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(names, labels or -1, fold-ensemble probabilities [N, 6]) for a split; every rank must call it."""
+    data = DataConfig(**{**ck["data"], "shards": shards or ck["shards"]})
     encoders = encoders or Encoders(ck["specs"], ck["image_size"])
-    names, y, feats, present = extract(encoders, ck["modalities"], data.shards, cfg.split, data, ck["cache"])
-    probs = np.zeros((len(names), len(LABELS)))
-    for state in ck["folds"]:
-        model = FusionModel(ck["dims"], FusionConfig(**ck["fusion"]))
-        model.load_state_dict(state)
-        model.eval()
-        with torch.no_grad():
-            probs += model({m: torch.from_numpy(f) for m, f in feats.items()}, torch.from_numpy(present)).softmax(-1).numpy()
-    probs /= len(ck["folds"])
+    names, y, feats, present = extract(encoders, ck["modalities"], data.shards, split, data, ck["cache"], rank, world)
+    return names, y, ensemble_probs(ck["folds"], ck["dims"], FusionConfig(**ck["fusion"]), feats, present)
+
+
+def run(cfg: EvaluateConfig) -> dict:
+    env = dist.setup()
+    names, y, probs = predict(load_model(cfg.model), cfg.split, cfg.shards, None, env.rank, env.world_size)
+    result = report(cfg, names, y, probs) if env.is_main else {}
+    dist.cleanup()
+    return result
+
+
+def report(cfg: EvaluateConfig, names: list[str], y: np.ndarray, probs: np.ndarray) -> dict:
+    """predictions.csv, probabilities.csv, metrics.json and, where labels exist, per-class + confusion; MLflow."""
     pred = probs.argmax(1)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

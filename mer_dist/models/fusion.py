@@ -8,6 +8,7 @@ training teaches the model to cope.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -47,3 +48,22 @@ class FusionModel(nn.Module):
             w = self.logit_w.expand(len(tokens), -1).masked_fill(~present, float("-inf")).softmax(-1)
             fused = (w.unsqueeze(-1) * tokens).sum(1)
         return self.head(fused)
+
+
+@torch.no_grad()
+def predict_probs(model: FusionModel, feats: dict[str, np.ndarray], present: np.ndarray) -> np.ndarray:
+    """Class probabilities [N, 6] of one fusion model (eval mode)."""
+    model.eval()
+    logits = model({m: torch.from_numpy(f) for m, f in feats.items()}, torch.from_numpy(present))
+    return logits.softmax(-1).numpy()
+
+
+def ensemble_probs(states: list[dict], dims: dict[str, int], cfg: FusionConfig, feats: dict[str, np.ndarray],
+                   present: np.ndarray) -> np.ndarray:
+    """Mean class probabilities of the fold models (the K-fold ensemble that evaluate and pseudo-label use)."""
+    probs = np.zeros((len(present), len(LABELS)))
+    for state in states:
+        model = FusionModel(dims, cfg)
+        model.load_state_dict(state)
+        probs += predict_probs(model, feats, present)
+    return probs / max(len(states), 1)

@@ -23,26 +23,26 @@ def resolve(spec: str) -> Path:
     return path
 
 
+def fingerprint(spec: str) -> str:
+    """Identity for the feature cache without loading the model: config + weight file names and sizes."""
+    path = resolve(spec)
+    parts = [(path / "config.json").read_text()]
+    parts += [f"{p.name}:{p.stat().st_size}" for p in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))]
+    return "|".join(parts)
+
+
 class TextEncoder:
     def __init__(self, spec: str):
         self.path = resolve(spec)
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
         self.model = AutoModel.from_pretrained(str(self.path), local_files_only=True).eval()
-        self.calls = 0
 
     @property
     def dim(self) -> int:
         return self.model.config.hidden_size
 
-    def fingerprint(self) -> str:
-        """Identity for the feature cache: config + weight file names and sizes."""
-        parts = [(self.path / "config.json").read_text()]
-        parts += [f"{p.name}:{p.stat().st_size}" for p in sorted(self.path.glob("*.safetensors")) + sorted(self.path.glob("*.bin"))]
-        return "|".join(parts)
-
     @torch.inference_mode()
     def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
-        self.calls += 1
         out = []
         for i in range(0, len(texts), batch_size):
             tok = self.tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=128,

@@ -11,6 +11,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import HubertConfig, HubertModel
@@ -158,20 +159,77 @@ def dir_hash(paths: list[Path]) -> str:
 
 
 # ----------------------------------------------------------------------------- teacher
-class Teacher(nn.Module):
-    """Frozen base + adapter; audio [B,S] -> features [B,T,D] at 50 Hz, or pooled to frame times."""
+class EmotionHead(nn.Module):
+    """The adaptation head: per-layer standardisation (fixed, from the unadapted model on train, as the linear
+    probe does) -> softmax layer weights (or the last chosen layer) -> linear.
 
-    def __init__(self, hubert: nn.Module, spec: dict):
+    Linear in its input: applied to every 50 Hz frame, the mean of its outputs over an utterance is exactly
+    its prediction on the mean-pooled utterance -- the frame-level posteriors used as alignment targets.
+    """
+
+    def __init__(self, num_layers: int, dim: int, kind: str = "weighted", num_classes: int = 6, dropout: float = 0.1):
+        super().__init__()
+        self.kind = kind
+        self.layer_logits = nn.Parameter(torch.zeros(num_layers))
+        self.register_buffer("feat_mean", torch.zeros(num_layers, dim))
+        self.register_buffer("feat_std", torch.ones(num_layers, dim))
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(dim, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., L, D] features of the chosen layers -> [..., num_classes] logits."""
+        x = (x - self.feat_mean) / self.feat_std
+        z = x[..., -1, :] if self.kind == "layer" else (torch.softmax(self.layer_logits, 0)[:, None] * x).sum(-2)
+        return self.head(z)
+
+
+class TargetStats(nn.Module):
+    """Per-dimension mean/std of the teacher's features on train (`stats.npz`): standardised targets."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+
+    @classmethod
+    def load(cls, teacher_dir: str | Path) -> "TargetStats":
+        f = Path(teacher_dir) / "stats.npz"
+        if not f.is_file():
+            raise ModelError(f"{f}: teacher feature statistics not found (rerun `mer-dist adapt-audio`)")
+        s = np.load(f, allow_pickle=False)
+        stats = cls(int(s["mean"].shape[0]))
+        stats.mean.copy_(torch.from_numpy(s["mean"]).float())
+        stats.std.copy_(torch.from_numpy(s["std"]).float().clamp(min=1e-4))
+        return stats
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return (feats - self.mean.to(feats.dtype)) / self.std.to(feats.dtype)
+
+
+def frame_targets(feats: torch.Tensor, mask: torch.Tensor, frame_times: torch.Tensor,
+                  duration: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """50 Hz teacher outputs [B,T,D] -> one target per visual frame [B,F,D] + valid [B,F]: the one place where
+    online targets, offline (`teacher.npy`) targets and the benchmarks meet the video's frame times."""
+    return pool_to_frames(feats, mask, frame_times, frame_window(frame_times, duration))
+
+
+class Teacher(nn.Module):
+    """Frozen base + adapter + emotion head + target statistics, saved by `adapt-audio` and loaded here only.
+
+    Every tensor it uses is a parameter or buffer of a submodule, so `.to(device)` moves all of it.
+    """
+
+    def __init__(self, hubert: nn.Module, spec: dict, head: EmotionHead | None, stats: TargetStats | None):
         super().__init__()
         self.hubert, self.spec = hubert, spec
         self.layers = list(spec["feature_layers"])
         self.reduce = spec["feature_reduce"]
-        self.dim = int(spec["dim"])
-        self.head: dict | None = None
+        self.head, self.stats = head, stats
         self.eval().requires_grad_(False)
 
     @classmethod
     def load(cls, path: str | Path, adapted: bool = True) -> "Teacher":
+        """`adapted=False`: the base model without its adapter (the "does adaptation matter" control); the
+        emotion head and statistics are the adapted teacher's, so both variants give targets in one space."""
         path = Path(path)
         meta = path / "teacher.json"
         if not meta.is_file():
@@ -184,16 +242,18 @@ class Teacher(nn.Module):
             hubert = PeftModel.from_pretrained(hubert, str(path / "adapter")).merge_and_unload()
         elif adapted and spec["method"] == "bottleneck":
             add_bottlenecks(hubert, spec["layers"], spec["bottleneck_dim"])
-            hubert.load_state_dict(torch.load(path / "bottleneck.pt", map_location="cpu"), strict=False)
+            hubert.load_state_dict(_load_tensors(path / "bottleneck.pt"), strict=False)
         # layers above the last one we read are never needed: drop them (HuBERT-large: 24 -> ~22)
-        need = len(hubert.encoder.layers) if spec["feature_reduce"] in ("last", "sum_last4") \
-            else max(spec["feature_layers"]) + 1
+        read = list(spec["feature_layers"]) + list(spec["layers"])
+        need = len(hubert.encoder.layers) if spec["feature_reduce"] in ("last", "sum_last4") else max(read) + 1
         if need < len(hubert.encoder.layers):
             hubert.encoder.layers = hubert.encoder.layers[:need]
-        teacher = cls(hubert, spec)
-        if adapted and (path / "head.pt").is_file():
-            teacher.head = torch.load(path / "head.pt", map_location="cpu")
-        return teacher
+        head = None
+        if (path / "head.pt").is_file():
+            head = EmotionHead(len(spec["layers"]), hubert.config.hidden_size, spec.get("head", "weighted"))
+            head.load_state_dict(_load_tensors(path / "head.pt"))
+        stats = TargetStats.load(path) if (path / "stats.npz").is_file() else None
+        return cls(hubert, spec, head, stats)
 
     @torch.inference_mode()
     def outputs(self, audio: torch.Tensor, lens: torch.Tensor, features: bool = True,
@@ -202,35 +262,29 @@ class Teacher(nn.Module):
         hs, mask = hidden_states(self.hubert, audio, lens)
         out = [reduce_layers(hs, self.layers, self.reduce).float()] if features else []
         if logits:
-            out.append(self._frame_logits(hs).float())
+            if self.head is None:
+                raise ModelError("this teacher has no emotion head (head.pt); align on layer features only")
+            out.append(self.head(torch.stack([hs[layer] for layer in self.spec["layers"]], 2)).float())
         return out, mask
 
     def features(self, audio: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         (f,), mask = self.outputs(audio, lens)
         return f, mask
 
-    def posteriors(self, audio: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Frame-level emotion logits [B,T,6]: the adaptation head applied to every 50 Hz frame.
-
-        The head is linear on mean-pooled features, so the mean of these over an utterance is exactly the
-        teacher's utterance-level prediction: a target that holds only what the teacher knows of emotion.
-        """
-        (z,), mask = self.outputs(audio, lens, features=False, logits=True)
-        return z, mask
-
-    def _frame_logits(self, hs: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        if self.head is None:
-            raise ModelError("this teacher has no classification head (head.pt); use align.target_space=features")
-        h = self.head
-        x = torch.stack([hs[layer] for layer in self.spec["layers"]], 2)          # [B,T,L,D]
-        x = (x - h["feat_mean"]) / h["feat_std"]
-        if self.spec.get("head", "weighted") == "layer":
-            z = x[:, :, -1]
-        else:
-            z = (torch.softmax(h["layer_logits"], 0)[None, None, :, None] * x).sum(2)
-        return z @ h["head.1.weight"].T + h["head.1.bias"]
+    def standardize(self, feats: torch.Tensor) -> torch.Tensor:
+        if self.stats is None:
+            raise ModelError("this teacher has no stats.npz; set align.standardize=false")
+        return self.stats(feats)
 
     @torch.inference_mode()
     def utterance(self, audio: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
         f, m = self.features(audio, lens)
         return masked_mean(f, m)
+
+
+def _load_tensors(path: Path) -> dict:
+    """A state dict from a teacher directory: tensors only, never pickled code (weights_only)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - unpickling refusals come in several types
+        raise ModelError(f"{path}: not a plain tensor file ({type(e).__name__}); refusing to load it") from None

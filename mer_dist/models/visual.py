@@ -1,8 +1,9 @@
-"""Visual encoder: per-frame `transformers` backbone -> temporal transformer -> projection to teacher width.
+"""Visual encoder: per-frame `transformers` backbone -> temporal transformer -> contextual frame embeddings.
 
 The backbone is CLIP-ViT, ViT or DINOv2 from a local directory, or `tiny:vit` built in code. The
-encoder knows nothing of launchers or DeepSpeed; `export`/`load_encoder` give the plain PyTorch
-state dict that `finetune` loads.
+encoder knows nothing of launchers, DeepSpeed or alignment objectives (their heads live with the
+losses); `export`/`load_encoder` give the plain PyTorch state dict that `finetune` loads, read back
+with `weights_only=True` (an encoder file from elsewhere is data, never code).
 """
 from __future__ import annotations
 
@@ -56,9 +57,9 @@ def _blocks(backbone: nn.Module) -> list[nn.Module]:
 
 
 class VisualEncoder(nn.Module):
-    def __init__(self, cfg: VisualConfig, out_dim: int, image_size: int, max_frames: int = 64):
+    def __init__(self, cfg: VisualConfig, image_size: int, max_frames: int = 64):
         super().__init__()
-        self.cfg, self.out_dim, self.image_size = cfg, out_dim, image_size
+        self.cfg, self.image_size = cfg, image_size
         self.backbone, width, mean, std = build_backbone(cfg.backbone, image_size)
         self.width = width
         self.register_buffer("pix_mean", torch.tensor(mean).view(1, 3, 1, 1) * 255, persistent=False)
@@ -68,7 +69,6 @@ class VisualEncoder(nn.Module):
                                            norm_first=True)
         self.temporal = nn.TransformerEncoder(layer, cfg.temporal_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(width)
-        self.proj = nn.Linear(width, out_dim)
         if cfg.freeze_blocks > 0:
             emb = getattr(self.backbone, "embeddings", None) or self.backbone.vision_model.embeddings
             for m in [emb] + _blocks(self.backbone)[: cfg.freeze_blocks]:
@@ -76,7 +76,7 @@ class VisualEncoder(nn.Module):
         if cfg.gradient_checkpointing:
             self.backbone.gradient_checkpointing_enable()
 
-    def frame_embeddings(self, frames: torch.Tensor) -> torch.Tensor:
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
         """uint8 [B,F,3,H,W] -> temporally contextualised frame embeddings [B,F,width]."""
         b, f = frames.shape[:2]
         x = frames.flatten(0, 1).to(self.pix_mean.dtype)
@@ -85,13 +85,9 @@ class VisualEncoder(nn.Module):
         h = h.view(b, f, -1) + self.pos[:, :f].to(h.dtype)
         return self.norm(self.temporal(h))
 
-    def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        """uint8 [B,F,3,H,W] -> predictions in teacher space [B,F,out_dim]."""
-        return self.proj(self.frame_embeddings(frames))
-
     def embed(self, frames: torch.Tensor) -> torch.Tensor:
         """Clip-level feature for downstream fusion: mean over frames of the contextual embeddings."""
-        return self.frame_embeddings(frames).mean(1)
+        return self(frames).mean(1)
 
 
 def export(model: VisualEncoder, state_dict: dict, path: str | Path, extra: dict | None = None) -> None:
@@ -99,17 +95,30 @@ def export(model: VisualEncoder, state_dict: dict, path: str | Path, extra: dict
     import os
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({"config": dataclasses.asdict(model.cfg), "out_dim": model.out_dim, "image_size": model.image_size,
+    torch.save({"config": dataclasses.asdict(model.cfg), "image_size": model.image_size,
                 "state_dict": {k: v.detach().float().cpu() for k, v in state_dict.items()}, **(extra or {})}, tmp)
     os.replace(tmp, path)
 
 
-def load_encoder(path: str | Path) -> VisualEncoder:
+def read_encoder(path: str | Path) -> dict:
+    """An exported encoder file: tensors and plain values only (`weights_only`), checked for its fields."""
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"visual encoder {path}: file not found (run `mer-dist align`, or use visual=random)")
-    ck = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - refusals of pickled code come in several exception types
+        raise ModelError(f"visual encoder {path}: not a plain tensor file, refusing to load it "
+                         f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]})") from None
+    if not isinstance(ck, dict) or not {"config", "image_size", "state_dict"} <= set(ck):
+        raise ModelError(f"visual encoder {path}: expected an encoder.pt written by `mer-dist align` "
+                         f"(keys config, image_size, state_dict)")
+    return ck
+
+
+def load_encoder(path: str | Path) -> VisualEncoder:
+    ck = read_encoder(path)
     cfg = VisualConfig(**{**ck["config"], "init": "", "gradient_checkpointing": False})
-    model = VisualEncoder(cfg, ck["out_dim"], ck["image_size"])
+    model = VisualEncoder(cfg, ck["image_size"])
     model.load_state_dict(ck["state_dict"])
     return model.eval()

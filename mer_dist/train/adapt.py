@@ -22,8 +22,8 @@ from mer_dist.config import LABELS, AdaptConfig, save
 from mer_dist.data.ingest import write_json_atomic
 from mer_dist.data.splits import holdout
 from mer_dist.eval.metrics import summary
-from mer_dist.models.teacher import (Teacher, add_bottlenecks, add_lora, build_hubert, dir_hash, hidden_states,
-                                     masked_mean)
+from mer_dist.models.teacher import (FRAME_RATE, EmotionHead, Teacher, add_bottlenecks, add_lora, build_hubert, dir_hash,
+                                     hidden_states, masked_mean)
 from mer_dist.tracking import Tracker
 from mer_dist.train import dist
 from mer_dist.train.probe import labeled_audio
@@ -32,35 +32,27 @@ log = logging.getLogger("mer_dist.adapt")
 
 
 class AudioClassifier(nn.Module):
-    """Pooled chosen layers -> per-dim standardisation (fixed, from the unadapted model on train, as the
-    linear probe does) -> learned softmax layer weights -> linear head."""
+    """HuBERT (with adapter) -> pooled chosen layers -> the teacher's `EmotionHead` (saved as head.pt)."""
 
     def __init__(self, hubert: nn.Module, layers: list[int], head: str, dim: int):
         super().__init__()
-        self.hubert, self.layers, self.head_kind = hubert, layers, head
-        self.layer_logits = nn.Parameter(torch.zeros(len(layers)))
-        self.register_buffer("feat_mean", torch.zeros(len(layers), dim))
-        self.register_buffer("feat_std", torch.ones(len(layers), dim))
-        self.head = nn.Sequential(nn.Dropout(0.1), nn.Linear(dim, len(LABELS)))
+        self.hubert, self.layers = hubert, layers
+        self.head = EmotionHead(len(layers), dim, head, len(LABELS))
 
     def pooled(self, audio, lens) -> torch.Tensor:
-        """[B, len(layers), D] standardised pooled features of the chosen layers."""
+        """[B, len(layers), D] pooled features of the chosen layers."""
         hs, mask = hidden_states(self.hubert, audio, lens)
-        x = torch.stack([masked_mean(hs[layer], mask) for layer in self.layers], 1)
-        return (x - self.feat_mean) / self.feat_std
+        return torch.stack([masked_mean(hs[layer], mask) for layer in self.layers], 1)
 
     def forward(self, audio, lens):
-        x = self.pooled(audio, lens)
-        if self.head_kind == "layer":
-            return self.head(x[:, -1])
-        return self.head((torch.softmax(self.layer_logits, 0)[None, :, None] * x).sum(1))
+        return self.head(self.pooled(audio, lens))
 
     @torch.no_grad()
     def fit_standardisation(self, batches) -> None:
         self.eval()
         x = torch.cat([self.pooled(a, n) for a, n in batches])
-        self.feat_mean.copy_(x.mean(0))
-        self.feat_std.copy_(x.std(0).clamp(min=1e-5))
+        self.head.feat_mean.copy_(x.mean(0))
+        self.head.feat_std.copy_(x.std(0).clamp(min=1e-5))
 
 
 def choose_layers(cfg: AdaptConfig) -> tuple[list[int], dict]:
@@ -204,15 +196,15 @@ def _save(cfg, out, clf, hubert, layers, names, audio, tr, best, probe_waf, hist
     else:
         torch.save({k: v for k, v in hubert.state_dict().items() if ".down." in k or ".up." in k}, out / "bottleneck.pt")
         adapter_files = [out / "bottleneck.pt"]
-    torch.save({k: v for k, v in clf.state_dict().items() if not k.startswith("hubert.")}, out / "head.pt")
+    torch.save(clf.head.state_dict(), out / "head.pt")
     base_model = cfg.model
     if cfg.model.startswith("tiny:"):   # random tiny weights travel with the teacher
         build_hubert(cfg.model).save_pretrained(str(out / "base"))
         base_model = "./base"
-    dim = clf.feat_mean.shape[1] * (len(layers) if cfg.feature_reduce == "concat" else 1)
+    dim = clf.head.feat_mean.shape[1] * (len(layers) if cfg.feature_reduce == "concat" else 1)
     spec = {"base_model": base_model, "method": cfg.method, "layers": layers, "rank": cfg.rank, "alpha": cfg.alpha,
             "dropout": cfg.dropout, "target_modules": cfg.target_modules, "bottleneck_dim": cfg.bottleneck_dim,
-            "feature_layers": layers, "feature_reduce": cfg.feature_reduce, "dim": dim, "frame_rate": 50,
+            "feature_layers": layers, "feature_reduce": cfg.feature_reduce, "dim": dim, "frame_rate": FRAME_RATE,
             "head": cfg.head,
             "adapter_hash": dir_hash(adapter_files + [out / "head.pt"]), "val_waf": best, "probe_val_waf": probe_waf,
             "history": history}

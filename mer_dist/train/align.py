@@ -1,9 +1,10 @@
-"""`mer-dist align`: train the visual encoder to regress onto the frozen teacher's features of each clip's audio.
+"""`mer-dist align`: train the visual encoder on unlabeled video against the frozen audio teacher.
 
-Read top to bottom: set up the process group, build teacher + encoder, wrap the encoder in a
-DeepSpeed engine, resume if a checkpoint exists, then loop: next batch -> targets -> loss ->
-backward/step -> log / eval / checkpoint. SIGTERM or SIGUSR1 -> checkpoint and exit with code 75
-(EX_TEMPFAIL), which launch scripts read as "requeue me".
+Read top to bottom: set up the process group, build teacher + encoder + objective (`losses.py`),
+wrap encoder and objective heads in one DeepSpeed engine, resume if a checkpoint exists, then loop:
+next batch -> teacher targets -> loss -> backward/step -> log / eval / checkpoint. SIGTERM or SIGUSR1
+-> checkpoint and exit with code 75 (EX_TEMPFAIL), which launch scripts read as "requeue me".
+`pairing=shuffled` and `acoustic=base` are the controls: another clip's audio, or no adapter.
 """
 from __future__ import annotations
 
@@ -14,19 +15,19 @@ import time
 import zlib
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as tdist
-import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
-from mer_dist.config import LABELS, AlignConfig, resolve_repo_file, save
+from mer_dist.config import LABELS, AlignConfig, parse_loss, resolve_repo_file, save
 from mer_dist.data.ingest import load_manifest, shard_urls
 from mer_dist.data.stream import SkipTotals, eval_loader, iterate, train_loader
-from mer_dist.models.teacher import Teacher, frame_window, pool_to_frames
-from mer_dist.models.visual import VisualEncoder, export
+from mer_dist.models.teacher import Teacher, TargetStats, frame_targets, masked_mean
+from mer_dist.models.visual import VisualEncoder, export, read_encoder
 from mer_dist.tracking import Tracker
 from mer_dist.train import checkpoint, dist
+from mer_dist.train.losses import AlignmentObjective
 
 log = logging.getLogger("mer_dist.align")
 EXIT_PREEMPTED = 75
@@ -58,24 +59,58 @@ def ds_config(cfg: AlignConfig, width: int, on_gpu: bool, launch_file: str = "")
     return ds
 
 
-def load_stats(teacher_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
-    s = np.load(Path(teacher_dir) / "stats.npz")
-    return torch.from_numpy(s["mean"]).float(), torch.from_numpy(s["std"]).float().clamp(min=1e-4)
+class Aligner(nn.Module):
+    """What the engine trains: the encoder (exported) and the objective's heads (alignment only)."""
+
+    def __init__(self, encoder: VisualEncoder, objective: AlignmentObjective):
+        super().__init__()
+        self.encoder, self.objective = encoder, objective
+
+    def forward(self, frames: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
+        return self.objective(self.encoder(frames), target)
 
 
-def alignment_loss(pred, target, valid, kind: str, frame_w: float, utt_w: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Frame-level (masked where the audio is padding) + utterance-level regression; returns (loss, cosine)."""
-    m = valid.to(pred.dtype)
-    n = m.sum().clamp(min=1)
-    cos = F.cosine_similarity(pred, target, dim=-1)
-    frame = ((pred - target) ** 2).mean(-1) if kind == "mse" else 1 - cos
-    loss = frame_w * (frame * m).sum() / n
-    if utt_w > 0:
-        w = m.unsqueeze(-1) / m.sum(1, keepdim=True).clamp(min=1).unsqueeze(-1)
-        up, ut = (pred * w).sum(1), (target * w).sum(1)
-        utt = ((up - ut) ** 2).mean(-1) if kind == "mse" else 1 - F.cosine_similarity(up, ut, dim=-1)
-        loss = loss + utt_w * utt.mean()
-    return loss, (cos * m).sum() / n
+def batch_targets(batch: dict, teacher: Teacher | None, stats: TargetStats | None, need: set[str],
+                  target_space: str, device: torch.device) -> dict:
+    """The teacher's outputs for a batch at the video's frame times, as the objective's terms `need` them:
+    "regress" (in `target_space`), "logits" (frame posteriors), "clip" (utterance embedding), and "valid".
+    Online (a live `teacher`, one HuBERT pass) or offline (`teacher.npy` features in the batch): one path."""
+    want_feats = "clip" in need or ("regress" in need and target_space != "logits")
+    want_logits = "logits" in need or ("regress" in need and target_space != "features")
+    if teacher is not None:
+        parts, mask = teacher.outputs(batch["audio"].to(device), batch["audio_lens"].to(device),
+                                      features=want_feats, logits=want_logits)
+        feats, logits = (parts[0] if want_feats else None), (parts[-1] if want_logits else None)
+    else:
+        if "teacher" not in batch:
+            raise ValueError("align.targets=offline but the shards have no teacher.npy (run extract-targets)")
+        feats, logits = batch["teacher"].to(device).float(), None
+        mask = torch.arange(feats.shape[1], device=device)[None] < batch["teacher_lens"].to(device)[:, None]
+    if feats is not None and stats is not None:
+        feats = stats(feats)
+    per_frame = torch.cat([x for x in (feats, logits) if x is not None], -1)
+    pooled, valid = frame_targets(per_frame, mask, batch["frame_times"].to(device), batch["duration"].to(device))
+    f_part = pooled[..., :feats.shape[-1]] if feats is not None else None
+    l_part = pooled[..., -logits.shape[-1]:] if logits is not None else None
+    target = {"valid": valid}
+    if "regress" in need:
+        target["regress"] = {"features": f_part, "logits": l_part}.get(target_space)
+        if target_space == "both":
+            target["regress"] = torch.cat([f_part, l_part], -1)
+    if "logits" in need:
+        target["logits"] = l_part
+    if "clip" in need:
+        target["clip"] = masked_mean(feats, mask)
+    return target
+
+
+def shuffled_pairs(n: int, seed: int) -> torch.Tensor:
+    """A fixed permutation of n >= 2 positions with no fixed point (one cycle): clip i meets clip perm[i]."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=g)
+    perm = torch.empty(n, dtype=torch.long)
+    perm[order] = order.roll(-1)
+    return perm
 
 
 def consolidated_state_dict(engine, zero_stage: int) -> dict | None:
@@ -100,19 +135,26 @@ def run(cfg: AlignConfig) -> int:
     if not spec_file.is_file():
         raise FileNotFoundError(f"{spec_file}: teacher not found (run `mer-dist adapt-audio`)")
     teacher_spec = json.loads(spec_file.read_text())
-    if cfg.target_space != "features" and cfg.targets == "offline":
-        raise ValueError("align.target_space=logits/both needs align.targets=online (teacher.npy holds layer features)")
-    teacher = Teacher.load(cfg.teacher).to(device) if cfg.targets == "online" else None
-    mean, std = (t.to(device) for t in load_stats(cfg.teacher))
-    out_dim = {"features": int(teacher_spec["dim"]), "logits": len(LABELS),
-               "both": int(teacher_spec["dim"]) + len(LABELS)}[cfg.target_space]
+    terms = parse_loss(cfg.loss)
+    load_teacher = lambda: Teacher.load(cfg.teacher, adapted=cfg.acoustic == "adapted").to(device)  # noqa: E731
+    teacher = load_teacher() if cfg.targets == "online" else None
+    stats = (teacher.stats if teacher is not None else TargetStats.load(cfg.teacher).to(device)) \
+        if cfg.standardize else None
+    feat_dim = int(teacher_spec["dim"])
+    regress_dim = {"features": feat_dim, "logits": len(LABELS), "both": feat_dim + len(LABELS)}[cfg.target_space]
+    if cfg.targets == "online" and "kd" in {t.kind for t in terms} and teacher.head is None:
+        raise ValueError(f"{cfg.teacher}: loss kd needs the teacher's emotion head (head.pt)")
 
     torch.manual_seed(cfg.train.seed)   # identical init on every rank
-    model = VisualEncoder(cfg.model, out_dim, cfg.data.height)
+    encoder = VisualEncoder(cfg.model, cfg.data.height)
     if cfg.model.init:
-        model.load_state_dict(torch.load(cfg.model.init, map_location="cpu", weights_only=False)["state_dict"])
+        encoder.load_state_dict(read_encoder(cfg.model.init)["state_dict"])
+    objective = AlignmentObjective(terms, encoder.width, regress_dim, len(LABELS), feat_dim, cfg.infonce_dim,
+                                   cfg.kd_temperature, cfg.kd_confidence, cfg.frame_weight, cfg.utterance_weight)
+    model = Aligner(encoder, objective)
+    need = objective.needs
     on_gpu = device.type == "cuda"
-    ds = ds_config(cfg, model.width, on_gpu, env.ds_config_file)
+    ds = ds_config(cfg, encoder.width, on_gpu, env.ds_config_file)
     cfg.train.zero_stage = int(ds.get("zero_optimization", {}).get("stage", 0))   # the stage actually run
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                            config=ds)
@@ -124,56 +166,39 @@ def run(cfg: AlignConfig) -> int:
         if env.is_main:
             print(f"align: resumed from checkpoint {client['tag']} at step {start}", flush=True)
     # a resumed run draws a fresh stream (seed mixes in the step) instead of replaying the first samples
-    stream_seed = zlib.crc32(f"{cfg.train.seed}/{start}".encode())
-    it = iter(train_loader(urls, cfg.data, env.rank, env.world_size, seed=stream_seed))
-
-    def teacher_targets(t: Teacher, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Frame-time targets from a live teacher (one HuBERT pass), in the configured target space."""
-        parts, mask = t.outputs(batch["audio"].to(device), batch["audio_lens"].to(device),
-                                features=cfg.target_space in ("features", "both"),
-                                logits=cfg.target_space in ("logits", "both"))
-        if cfg.target_space != "logits" and cfg.standardize:
-            parts[0] = (parts[0] - mean) / std
-        ft = batch["frame_times"].to(device)
-        return pool_to_frames(torch.cat(parts, -1), mask, ft, frame_window(ft, batch["duration"].to(device)))
+    it = iter(train_loader(urls, cfg.data, env.rank, env.world_size, seed=zlib.crc32(f"{cfg.train.seed}/{start}".encode())))
+    # the shuffled-pairs control: one fixed derangement of batch positions for the whole run
+    perm = shuffled_pairs(cfg.data.batch_size, cfg.train.seed) if cfg.pairing == "shuffled" else None
 
     eval_batches = _eval_set(cfg)
     if eval_batches:   # eval targets computed once (offline runs load the teacher just for this)
-        eval_teacher = teacher or Teacher.load(cfg.teacher).to(device)
+        eval_teacher = teacher or load_teacher()
         for b in eval_batches:
-            b["target"] = teacher_targets(eval_teacher, b)
+            b["target"] = batch_targets(b, eval_teacher, stats, need, cfg.target_space, device)
         del eval_teacher
     stop = dist.StopFlag()
     tracker = Tracker(cfg.tracking, out, "align", active=env.is_main, tags={
         "world_size": env.world_size, "launcher": env.launcher, "slurm_job_id": env.job_id,
         "restart": os.environ.get("SLURM_RESTART_COUNT", "0"), "zero_stage": cfg.train.zero_stage,
-        "targets": cfg.targets, "resumed_from_step": start})
+        "targets": cfg.targets, "loss": ",".join(cfg.loss), "pairing": cfg.pairing, "acoustic": cfg.acoustic,
+        "resumed_from_step": start})
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save(cfg, out / "config.yaml")
         tracker.params(cfg)
         tracker.artifact(out / "config.yaml")
 
-    def targets_of(batch) -> tuple[torch.Tensor, torch.Tensor]:
-        if cfg.targets == "online":
-            return teacher_targets(teacher, batch)
-        if "teacher" not in batch:
-            raise ValueError("align.targets=offline but the shards have no teacher.npy (run extract-targets)")
-        feats = batch["teacher"].to(device).float()
-        if cfg.standardize:
-            feats = (feats - mean) / std
-        mask = torch.arange(feats.shape[1], device=device)[None] < batch["teacher_lens"].to(device)[:, None]
-        ft = batch["frame_times"].to(device)
-        return pool_to_frames(feats, mask, ft, frame_window(ft, batch["duration"].to(device)))
-
-    def step_loss(batch) -> tuple[torch.Tensor, torch.Tensor]:
-        tgt, valid = batch["target"] if "target" in batch else targets_of(batch)
-        pred = engine(batch["frames"].to(device, non_blocking=True)).float()
-        return alignment_loss(pred, tgt, valid, cfg.loss, cfg.frame_weight, cfg.utterance_weight)
+    def step_loss(batch) -> tuple[torch.Tensor, dict]:
+        target = batch["target"] if "target" in batch else batch_targets(batch, teacher, stats, need, cfg.target_space, device)
+        if perm is not None:
+            p = perm[: len(batch["name"])] if len(batch["name"]) == len(perm) else \
+                shuffled_pairs(len(batch["name"]), cfg.train.seed)
+            target = {k: v[p.to(v.device)] for k, v in target.items()}
+        return engine(batch["frames"].to(device, non_blocking=True), target)
 
     skips = SkipTotals()
     total, step, exit_code = cfg.train.steps, start, 0
-    window = {"loss": 0.0, "cos": 0.0, "n": 0, "wait": 0.0, "t0": time.perf_counter()}
+    window, t_window = _Window(), time.perf_counter()
     bar = tqdm(total=total, initial=start, desc="align", unit="step", disable=not env.is_main)
     while step < total:
         engine.train()
@@ -181,32 +206,29 @@ def run(cfg: AlignConfig) -> int:
             t0 = time.perf_counter()
             batch = next(it)
             skips.update(batch)
-            window["wait"] += time.perf_counter() - t0
-            loss, cos = step_loss(batch)
+            window.wait += time.perf_counter() - t0
+            loss, parts = step_loss(batch)
             engine.backward(loss)
             engine.step()
-            window["loss"] += loss.item()
-            window["cos"] += cos.item()
-            window["n"] += 1
+            window.add({"loss": loss, **parts}, len(batch["name"]))
             samples_seen += len(batch["name"]) * env.world_size
         step += 1
         bar.update(1)
         if step % cfg.train.log_every == 0 or step == total:
-            dt = time.perf_counter() - window["t0"]
-            stats = _mean_across_ranks([window["loss"] / window["n"], window["cos"] / window["n"], window["wait"] / dt])
-            metrics = {"loss": stats[0], "cos": stats[1], "data_wait_frac": stats[2],
-                       "lr": engine.get_lr()[0], "samples_per_s": window["n"] * cfg.data.batch_size * env.world_size / dt,
+            dt = time.perf_counter() - t_window
+            metrics = {**window.mean_across_ranks(dt), "lr": engine.get_lr()[0],
+                       "samples_per_s": window.samples * env.world_size / dt,
                        "epoch": samples_seen / max(epoch_samples, 1), "skipped_samples": skips.samples,
                        "bad_shards": skips.shards}
             tracker.metrics(metrics, step)
-            bar.set_postfix(loss=f"{stats[0]:.3f}", cos=f"{stats[1]:.3f}")
-            window = {"loss": 0.0, "cos": 0.0, "n": 0, "wait": 0.0, "t0": time.perf_counter()}
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+            window, t_window = _Window(), time.perf_counter()
         if eval_batches and (step % cfg.train.eval_every == 0 or step == total or step == start + 1):
             tracker.metrics(_evaluate(engine, eval_batches, step_loss), step)
         stopping = stop.should_stop()
         if step % cfg.train.ckpt_every == 0 or step == total or stopping:
-            checkpoint.save(engine, ckdir, step, {"step": step, "samples_seen": samples_seen,
-                                                   "stream_seed": stream_seed}, cfg.train.keep_checkpoints, env)
+            checkpoint.save(engine, ckdir, step, {"step": step, "samples_seen": samples_seen},
+                            cfg.train.keep_checkpoints, env)
         if stopping:
             if env.is_main:
                 print(f"align: signal {stop.signum} -> checkpoint at step {step} saved, exiting for requeue", flush=True)
@@ -222,7 +244,9 @@ def run(cfg: AlignConfig) -> int:
     state_bytes = _state_bytes(engine, cfg.train.zero_stage, local, full)
     sd = consolidated_state_dict(engine, cfg.train.zero_stage)
     if env.is_main:
-        export(model, sd, out / "encoder.pt", {"step": step, "teacher": teacher_spec.get("adapter_hash", "")})
+        enc_sd = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
+        export(encoder, enc_sd, out / "encoder.pt", {"step": step, "teacher": teacher_spec.get("adapter_hash", ""),
+                                                     "loss": list(cfg.loss), "pairing": cfg.pairing})
         summary = {"step": step, "samples_seen": samples_seen, "world_size": env.world_size,
                    "launcher": env.launcher, "exit_code": exit_code, "skipped_samples": skips.samples,
                    "zero_stage": cfg.train.zero_stage, "param_elements_rank0": local, "param_elements_total": full,
@@ -235,6 +259,25 @@ def run(cfg: AlignConfig) -> int:
     dist.barrier()
     dist.cleanup()
     return exit_code
+
+
+class _Window:
+    """Sums of the loss terms over the steps since the last log line."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.n, self.samples, self.wait = 0, 0, 0.0
+
+    def add(self, values: dict, samples: int) -> None:
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+        self.n += 1
+        self.samples += samples
+
+    def mean_across_ranks(self, seconds: float) -> dict[str, float]:
+        keys = sorted(self.sums)
+        means = dist.mean_across_ranks([self.sums[k] / max(self.n, 1) for k in keys] + [self.wait / seconds])
+        return {**dict(zip(keys, means[:-1])), "data_wait_frac": means[-1]}
 
 
 def _eval_set(cfg: AlignConfig) -> list[dict]:
@@ -254,9 +297,12 @@ def _eval_set(cfg: AlignConfig) -> list[dict]:
 @torch.no_grad()
 def _evaluate(engine, batches, step_loss) -> dict:
     engine.eval()
-    losses, coss = zip(*[(lo.item(), co.item()) for lo, co in (step_loss(b) for b in batches)])
+    window = _Window()
+    for b in batches:
+        loss, parts = step_loss(b)
+        window.add({"loss": loss, **parts}, len(b["name"]))
     engine.train()
-    return {"eval_loss": float(np.mean(losses)), "eval_cos": float(np.mean(coss))}
+    return {f"eval_{k}": v / window.n for k, v in window.sums.items()}
 
 
 def _param_elements(module) -> tuple[int, int]:
@@ -277,13 +323,3 @@ def _state_bytes(engine, stage: int, local: int, full: int) -> int:
     param_bytes = next(engine.module.parameters()).element_size()
     grads = (full if stage < 2 else partition) * param_bytes
     return int(local * param_bytes + partition * 4 + grads + moments)
-
-
-def _mean_across_ranks(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    if tdist.is_initialized() and tdist.get_world_size() > 1:
-        if tdist.get_backend() == "nccl":
-            t = t.cuda()
-        tdist.all_reduce(t)
-        t /= tdist.get_world_size()
-    return t.cpu().tolist()

@@ -135,12 +135,15 @@ def all_gather_object(obj) -> list:
     return out
 
 
-def broadcast_object(obj, src: int = 0):
-    if not tdist.is_initialized() or tdist.get_world_size() == 1:
-        return obj
-    box = [obj]
-    tdist.broadcast_object_list(box, src=src)
-    return box[0]
+def mean_across_ranks(values: list[float]) -> list[float]:
+    """Element-wise mean of a few floats over all ranks (logging; every rank must call it)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if tdist.is_initialized() and tdist.get_world_size() > 1:
+        if tdist.get_backend() == "nccl":
+            t = t.cuda()
+        tdist.all_reduce(t)
+        t /= tdist.get_world_size()
+    return t.cpu().tolist()
 
 
 def cleanup() -> None:

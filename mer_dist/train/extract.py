@@ -20,7 +20,7 @@ from mer_dist.config import ExtractConfig
 from mer_dist.data.decode import DecodeError
 from mer_dist.data.ingest import load_manifest, shard_urls, tar_add, write_json_atomic
 from mer_dist.data.stream import collate, decode_sample
-from mer_dist.models.teacher import Teacher
+from mer_dist.models.teacher import FRAME_RATE, Teacher
 from mer_dist.train import dist
 
 
@@ -68,7 +68,7 @@ def run(cfg: ExtractConfig) -> dict:
     urls = shard_urls(cfg.data.shards, cfg.split)
     teacher = Teacher.load(cfg.teacher)
     tmeta = {k: teacher.spec[k] for k in ("base_model", "adapter_hash", "feature_layers", "feature_reduce", "dim")}
-    tmeta |= {"teacher_dir": str(Path(cfg.teacher).resolve()), "frame_rate": 50, "dtype": cfg.dtype}
+    tmeta |= {"teacher_dir": str(Path(cfg.teacher).resolve()), "frame_rate": FRAME_RATE, "dtype": cfg.dtype}
     counts: dict[str, list[int]] = {}
     mine = urls[env.rank::env.world_size]
     for url in tqdm(mine, desc=f"extract-targets[rank {env.rank}]", unit="shard", disable=not env.is_main):

@@ -1,7 +1,10 @@
-"""Utterance features of frozen encoders, cached on disk by (encoder fingerprint, sample name).
+"""Utterance features of frozen encoders, cached on disk by (encoder fingerprint, clip content).
 
 A sweep over fusion hyper-parameters or seeds recomputes nothing: `<cache>/<modality>-<hash>.npz`
-holds names + features, and only names not yet in it go through the encoder.
+holds sample keys + features, and only keys not yet in it go through the encoder. A sample's key is
+its name *and* the digest of its video bytes (written into the shard's JSON by `shard`), so two
+corpora with the same clip names never share features. Extraction can be spread over ranks (each
+reads its exact share of the split); rank 0 alone writes the cache.
 """
 from __future__ import annotations
 
@@ -18,21 +21,29 @@ from webdataset.tariterators import tarfile_samples
 from mer_dist.config import LABEL_TO_ID, DataConfig, VisualConfig
 from mer_dist.data.ingest import shard_urls
 from mer_dist.data.stream import SkipTotals, eval_loader, iterate
+from mer_dist.train import dist
 
 log = logging.getLogger("mer_dist.features")
 
 
-def index(shards: str, split: str) -> tuple[list[str], np.ndarray, list[dict]]:
-    """Names, labels (-1 = unlabeled) and transcripts of a split, from the shards' JSON members only."""
-    names, labels, texts = [], [], []
-    src = [{"url": u} for u in shard_urls(shards, split)]
-    for s in tarfile_samples(src, select_files=lambda f: f.endswith(".json")):
-        meta = json.loads(s["json"])
-        names.append(s["__key__"])
-        labels.append(LABEL_TO_ID.get(meta.get("label"), -1))
-        texts.append(meta.get("text") or {"english": meta.get("transcript", ""), "chinese": ""})
+def index(shards: str, split: str) -> tuple[list[str], np.ndarray, list[dict], list[str]]:
+    """Names, labels (-1 = unlabeled), transcripts and cache keys of a split, from the shards' JSON members only.
+
+    The key is name + content digest; shards written before digests existed fall back to name + shard
+    file identity (path, size, mtime), which still tells two corpora apart."""
+    names, labels, texts, keys = [], [], [], []
+    for url in shard_urls(shards, split):
+        st = Path(url).stat()
+        fallback = hashlib.sha256(f"{Path(url).resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
+        for s in tarfile_samples([{"url": url}], select_files=lambda f: f.endswith(".json")):
+            meta = json.loads(s["json"])
+            names.append(s["__key__"])
+            labels.append(LABEL_TO_ID.get(meta.get("label"), -1))
+            texts.append(meta.get("text") or {"english": meta.get("transcript", ""), "chinese": ""})
+            keys.append(f"{s['__key__']}|{meta.get('sha256') or fallback}")
     order = np.argsort(names)
-    return [names[i] for i in order], np.asarray(labels)[order], [texts[i] for i in order]
+    return ([names[i] for i in order], np.asarray(labels)[order], [texts[i] for i in order],
+            [keys[i] for i in order])
 
 
 class Cache:
@@ -57,9 +68,6 @@ class Cache:
         np.savez(tmp, names=np.asarray(names), feats=np.stack([self.data[n] for n in names]))
         tmp.replace(self.path)
 
-    def get(self, names: list[str]) -> np.ndarray:
-        return np.stack([self.data[n] for n in names])
-
 
 class Encoders:
     """The frozen encoders of a finetune run, built lazily: a fully cached run never builds one."""
@@ -67,7 +75,6 @@ class Encoders:
     def __init__(self, specs: dict, image_size: int):
         self.specs, self.image_size = specs, image_size
         self._built: dict = {}
-        self.calls = {"a": 0, "v": 0, "t": 0}
 
     def fingerprint(self, m: str) -> str:
         s = self.specs[m]
@@ -82,7 +89,8 @@ class Encoders:
                 from mer_dist.models.teacher import ModelError
                 raise ModelError(f"visual encoder {p}: file not found (run `mer-dist align`, or use visual=random)")
             return f"v|{hashlib.sha256(p.read_bytes()).hexdigest()}"
-        return f"t|{self.build('t').fingerprint()}|{s['column']}"
+        from mer_dist.models.lexical import fingerprint
+        return f"t|{fingerprint(s['model'])}|{s['column']}"
 
     def build(self, m: str):
         if m in self._built:
@@ -96,7 +104,7 @@ class Encoders:
             if s["encoder"] == "random":
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(s["seed"])
-                    enc = VisualEncoder(VisualConfig(**s["visual_model"]), 1, self.image_size).eval()
+                    enc = VisualEncoder(VisualConfig(**s["visual_model"]), self.image_size).eval()
             else:
                 enc = load_encoder(s["encoder"])
         else:
@@ -107,7 +115,6 @@ class Encoders:
 
     @torch.inference_mode()
     def encode(self, m: str, batch: dict) -> np.ndarray:
-        self.calls[m] += 1
         enc = self.build(m)
         if m == "a":
             return enc.utterance(batch["audio"], batch["audio_lens"]).numpy()
@@ -117,32 +124,46 @@ class Encoders:
 
 
 def extract(encoders: Encoders, modalities: list[str], shards: str, split: str, data: DataConfig,
-            cache_dir: str | Path) -> tuple[list[str], np.ndarray, dict[str, np.ndarray], np.ndarray]:
-    """(names, labels, {modality: [N, D]}, present [N, M]) for a split; computes only what the cache lacks."""
-    names, labels, texts = index(shards, split)
+            cache_dir: str | Path, rank: int = 0, world: int = 1
+            ) -> tuple[list[str], np.ndarray, dict[str, np.ndarray], np.ndarray]:
+    """(names, labels, {modality: [N, D]}, present [N, M]) for a split; computes only what the cache lacks.
+
+    With world > 1 every rank must call it: each encodes its exact share of the missing samples, the
+    shares are gathered, and rank 0 writes the cache (one writer)."""
+    names, labels, texts, keys = index(shards, split)
+    key_of = dict(zip(names, keys))
     caches = {m: Cache(cache_dir, m, encoders.fingerprint(m)) for m in modalities}
-    todo = set().union(*(c.missing(names) for c in caches.values()))
+    todo = set().union(*(c.missing(keys) for c in caches.values()))
     if todo:
-        frames = data.frames if caches.get("v") and caches["v"].missing(names) else 0
+        frames = data.frames if caches.get("v") and caches["v"].missing(keys) else 0
         totals = SkipTotals()
-        for batch in iterate(eval_loader(shard_urls(shards, split), data, 0, 1, frames=frames), totals):
+        new: dict[str, dict[str, np.ndarray]] = {m: {} for m in caches}
+        for batch in iterate(eval_loader(shard_urls(shards, split), data, rank, world, frames=frames), totals):
+            bkeys = [key_of.get(n, n) for n in batch["name"]]
             for m, c in caches.items():
-                need = [i for i, n in enumerate(batch["name"]) if n not in c.data]
+                need = [i for i, k in enumerate(bkeys) if k not in c.data]
                 if need:
                     sub = {k: ([v[i] for i in need] if isinstance(v, list) else v[need]) for k, v in batch.items()
                            if k in ("audio", "audio_lens", "frames", "text")}
-                    c.put([batch["name"][i] for i in need], encoders.encode(m, sub))
-        for c in caches.values():
-            c.save()
-        if totals.samples:
+                    new[m].update(zip([bkeys[i] for i in need], encoders.encode(m, sub)))
+        skipped = totals.samples
+        if world > 1:
+            parts = dist.all_gather_object((new, skipped))
+            new, skipped = {m: {k: v for p, _ in parts for k, v in p[m].items()} for m in caches}, sum(s for _, s in parts)
+        for m, c in caches.items():
+            c.put(list(new[m]), list(new[m].values()))
+            if rank == 0 and new[m]:
+                c.save()
+        if skipped:
             log.warning("%s: %d sample(s) could not be decoded; they are predicted from the other modalities",
-                        split, totals.samples)
+                        split, skipped)
+        dist.barrier()
     dims = {m: (next(iter(c.data.values())).shape[0] if c.data else 1) for m, c in caches.items()}
     feats, present = {}, np.ones((len(names), len(modalities)), bool)
     for j, m in enumerate(modalities):
         c = caches[m]
-        feats[m] = np.stack([c.data.get(n, np.zeros(dims[m], np.float32)) for n in names]).astype(np.float32)
-        present[:, j] = [n in c.data for n in names]
+        feats[m] = np.stack([c.data.get(k, np.zeros(dims[m], np.float32)) for k in keys]).astype(np.float32)
+        present[:, j] = [k in c.data for k in keys]
         if m == "t":
             col = encoders.specs["t"]["column"]
             present[:, j] &= [bool(t.get(col, "").strip()) for t in texts]

@@ -1,28 +1,32 @@
 """`mer-dist finetune`: fusion classifier on the labeled split, K-fold cross-validated.
 
-Features of the frozen encoders come from the cache (computed once, on rank 0). Folds are spread
-over ranks (fold k on rank k mod W); each fold keeps its best epoch by validation WAF, and test
-probabilities are averaged over folds by `evaluate`.
+Features of the frozen encoders come from the cache (extracted once, shared over ranks). Folds are
+spread over ranks (fold k on rank k mod W); each fold keeps its best epoch by validation WAF, and test
+probabilities are the fold ensemble's (`evaluate.predict`). With `pseudo=P`, the pseudo-labelled clips
+of `mer-dist pseudo-label` join the *training* part of every fold -- never a validation part, never
+the test split (unless `transductive=true`, which is tagged on the run).
 """
 from __future__ import annotations
 
 import copy
+import csv
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm import tqdm
 
-from mer_dist.config import LABELS, EvaluateConfig, FinetuneConfig, save, to_dict
+from mer_dist.config import LABEL_TO_ID, LABELS, EvaluateConfig, FinetuneConfig, save, to_dict
 from mer_dist.data.ingest import write_json_atomic
 from mer_dist.data.splits import holdout, kfold
 from mer_dist.eval import plots
+from mer_dist.eval.evaluate import load_model, predict, report
 from mer_dist.eval.metrics import majority_waf, summary
-from mer_dist.models.fusion import FusionModel
+from mer_dist.models.fusion import FusionModel, predict_probs
 from mer_dist.tracking import Tracker
 from mer_dist.train import dist
-from mer_dist.train.features import Encoders, extract, specs_for
+from mer_dist.train.features import Encoders, extract, index, specs_for
+from mer_dist.train.losses import soft_cross_entropy
 
 VALID_MODALITIES = ("a", "v", "t")
 
@@ -31,41 +35,96 @@ def cache_dir(cfg: FinetuneConfig) -> Path:
     return Path(cfg.cache) if cfg.cache else Path(cfg.data.shards).resolve().parent / "feature-cache"
 
 
-def train_fold(cfg: FinetuneConfig, feats: dict, present: np.ndarray, y: np.ndarray, tr: np.ndarray, va: np.ndarray,
+def read_pseudo(folder: str | Path) -> tuple[list[str], np.ndarray]:
+    """pseudo.csv of `mer-dist pseudo-label` -> (names, probabilities [N, 6])."""
+    f = Path(folder) / "pseudo.csv" if Path(folder).is_dir() else Path(folder)
+    if not f.is_file():
+        raise FileNotFoundError(f"{f}: pseudo-labels not found (run `mer-dist pseudo-label`)")
+    with open(f, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    missing = {"name", "discrete", *LABELS} - set(rows[0] if rows else {"name", "discrete", *LABELS})
+    if missing:
+        raise ValueError(f"{f}: missing column(s) {sorted(missing)}")
+    for i, r in enumerate(rows, start=2):
+        if r["discrete"] not in LABEL_TO_ID:
+            raise ValueError(f"{f}:{i} ({r['name']}): unknown label {r['discrete']!r}")
+    return [r["name"] for r in rows], np.array([[float(r[c]) for c in LABELS] for r in rows]).reshape(-1, len(LABELS))
+
+
+def training_set(cfg: FinetuneConfig, names, y, feats, present, rank: int, world: int) -> dict:
+    """Labeled clips (index < n_labeled) + the pseudo-labelled ones, with soft targets and sample weights."""
+    n = len(y)
+    target = np.eye(len(LABELS))[y]
+    weight = np.ones(n)
+    if cfg.class_weights:
+        counts = np.bincount(y, minlength=len(LABELS)).astype(float)
+        weight = (counts.sum() / np.maximum(counts, 1) / len(LABELS))[y]
+    info = {"n_pseudo": 0}
+    if cfg.pseudo:
+        pnames, pprobs = read_pseudo(cfg.pseudo)
+        leaked = sorted(set(pnames) & set(names))
+        if leaked:
+            raise ValueError(f"{cfg.pseudo}: {len(leaked)} pseudo-labelled clip(s) are labeled training clips "
+                             f"(first: {leaked[0]}); pseudo-labels must come from another split")
+        test = set(index(cfg.data.shards, cfg.test_split)[0]) if cfg.test_split else set()
+        in_test = [k for k, nm in enumerate(pnames) if nm in test]
+        if in_test and not cfg.transductive:
+            print(f"finetune: {len(in_test)} pseudo-labelled clip(s) are test clips: left out "
+                  f"(transductive=true uses them)")
+            keep = sorted(set(range(len(pnames))) - set(in_test))
+            pnames, pprobs = [pnames[k] for k in keep], pprobs[keep]
+        un_names, _, un_feats, un_present = extract(Encoders(specs_for(cfg), cfg.data.height), cfg.modalities,
+                                                    cfg.data.shards, cfg.pseudo_split, cfg.data, cache_dir(cfg),
+                                                    rank, world)
+        where = {nm: k for k, nm in enumerate(un_names)}
+        lost = [nm for nm in pnames if nm not in where]
+        if lost:
+            raise ValueError(f"{cfg.pseudo}: {len(lost)} clip(s) not in split '{cfg.pseudo_split}' of "
+                             f"{cfg.data.shards} (first: {lost[0]})")
+        sel = np.array([where[nm] for nm in pnames], dtype=int)
+        feats = {m: np.concatenate([f, un_feats[m][sel]]) for m, f in feats.items()}
+        present = np.concatenate([present, un_present[sel]])
+        hard = np.eye(len(LABELS))[pprobs.argmax(1)]
+        target = np.concatenate([target, pprobs if cfg.pseudo_soft else hard])
+        weight = np.concatenate([weight, np.full(len(sel), cfg.pseudo_weight)])
+        info = {"n_pseudo": len(sel), "pseudo_test_clips": len(in_test) if cfg.transductive else 0}
+    return {"feats": feats, "present": present, "target": target.astype(np.float32),
+            "weight": weight.astype(np.float32), "n_labeled": n, **info}
+
+
+def fold_train_indices(tr: np.ndarray, ts: dict) -> np.ndarray:
+    """A fold trains on its labeled part and on every pseudo-labelled clip (they sit after the labeled ones)."""
+    return np.concatenate([tr, np.arange(ts["n_labeled"], len(ts["present"]))])
+
+
+def train_fold(cfg: FinetuneConfig, ts: dict, y: np.ndarray, tr: np.ndarray, va: np.ndarray,
                seed: int) -> tuple[dict, list[dict], float]:
+    """One fold: labeled `tr` + every pseudo-labelled clip train, labeled `va` validates (best epoch kept)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
+    feats, present = ts["feats"], ts["present"]
     model = FusionModel({m: f.shape[1] for m, f in feats.items()}, cfg.fusion)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    counts = np.bincount(y[tr], minlength=len(LABELS)).astype(float)
-    weight = torch.tensor(counts.sum() / np.maximum(counts, 1) / len(LABELS), dtype=torch.float32) \
-        if cfg.class_weights else None
     x = {m: torch.from_numpy(f) for m, f in feats.items()}
-    p, yt = torch.from_numpy(present), torch.from_numpy(y)
+    p, q, w = torch.from_numpy(present), torch.from_numpy(ts["target"]), torch.from_numpy(ts["weight"])
+    train_idx = fold_train_indices(tr, ts)
     best, best_state, history = -1.0, None, []
     for epoch in range(cfg.epochs):
         model.train()
-        order = rng.permutation(tr)
+        order = rng.permutation(train_idx)
         losses = []
         for i in range(0, len(order), cfg.batch_size):
             idx = torch.from_numpy(order[i:i + cfg.batch_size])
-            loss = nn.functional.cross_entropy(model({m: v[idx] for m, v in x.items()}, p[idx]), yt[idx], weight=weight)
+            loss = soft_cross_entropy(model({m: v[idx] for m, v in x.items()}, p[idx]), q[idx], w[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
             losses.append(loss.item())
-        val = summary(y[va], predict(model, {m: f[va] for m, f in feats.items()}, present[va]).argmax(1))
+        val = summary(y[va], predict_probs(model, {m: f[va] for m, f in feats.items()}, present[va]).argmax(1))
         history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_waf": val["waf"]})
         if val["waf"] > best:
             best, best_state = val["waf"], copy.deepcopy(model.state_dict())
     return best_state, history, best
-
-
-@torch.no_grad()
-def predict(model: FusionModel, feats: dict[str, np.ndarray], present: np.ndarray) -> np.ndarray:
-    model.eval()
-    logits = model({m: torch.from_numpy(f) for m, f in feats.items()}, torch.from_numpy(present))
-    return logits.softmax(-1).numpy()
 
 
 def run(cfg: FinetuneConfig) -> dict:
@@ -75,44 +134,49 @@ def run(cfg: FinetuneConfig) -> dict:
     env = dist.setup()
     out = Path(cfg.out)
     encoders = Encoders(specs_for(cfg), cfg.data.height)
-    def features():
-        return extract(encoders, cfg.modalities, cfg.data.shards, "train", cfg.data, cache_dir(cfg))
-    train = features() if env.is_main else None   # rank 0 fills the cache; the other ranks then read it
-    dist.barrier()
-    names, y, feats, present = train or features()
+    names, y, feats, present = extract(encoders, cfg.modalities, cfg.data.shards, "train", cfg.data, cache_dir(cfg),
+                                       env.rank, env.world_size)
     keep = y >= 0
     if not keep.all():
         raise ValueError(f"{cfg.data.shards}: {int((~keep).sum())} train sample(s) without a label")
+    ts = training_set(cfg, names, y, feats, present, env.rank, env.world_size)
     splits = kfold(names, y, cfg.folds, cfg.seed) if cfg.folds > 1 else [holdout(names, y, cfg.val_fraction, cfg.seed)]
     mine = [k for k in range(len(splits)) if k % env.world_size == env.rank]
     results = {}
     for k in tqdm(mine, desc="finetune: folds", unit="fold", disable=not env.is_main):
         tr, va = splits[k]
-        results[k] = train_fold(cfg, feats, present, y, tr, va, cfg.seed * 1000 + k)
+        results[k] = train_fold(cfg, ts, y, tr, va, cfg.seed * 1000 + k)
     gathered = {}
     for part in dist.all_gather_object(results):
         gathered.update(part)
     metrics: dict = {}
+    tracker = None
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        dims = {m: f.shape[1] for m, f in feats.items()}
         oof = np.zeros((len(y), len(LABELS)))
         for k, (tr, va) in enumerate(splits):
-            model = FusionModel({m: f.shape[1] for m, f in feats.items()}, cfg.fusion)
+            model = FusionModel(dims, cfg.fusion)
             model.load_state_dict(gathered[k][0])
-            oof[va] = predict(model, {m: f[va] for m, f in feats.items()}, present[va])
+            oof[va] = predict_probs(model, {m: f[va] for m, f in feats.items()}, present[va])
         covered = np.concatenate([va for _, va in splits])
         cv = summary(y[covered], oof[covered].argmax(1))
         metrics = {"cv_waf": cv["waf"], "cv_accuracy": cv["accuracy"], "cv_macro_f1": cv["macro_f1"],
                    "fold_val_waf": [gathered[k][2] for k in range(len(splits))],
-                   "majority_waf": majority_waf(y, y[covered]), "n_train": len(y), "folds": len(splits)}
-        torch.save({"folds": [gathered[k][0] for k in range(len(splits))], "dims": {m: f.shape[1] for m, f in feats.items()},
+                   "majority_waf": majority_waf(y, y[covered]), "n_train": len(y), "folds": len(splits),
+                   "n_pseudo": ts["n_pseudo"]}
+        torch.save({"folds": [gathered[k][0] for k in range(len(splits))], "dims": dims,
                     "fusion": to_dict(cfg.fusion), "modalities": cfg.modalities, "specs": encoders.specs,
                     "image_size": cfg.data.height, "data": to_dict(cfg.data), "shards": str(Path(cfg.data.shards).resolve()),
-                    "cache": str(cache_dir(cfg).resolve())}, out / "model.pt")
+                    "cache": str(cache_dir(cfg).resolve()), "pseudo": cfg.pseudo, "n_pseudo": ts["n_pseudo"]},
+                   out / "model.pt")
         save(cfg, out / "config.yaml")
         plots.confusion_matrix(cv["confusion"], out / "cv_confusion.png", "Cross-validated (out-of-fold)")
-        tracker = Tracker(cfg.tracking, out, "finetune", tags={"modalities": "".join(cfg.modalities),
-                                                               "world_size": env.world_size, "launcher": env.launcher})
+        tags = {"modalities": "".join(cfg.modalities), "world_size": env.world_size, "launcher": env.launcher,
+                "pseudo": cfg.pseudo or "none", "n_pseudo": ts["n_pseudo"]}
+        if cfg.pseudo:
+            tags["transductive"] = str(cfg.transductive and ts.get("pseudo_test_clips", 0) > 0).lower()
+        tracker = Tracker(cfg.tracking, out, "finetune", tags=tags)
         tracker.params(cfg)
         for k in range(len(splits)):
             for h in gathered[k][1]:
@@ -120,13 +184,21 @@ def run(cfg: FinetuneConfig) -> dict:
         tracker.metrics({k: v for k, v in metrics.items() if not isinstance(v, list)}, 0)
         for f in ("model.pt", "config.yaml", "cv_confusion.png"):
             tracker.artifact(out / f)
-        tracker.close()
-        print(f"finetune[{''.join(cfg.modalities)}]: CV WAF {cv['waf']:.3f} (majority {metrics['majority_waf']:.3f}) -> {out}")
-        if cfg.test_split:
-            from mer_dist.eval.evaluate import run as evaluate
-            ev = evaluate(EvaluateConfig(model=str(out), split=cfg.test_split, out=str(out / f"eval-{cfg.test_split}"),
-                                         tracking=cfg.tracking), encoders=encoders)
+        pseudo = f", {ts['n_pseudo']} pseudo-labelled clips" if cfg.pseudo else ""
+        print(f"finetune[{''.join(cfg.modalities)}]: CV WAF {cv['waf']:.3f} (majority {metrics['majority_waf']:.3f}"
+              f"{pseudo}) -> {out}")
+    dist.barrier()
+    if cfg.test_split:      # the fold ensemble on the test split: every rank extracts its share
+        names_t, y_t, probs = predict(load_model(out), cfg.test_split, "", encoders, env.rank, env.world_size)
+        if env.is_main:
+            ev = report(EvaluateConfig(model=str(out), split=cfg.test_split, out=str(out / f"eval-{cfg.test_split}"),
+                                       tracking=cfg.tracking), names_t, y_t, probs)
             metrics |= {f"{cfg.test_split}_{k}": v for k, v in ev.items() if k in ("waf", "accuracy", "macro_f1")}
+            tracker.metrics({f"{cfg.test_split}_{k}": v for k, v in ev.items()
+                             if k in ("waf", "accuracy", "macro_f1")}, 0)
+    if env.is_main:
+        metrics["mlflow_run_id"] = tracker.wait_run_id(10)
+        tracker.close()
         write_json_atomic(out / "metrics.json", metrics)
     dist.barrier()
     dist.cleanup()

@@ -1,0 +1,82 @@
+"""`mer-dist pseudo-label`: the fold ensemble of a finetuned model labels the unlabeled pool.
+
+Every clip of the split is predicted exactly once (features extracted over the ranks, as `evaluate`
+does); `select` keeps the confident ones -- a probability threshold, then at most N per predicted
+class (class-balanced: a frequent class cannot drown a rare one), optionally only where a second
+model agrees. Writes `pseudo.csv` (name, discrete, confidence, the 6 probabilities) and
+`summary.json` (counts per class, the rule, the source model). Truth is never read here.
+"""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+
+from mer_dist.config import LABELS, PseudoLabelConfig
+from mer_dist.data.ingest import write_json_atomic
+from mer_dist.eval.evaluate import load_model, predict
+from mer_dist.train import dist
+
+
+def select(probs: np.ndarray, threshold: float, top_per_class: int = 0,
+           agree: np.ndarray | None = None) -> np.ndarray:
+    """Indices (ascending) of the rows kept: max probability >= threshold, the argmax equal to `agree`'s (when
+    given), then the `top_per_class` most confident rows of each predicted class (0 = all)."""
+    pred, conf = probs.argmax(1), probs.max(1)
+    keep = conf >= threshold
+    if agree is not None:
+        keep &= agree.argmax(1) == pred
+    if top_per_class > 0:
+        for c in range(probs.shape[1]):
+            idx = np.flatnonzero(keep & (pred == c))
+            if len(idx) > top_per_class:
+                drop = idx[np.argsort(-conf[idx], kind="stable")[top_per_class:]]
+                keep[drop] = False
+    return np.flatnonzero(keep)
+
+
+def write(out: Path, names: list[str], probs: np.ndarray, kept: np.ndarray, summary: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "pseudo.csv.tmp"
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["name", "discrete", "confidence", *LABELS])
+        for i in kept:
+            w.writerow([names[i], LABELS[int(probs[i].argmax())], f"{probs[i].max():.6f}",
+                        *(f"{v:.6f}" for v in probs[i])])
+    tmp.replace(out / "pseudo.csv")
+    write_json_atomic(out / "summary.json", summary)
+
+
+def run(cfg: PseudoLabelConfig) -> dict:
+    from mer_dist.tracking import Tracker
+    env = dist.setup()
+    ck = load_model(cfg.model)
+    names, _, probs = predict(ck, cfg.split, cfg.shards, None, env.rank, env.world_size)
+    agree = None
+    if cfg.agree_with:
+        other_names, _, agree = predict(load_model(cfg.agree_with), cfg.split, cfg.shards, None, env.rank,
+                                        env.world_size)
+        if other_names != names:
+            raise ValueError(f"agree_with={cfg.agree_with}: predicts other clips than {cfg.model} on '{cfg.split}'")
+    summary: dict = {}
+    if env.is_main:
+        kept = select(probs, cfg.threshold, cfg.top_per_class, agree)
+        pred = probs.argmax(1)
+        summary = {"source_model": str(Path(cfg.model).resolve()), "split": cfg.split, "candidates": len(names),
+                   "kept": int(len(kept)), "threshold": cfg.threshold, "top_per_class": cfg.top_per_class,
+                   "agree_with": cfg.agree_with,
+                   "per_class": {lab: int((pred[kept] == c).sum()) for c, lab in enumerate(LABELS)},
+                   "mean_confidence": float(probs[kept].max(1).mean()) if len(kept) else 0.0}
+        write(Path(cfg.out), names, probs, kept, summary)
+        tracker = Tracker(cfg.tracking, cfg.out, "pseudo-label", tags={"model": cfg.model, "split": cfg.split})
+        tracker.params(cfg)
+        tracker.metrics({"kept": len(kept), **{f"kept_{k}": v for k, v in summary["per_class"].items()}}, 0)
+        tracker.artifact(Path(cfg.out) / "summary.json")
+        tracker.close()
+        print(f"pseudo-label: kept {len(kept)}/{len(names)} clips of '{cfg.split}' "
+              f"({', '.join(f'{k} {v}' for k, v in summary['per_class'].items())}) -> {Path(cfg.out) / 'pseudo.csv'}")
+    dist.barrier()
+    dist.cleanup()
+    return summary

@@ -1,0 +1,139 @@
+"""Alignment objectives on hand-built tensors: known values, masks, gradients, and the cross-rank gather."""
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import free_port
+from mer_dist.config import ConfigError, LossTerm, parse_loss
+from mer_dist.train.align import shuffled_pairs
+from mer_dist.train.losses import AlignmentObjective, confidence, infonce_loss, kd_loss, regression_loss
+
+
+def test_regression_known_values_and_mask():
+    pred = torch.tensor([[[1.0, 0.0], [0.0, 0.0], [9.0, 9.0]]])
+    target = torch.tensor([[[0.0, 0.0], [0.0, 2.0], [0.0, 0.0]]])
+    valid = torch.tensor([[True, True, False]])                    # the third frame is audio padding
+    loss, _ = regression_loss(pred, target, valid, "mse", frame_weight=1.0, utterance_weight=0.0)
+    assert loss.item() == pytest.approx((0.5 + 2.0) / 2)          # mean over dims, then over valid frames
+    # utterance part: means over valid frames (0.5, 0) vs (0, 1) -> mse 0.625
+    loss_u, _ = regression_loss(pred, target, valid, "mse", frame_weight=0.0, utterance_weight=1.0)
+    assert loss_u.item() == pytest.approx((0.25 + 1.0) / 2)
+    # changing a masked frame changes nothing
+    pred2 = pred.clone()
+    pred2[0, 2] = -100
+    assert regression_loss(pred2, target, valid, "mse")[0].item() == regression_loss(pred, target, valid, "mse")[0].item()
+    cos_loss, cos = regression_loss(target + 0.0, target * 3, torch.tensor([[True, True, False]]), "cosine", 1.0, 0.0)
+    assert cos.item() == pytest.approx(0.5) and cos_loss.item() == pytest.approx(0.5)   # frame 0 is a zero vector
+
+
+def test_kd_known_value_temperature_and_confidence():
+    t = torch.tensor([[[2.0, 0.0, 0.0]]])
+    s = torch.zeros(1, 1, 3)
+    valid = torch.ones(1, 1, dtype=torch.bool)
+    tau = 2.0
+    pt = F.softmax(t / tau, -1)
+    expected = (pt * (pt.log() - math.log(1 / 3))).sum() * tau ** 2
+    loss, agree = kd_loss(s, t, valid, tau=tau, utterance_weight=0.0)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert kd_loss(t, t, valid, tau=tau)[0].item() == pytest.approx(0.0, abs=1e-6)    # student == teacher
+    # confidence: flat posterior -> 0, peaked -> close to 1; weighting ignores the flat frame
+    assert confidence(torch.zeros(1, 3)).item() == pytest.approx(0.0, abs=1e-6)
+    assert confidence(torch.tensor([[50.0, 0, 0]])).item() > 0.99
+    t2 = torch.tensor([[[5.0, 0.0, 0.0], [0.0, 0.0, 0.0]]])
+    s2 = torch.tensor([[[0.0, 0.0, 0.0], [0.0, 9.0, 0.0]]])
+    v2 = torch.ones(1, 2, dtype=torch.bool)
+    only_first, _ = kd_loss(s2[:, :1], t2[:, :1], v2[:, :1], utterance_weight=0.0)
+    weighted, _ = kd_loss(s2, t2, v2, utterance_weight=0.0, confidence_weighting=True)
+    assert weighted.item() == pytest.approx(only_first.item(), rel=1e-4)
+    assert kd_loss(s2, t2, v2, utterance_weight=0.0)[0].item() != pytest.approx(weighted.item(), rel=1e-2)
+
+
+def test_kd_masked_frames_and_gradient_flow():
+    torch.manual_seed(0)
+    s = torch.randn(2, 4, 6, requires_grad=True)
+    t = torch.randn(2, 4, 6)
+    valid = torch.tensor([[True, True, True, False], [True, False, False, False]])
+    loss, _ = kd_loss(s, t, valid)
+    loss.backward()
+    assert s.grad[~valid].abs().max() == 0 and s.grad[valid].abs().min() > 0     # padding frames get no gradient
+
+
+def test_infonce_perfect_pairs_and_temperature():
+    e = torch.eye(4)
+    lo, acc = infonce_loss(e, e, torch.tensor([math.log(100.0)]), gather=False)
+    assert acc.item() == 1.0 and lo.item() < 1e-3
+    hi, acc2 = infonce_loss(e, e.roll(1, 0), torch.tensor([math.log(100.0)]), gather=False)
+    assert acc2.item() == 0.0 and hi.item() > 10
+    # uniform similarities: the loss is log(batch)
+    flat, _ = infonce_loss(torch.ones(4, 2), torch.ones(4, 2), torch.zeros(1), gather=False)
+    assert flat.item() == pytest.approx(math.log(4), rel=1e-5)
+
+
+def test_objective_gradients_reach_only_what_they_should():
+    torch.manual_seed(0)
+    obj = AlignmentObjective([LossTerm("kd", 1.0)], width=8, num_classes=6)
+    emb = torch.randn(3, 5, 8, requires_grad=True)
+    teacher_logits = torch.randn(3, 5, 6, requires_grad=True)     # the teacher is frozen: no grad may reach it
+    loss, stats = obj(emb, {"valid": torch.ones(3, 5, dtype=torch.bool), "logits": teacher_logits.detach()})
+    loss.backward()
+    assert emb.grad.abs().sum() > 0 and obj.kd_head.weight.grad.abs().sum() > 0
+    assert teacher_logits.grad is None
+    assert obj.needs == {"logits"} and set(stats) == {"kd_agree", "loss_kd"}
+    both = AlignmentObjective(parse_loss(["kd", "infonce:0.5"]), width=8, num_classes=6, audio_dim=4)
+    assert both.needs == {"logits", "clip"} and both.regress is None
+    target = {"valid": torch.ones(3, 5, dtype=torch.bool), "logits": torch.randn(3, 5, 6), "clip": torch.randn(3, 4)}
+    total, st = both(emb, target)
+    assert total.item() == pytest.approx((st["loss_kd"] + 0.5 * st["loss_infonce"]).item(), rel=1e-5)
+
+
+def test_parse_loss_rejects_bad_specs():
+    assert parse_loss(["kd", "infonce:0.5"]) == [LossTerm("kd", 1.0), LossTerm("infonce", 0.5)]
+    for bad in (["l1"], ["kd:x"], ["kd:-1"], ["kd", "kd"], ["mse", "cosine"], []):
+        with pytest.raises(ConfigError, match="config key 'loss'"):
+            parse_loss(bad)
+
+
+def test_shuffled_pairs_are_a_fixed_derangement():
+    for n in (2, 3, 8, 33):
+        p = shuffled_pairs(n, seed=5)
+        assert sorted(p.tolist()) == list(range(n)) and all(p[i] != i for i in range(n))
+        assert torch.equal(p, shuffled_pairs(n, seed=5))
+    assert not torch.equal(shuffled_pairs(8, 1), shuffled_pairs(8, 2))
+
+
+def _gather_worker(rank: int, world: int, port: int, video: torch.Tensor, audio: torch.Tensor, q) -> None:
+    import torch.distributed as tdist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    tdist.init_process_group("gloo", rank=rank, world_size=world)
+    b = len(video) // world
+    v = video[rank * b:(rank + 1) * b].clone().requires_grad_(True)
+    a = audio[rank * b:(rank + 1) * b].clone().requires_grad_(True)
+    loss, _ = infonce_loss(v, a, torch.zeros(1), gather=True)
+    loss.backward()
+    losses = [torch.zeros(1) for _ in range(world)]
+    tdist.all_gather(losses, loss.detach().view(1))
+    q.put((rank, float(torch.cat(losses).mean()), v.grad / world, a.grad / world))   # DeepSpeed averages over ranks
+    tdist.destroy_process_group()
+
+
+def test_infonce_gather_across_two_ranks_equals_one_big_batch():
+    torch.manual_seed(0)
+    video, audio = torch.randn(8, 5), torch.randn(8, 5)
+    v, a = video.clone().requires_grad_(True), audio.clone().requires_grad_(True)
+    ref, _ = infonce_loss(v, a, torch.zeros(1), gather=False)
+    ref.backward()
+    ctx = torch.multiprocessing.get_context("spawn")
+    q = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_gather_worker, args=(r, 2, port, video, audio, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = dict((r, (lo, gv, ga)) for r, lo, gv, ga in (q.get(timeout=120) for _ in procs))
+    for p in procs:
+        p.join(60)
+    assert got[0][0] == pytest.approx(ref.item(), rel=1e-5) and got[1][0] == pytest.approx(ref.item(), rel=1e-5)
+    assert torch.allclose(torch.cat([got[0][1], got[1][1]]), v.grad, atol=1e-6)
+    assert torch.allclose(torch.cat([got[0][2], got[1][2]]), a.grad, atol=1e-6)

@@ -1,0 +1,121 @@
+"""Self-training: the selection rule, soft vs hard pseudo-labels, no leakage into validation or test,
+exactly-once pseudo-labelling over 2 ranks, and a 2-round self-train end to end."""
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import DATA, REPO, free_port, run_cli
+from mer_dist import config as C
+from mer_dist.train.finetune import fold_train_indices
+from mer_dist.train.losses import soft_cross_entropy
+from mer_dist.train.pseudo import select
+
+P = np.array([[0.90, 0.02, 0.02, 0.02, 0.02, 0.02],    # 0: class 0, sure
+              [0.70, 0.06, 0.06, 0.06, 0.06, 0.06],    # 1: class 0, fairly sure
+              [0.80, 0.04, 0.04, 0.04, 0.04, 0.08],    # 2: class 0
+              [0.10, 0.60, 0.10, 0.10, 0.05, 0.05],    # 3: class 1 (the rare one)
+              [0.30, 0.30, 0.10, 0.10, 0.10, 0.10],    # 4: flat
+              [0.05, 0.05, 0.05, 0.05, 0.05, 0.75]])   # 5: class 5
+
+
+def test_selection_threshold_top_per_class_and_agreement():
+    assert select(P, 0.65).tolist() == [0, 1, 2, 5]
+    assert select(P, 0.0).tolist() == [0, 1, 2, 3, 4, 5]
+    # class-balanced: at most one per predicted class, the most confident one; the rare class keeps its clip
+    assert select(P, 0.5, top_per_class=1).tolist() == [0, 3, 5]
+    assert select(P, 0.5, top_per_class=2).tolist() == [0, 2, 3, 5]
+    other = P.copy()
+    other[2] = [0.0, 0.0, 1.0, 0.0, 0.0, 0.0]          # the second model disagrees on clip 2
+    assert select(P, 0.5, agree=other).tolist() == [0, 1, 3, 5]
+
+
+def test_soft_and_hard_pseudo_labels_give_different_losses():
+    logits = torch.tensor([[2.0, 0.0, 0.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0, 0.0, 0.0]])
+    soft = torch.tensor(P[[1, 3]], dtype=torch.float32)
+    hard = torch.nn.functional.one_hot(soft.argmax(1), 6).float()
+    w = torch.tensor([1.0, 0.5])
+    hard_loss = soft_cross_entropy(logits, hard, w)
+    expected = (torch.nn.functional.cross_entropy(logits, soft.argmax(1), reduction="none") * w).sum() / w.sum()
+    assert hard_loss.item() == pytest.approx(expected.item(), rel=1e-6)      # hard = weighted CE
+    assert soft_cross_entropy(logits, soft, w).item() > hard_loss.item() + 0.1
+    # the weight matters: a pseudo-labelled clip at weight 0 changes nothing
+    assert soft_cross_entropy(logits[:1], hard[:1], w[:1]).item() == pytest.approx(
+        soft_cross_entropy(logits, hard, torch.tensor([1.0, 0.0])).item())
+
+
+def test_pseudo_clips_only_in_training_parts(shards):
+    from mer_dist.data.splits import kfold
+    from mer_dist.train.features import index
+    names, y, _, _ = index(str(shards), "train")
+    ts = {"n_labeled": len(y), "present": np.ones((len(y) + 10, 3), bool)}
+    for tr, va in kfold(names, y, 5, 0):
+        train = fold_train_indices(tr, ts)
+        assert set(range(len(y), len(y) + 10)) <= set(train)        # every pseudo clip trains every fold
+        assert va.max() < len(y) and not set(va) & set(train)       # validation: labeled clips of this fold only
+
+
+@pytest.fixture(scope="module")
+def base_model(shards, teacher, tmp_path_factory):
+    out = tmp_path_factory.mktemp("st") / "m"
+    run_cli("finetune", "--shards", shards, "--teacher", teacher, "--visual", "random", "--modalities", "a,t",
+            "--out", out, "folds=2", "epochs=15", *DATA)
+    return out
+
+
+def test_pseudo_label_two_ranks_each_clip_once_and_no_leak(base_model, shards, teacher, tmp_path):
+    out = tmp_path / "p"
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        f"--master_port={free_port()}", "-m", "mer_dist", "pseudo-label", "--model", base_model,
+                        "--out", out, "--threshold", "0", "tracking.enabled=false"],
+                       capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = list(csv.DictReader(open(out / "pseudo.csv")))
+    names = [r["name"] for r in rows]
+    from mer_dist.train.features import index
+    assert sorted(names) == sorted(index(str(shards), "unlabeled")[0])      # all 64, each exactly once
+    s = json.loads((out / "summary.json").read_text())
+    assert s["kept"] == 64 and sum(s["per_class"].values()) == 64
+    probs = np.array([[float(r[c]) for c in C.LABELS] for r in rows])
+    assert np.allclose(probs.sum(1), 1, atol=1e-4)
+    # a pseudo-label file naming a labeled training clip is refused (leakage), one line, exit 2
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    train_name = next(iter(sorted(__import__("mer_dist.train.features", fromlist=["x"]).index(str(shards), "train")[0])))
+    with open(bad / "pseudo.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["name", "discrete", "confidence", *C.LABELS])
+        w.writerow([train_name, "happy", "0.9", 0.02, 0.02, 0.9, 0.02, 0.02, 0.02])
+    r = run_cli("finetune", "--shards", shards, "--teacher", teacher, "--visual", "random", "--modalities", "a,t",
+                "--out", tmp_path / "leak", "folds=2", "epochs=2", f"pseudo={bad}", *DATA, check=False)
+    assert r.returncode == 2 and "labeled training clip" in r.stderr and train_name in r.stderr
+
+
+def test_self_train_two_rounds_end_to_end(shards, teacher, tmp_path):
+    out = tmp_path / "st"
+    p = run_cli("self-train", "--shards", shards, "--teacher", teacher, "--visual", "random", "--out", out,
+                "--rounds", "2", "thresholds=[0.3,0.2]", "finetune.modalities=a,t", "finetune.folds=2",
+                "finetune.epochs=15", *[f"finetune.{d}" for d in DATA if not d.startswith("tracking")])
+    rows = json.loads((out / "rounds.json").read_text())
+    assert [r["round"] for r in rows] == [0, 1, 2] and "self-train rounds" in p.stdout
+    assert rows[0]["n_pseudo_trained"] == 0 and rows[1]["kept"] > 0 and rows[2]["kept"] > 0
+    assert rows[1]["n_pseudo_trained"] == rows[1]["kept"]
+    # real numbers per round: precision from the generator's hidden truth, WAFs that differ between rounds
+    assert all(0 <= r["precision"] <= 1 for r in rows[1:])
+    assert len({round(r["cv_waf"], 6) for r in rows}) > 1 or len({round(r["test_waf"], 6) for r in rows}) > 1
+    assert rows[2]["test_waf_change"] == pytest.approx(rows[2]["test_waf"] - rows[1]["test_waf"])
+    assert (out / "round2" / "model.pt").is_file() and (out / "pseudo2" / "pseudo.csv").is_file()
+    # tracking on, as a user runs it (the default SQLite store beside the output): one finetune run per round,
+    # each linked to the previous round's run
+    from mlflow.tracking import MlflowClient
+    c = MlflowClient(f"sqlite:///{out}/mlflow.db")          # beside the rounds (default_uri)
+    runs = c.search_runs([c.get_experiment_by_name("mer-dist").experiment_id], "tags.stage = 'finetune'")
+    by_round = {int(r.data.tags["self_train_round"]): r for r in runs}
+    assert sorted(by_round) == [0, 1, 2]
+    for k in (1, 2):
+        assert by_round[k].data.tags["self_train_previous_run"] == by_round[k - 1].info.run_id
+        assert int(by_round[k].data.tags["n_pseudo"]) == rows[k]["kept"]
