@@ -230,7 +230,7 @@ class AlignConfig:
     kd_temperature: float = 2.0    # kd: softmax temperature tau (loss scaled by tau^2)
     kd_confidence: bool = False    # kd: weight frames/clips by the teacher's confidence (1 - normalised entropy)
     infonce_dim: int = 128         # infonce: width of the shared embedding both projection heads map to
-    pairing: Literal["matched", "shuffled"] = "matched"   # shuffled: each video meets another clip's audio (control)
+    pairing: Literal["matched", "shuffled"] = "matched"   # shuffled: each video meets a fixed other clip's audio (control)
     acoustic: Literal["adapted", "base"] = "adapted"      # base: the teacher without its adapter (control)
     frame_weight: float = 1.0      # weight of the frame-level part of mse/cosine/kd
     utterance_weight: float = 1.0  # weight of the utterance-level part of mse/cosine/kd
@@ -245,8 +245,6 @@ class AlignConfig:
             _check("kd" not in kinds and (self.target_space == "features" or not kinds & {"mse", "cosine"}),
                    "targets", "online for kd and for logits targets (teacher.npy holds layer features only)",
                    self.targets)
-        _check(self.pairing == "matched" or self.data.batch_size >= 2, "data.batch_size",
-               ">= 2 with pairing=shuffled (pairs are drawn within a batch)", self.data.batch_size)
         _check(self.kd_temperature > 0, "kd_temperature", "a number > 0", self.kd_temperature)
 
 

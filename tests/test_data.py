@@ -153,3 +153,23 @@ def test_reencode_to_fixed_fps_and_size(tmp_path, corpus):
     assert info["fps"] == 5.0 and info["has_audio"]
     b = next(iterate(eval_loader(shard_urls(tmp_path / "s", "train"), DataConfig(frames=2, height=16, width=24, workers=0))))
     assert len(b["name"]) == 3
+
+
+def test_shuffled_pairing_is_a_fixed_clip_to_clip_permutation(shards, corpus):
+    """pairing=shuffled: every clip's video meets another clip's audio, always the same one, for any seed."""
+    cfg = DataConfig(frames=2, height=16, width=16, batch_size=4, workers=0, shuffle_buffer=8)
+    urls = shard_urls(shards, "unlabeled")
+    pairs: dict[str, str] = {}
+    for seed in (0, 1):
+        it = iter(train_loader(urls, cfg, seed=seed, pairing="shuffled"))
+        for _ in range(12):
+            b = next(it)
+            for name, partner, n in zip(b["name"], b["paired_with"], b["audio_lens"]):
+                assert partner != name
+                assert pairs.setdefault(name, partner) == partner          # fixed, across batches and seeds
+                if len(pairs) < 4:   # the audio really is the partner's clip
+                    ref = decode(corpus / "video-unlabeled" / f"{partner}.mp4", 0, 16, 16)
+                    assert ref.audio.size == int(n)
+    assert len(set(pairs.values())) == len(pairs)        # a permutation: no clip's audio serves two videos
+    matched = next(iter(train_loader(urls, cfg, seed=0)))
+    assert matched["paired_with"] == matched["name"]

@@ -2,13 +2,13 @@
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest import free_port
 from mer_dist.config import ConfigError, LossTerm, parse_loss
-from mer_dist.train.align import shuffled_pairs
 from mer_dist.train.losses import AlignmentObjective, confidence, infonce_loss, kd_loss, regression_loss
 
 
@@ -96,14 +96,6 @@ def test_parse_loss_rejects_bad_specs():
             parse_loss(bad)
 
 
-def test_shuffled_pairs_are_a_fixed_derangement():
-    for n in (2, 3, 8, 33):
-        p = shuffled_pairs(n, seed=5)
-        assert sorted(p.tolist()) == list(range(n)) and all(p[i] != i for i in range(n))
-        assert torch.equal(p, shuffled_pairs(n, seed=5))
-    assert not torch.equal(shuffled_pairs(8, 1), shuffled_pairs(8, 2))
-
-
 def _gather_worker(rank: int, world: int, port: int, video: torch.Tensor, audio: torch.Tensor, q) -> None:
     import torch.distributed as tdist
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -115,7 +107,8 @@ def _gather_worker(rank: int, world: int, port: int, video: torch.Tensor, audio:
     loss.backward()
     losses = [torch.zeros(1) for _ in range(world)]
     tdist.all_gather(losses, loss.detach().view(1))
-    q.put((rank, float(torch.cat(losses).mean()), v.grad / world, a.grad / world))   # DeepSpeed averages over ranks
+    # numpy (pickled by value): a tensor would travel as a shared-memory handle that dies with this process
+    q.put((rank, float(torch.cat(losses).mean()), (v.grad / world).numpy(), (a.grad / world).numpy()))
     tdist.destroy_process_group()
 
 
@@ -135,5 +128,5 @@ def test_infonce_gather_across_two_ranks_equals_one_big_batch():
     for p in procs:
         p.join(60)
     assert got[0][0] == pytest.approx(ref.item(), rel=1e-5) and got[1][0] == pytest.approx(ref.item(), rel=1e-5)
-    assert torch.allclose(torch.cat([got[0][1], got[1][1]]), v.grad, atol=1e-6)
-    assert torch.allclose(torch.cat([got[0][2], got[1][2]]), a.grad, atol=1e-6)
+    assert torch.allclose(torch.from_numpy(np.concatenate([got[0][1], got[1][1]])), v.grad, atol=1e-6)
+    assert torch.allclose(torch.from_numpy(np.concatenate([got[0][2], got[1][2]])), a.grad, atol=1e-6)

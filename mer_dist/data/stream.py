@@ -57,19 +57,51 @@ class SkipLog:
             log.warning(msg)
 
 
+def _video(sample: dict) -> bytes:
+    video = next((sample[k] for k in VIDEO_KEYS if k in sample), None)
+    if video is None:
+        raise DecodeError(sample["__key__"], f"no video member in shard sample "
+                                             f"(have {sorted(k for k in sample if not k.startswith('_'))})")
+    return video
+
+
 def decode_sample(sample: dict, cfg: DataConfig, frames: int) -> dict:
     key = sample["__key__"]
     meta = json.loads(sample["json"]) if "json" in sample else {}
-    video = next((sample[k] for k in VIDEO_KEYS if k in sample), None)
-    if video is None:
-        raise DecodeError(key, f"no video member in shard sample (have {sorted(k for k in sample if not k.startswith('_'))})")
-    clip = decode(video, frames, cfg.height, cfg.width, cfg.sample_rate, cfg.max_seconds, key, cfg.decode_threads)
+    clip = decode(_video(sample), frames, cfg.height, cfg.width, cfg.sample_rate, cfg.max_seconds, key,
+                  cfg.decode_threads)
     out = {"name": key, "frames": clip.frames, "frame_times": clip.frame_times, "audio": clip.audio,
            "duration": clip.duration, "label": LABEL_TO_ID.get(meta.get("label"), -1),
-           "text": meta.get("text") or {"english": meta.get("transcript", ""), "chinese": ""}}
+           "text": meta.get("text") or {"english": meta.get("transcript", ""), "chinese": ""}, "paired_with": key}
     if "teacher.npy" in sample:
         out["teacher"] = np.load(io.BytesIO(sample["teacher.npy"]))
+    if "partner" in sample:     # pairing=shuffled: the audio side (and its teacher targets) is another clip's
+        p = sample["partner"]
+        out["audio"] = decode(_video(p), 0, cfg.height, cfg.width, cfg.sample_rate, cfg.max_seconds,
+                              p["__key__"]).audio
+        out["paired_with"] = p["__key__"]
+        if "teacher.npy" in p:
+            out["teacher"] = np.load(io.BytesIO(p["teacher.npy"]))
     return out
+
+
+def pair_within_shards(stream, skips: "SkipLog"):
+    """pairing=shuffled: each clip's video meets the audio of the next clip of its shard, the last one the
+    first one's: a fixed clip-to-clip permutation (a resampled shard always gives the same pairs, whatever
+    order the shuffle buffer then makes). A shard of one clip cannot pair it with another: skipped, counted."""
+    first = prev = None
+    for s in itertools.chain(stream, [None]):
+        if prev is not None and (s is None or s.get("__url__") != prev.get("__url__")):
+            if first is prev:
+                skips.sample(DecodeError(prev["__key__"], "only clip of its shard: no partner for pairing=shuffled"))
+            else:
+                yield {**prev, "partner": first}
+            first = None
+        elif prev is not None:
+            yield {**prev, "partner": s}
+        if s is not None and first is None:
+            first = s
+        prev = s
 
 
 def collate(samples: list[dict]) -> dict:
@@ -83,7 +115,8 @@ def collate(samples: list[dict]) -> dict:
              "frames": torch.from_numpy(np.stack([s["frames"] for s in samples])),
              "frame_times": torch.from_numpy(np.stack([s["frame_times"] for s in samples])),
              "duration": torch.tensor([s["duration"] for s in samples], dtype=torch.float32),
-             "audio": audio, "audio_lens": lens, "label": torch.tensor([s["label"] for s in samples])}
+             "audio": audio, "audio_lens": lens, "label": torch.tensor([s["label"] for s in samples]),
+             "paired_with": [s["paired_with"] for s in samples]}
     if all("teacher" in s for s in samples):
         tl = torch.tensor([s["teacher"].shape[0] for s in samples], dtype=torch.long)
         t = torch.zeros(b, int(tl.max()), samples[0]["teacher"].shape[1])
@@ -100,9 +133,9 @@ def _worker() -> tuple[int, int]:
 
 class _Stream(IterableDataset):
     def __init__(self, urls: list[str], cfg: DataConfig, rank: int, world: int, seed: int, frames: int,
-                 batch_size: int, train: bool):
+                 batch_size: int, train: bool, pairing: str = "matched"):
         self.urls, self.cfg, self.rank, self.world, self.seed = urls, cfg, rank, world, seed
-        self.frames, self.batch_size, self.train = frames, batch_size, train
+        self.frames, self.batch_size, self.train, self.pairing = frames, batch_size, train, pairing
 
     def _samples(self, skips: SkipLog):
         wid, nw = _worker()
@@ -117,6 +150,8 @@ class _Stream(IterableDataset):
             else:   # fewer shards than slots: everyone reads every shard, keeps its own samples
                 src, keep = ({"url": u} for u in self.urls), (lambda i: i % nslots == slot)
         stream = tarfile_samples(src, handler=skips.shard)
+        if self.pairing == "shuffled":
+            stream = pair_within_shards(stream, skips)
         if self.train:
             stream = _shuffle(stream, self.cfg.shuffle_buffer, random.Random(f"shuffle/{self.seed}/{self.rank}/{wid}"))
         for i, s in enumerate(stream):
@@ -168,11 +203,11 @@ def _loader(ds: _Stream, workers: int) -> DataLoader:
 
 
 def train_loader(urls: list[str], cfg: DataConfig, rank: int = 0, world: int = 1, seed: int = 0,
-                 frames: int | None = None) -> DataLoader:
+                 frames: int | None = None, pairing: str = "matched") -> DataLoader:
     if not urls:
         raise ValueError("train_loader: no shards")
     return _loader(_Stream(urls, cfg, rank, world, seed, cfg.frames if frames is None else frames,
-                           cfg.batch_size, True), cfg.workers)
+                           cfg.batch_size, True, pairing), cfg.workers)
 
 
 def eval_loader(urls: list[str], cfg: DataConfig, rank: int = 0, world: int = 1, frames: int | None = None,

@@ -4,7 +4,7 @@ Read top to bottom: set up the process group, build teacher + encoder + objectiv
 wrap encoder and objective heads in one DeepSpeed engine, resume if a checkpoint exists, then loop:
 next batch -> teacher targets -> loss -> backward/step -> log / eval / checkpoint. SIGTERM or SIGUSR1
 -> checkpoint and exit with code 75 (EX_TEMPFAIL), which launch scripts read as "requeue me".
-`pairing=shuffled` and `acoustic=base` are the controls: another clip's audio, or no adapter.
+`pairing=shuffled` and `acoustic=base` are the controls: a fixed other clip's audio, or no adapter.
 """
 from __future__ import annotations
 
@@ -104,15 +104,6 @@ def batch_targets(batch: dict, teacher: Teacher | None, stats: TargetStats | Non
     return target
 
 
-def shuffled_pairs(n: int, seed: int) -> torch.Tensor:
-    """A fixed permutation of n >= 2 positions with no fixed point (one cycle): clip i meets clip perm[i]."""
-    g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(n, generator=g)
-    perm = torch.empty(n, dtype=torch.long)
-    perm[order] = order.roll(-1)
-    return perm
-
-
 def consolidated_state_dict(engine, zero_stage: int) -> dict | None:
     """Full fp32 state dict on rank 0 (ZeRO-3 shards gathered); all ranks must call it."""
     import deepspeed
@@ -166,9 +157,9 @@ def run(cfg: AlignConfig) -> int:
         if env.is_main:
             print(f"align: resumed from checkpoint {client['tag']} at step {start}", flush=True)
     # a resumed run draws a fresh stream (seed mixes in the step) instead of replaying the first samples
-    it = iter(train_loader(urls, cfg.data, env.rank, env.world_size, seed=zlib.crc32(f"{cfg.train.seed}/{start}".encode())))
-    # the shuffled-pairs control: one fixed derangement of batch positions for the whole run
-    perm = shuffled_pairs(cfg.data.batch_size, cfg.train.seed) if cfg.pairing == "shuffled" else None
+    # (pairing=shuffled, the control: every clip's video meets a fixed other clip's audio, see data/stream.py)
+    it = iter(train_loader(urls, cfg.data, env.rank, env.world_size, seed=zlib.crc32(f"{cfg.train.seed}/{start}".encode()),
+                           pairing=cfg.pairing))
 
     eval_batches = _eval_set(cfg)
     if eval_batches:   # eval targets computed once (offline runs load the teacher just for this)
@@ -190,10 +181,6 @@ def run(cfg: AlignConfig) -> int:
 
     def step_loss(batch) -> tuple[torch.Tensor, dict]:
         target = batch["target"] if "target" in batch else batch_targets(batch, teacher, stats, need, cfg.target_space, device)
-        if perm is not None:
-            p = perm[: len(batch["name"])] if len(batch["name"]) == len(perm) else \
-                shuffled_pairs(len(batch["name"]), cfg.train.seed)
-            target = {k: v[p.to(v.device)] for k, v in target.items()}
         return engine(batch["frames"].to(device, non_blocking=True), target)
 
     skips = SkipTotals()
