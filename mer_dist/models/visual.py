@@ -52,8 +52,15 @@ def build_backbone(spec: str, image_size: int) -> tuple[nn.Module, int, tuple, t
 
 
 def _blocks(backbone: nn.Module) -> list[nn.Module]:
-    enc = getattr(backbone, "encoder", None) or backbone.vision_model.encoder
-    return list(enc.layer if hasattr(enc, "layer") else enc.layers)
+    """The transformer blocks, wherever this backbone's class keeps them (encoder.layer, layers, ...)."""
+    for name, m in backbone.named_modules():
+        if isinstance(m, nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layer", "layers", "blocks"):
+            return list(m)
+    raise ModelError(f"{type(backbone).__name__}: no list of transformer blocks found")
+
+
+def _embeddings(backbone: nn.Module) -> nn.Module:
+    return next(m for name, m in backbone.named_modules() if name.rsplit(".", 1)[-1] == "embeddings")
 
 
 class VisualEncoder(nn.Module):
@@ -70,8 +77,7 @@ class VisualEncoder(nn.Module):
         self.temporal = nn.TransformerEncoder(layer, cfg.temporal_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(width)
         if cfg.freeze_blocks > 0:
-            emb = getattr(self.backbone, "embeddings", None) or self.backbone.vision_model.embeddings
-            for m in [emb] + _blocks(self.backbone)[: cfg.freeze_blocks]:
+            for m in [_embeddings(self.backbone)] + _blocks(self.backbone)[: cfg.freeze_blocks]:
                 m.requires_grad_(False)
         if cfg.gradient_checkpointing:
             self.backbone.gradient_checkpointing_enable()
@@ -88,6 +94,27 @@ class VisualEncoder(nn.Module):
     def embed(self, frames: torch.Tensor) -> torch.Tensor:
         """Clip-level feature for downstream fusion: mean over frames of the contextual embeddings."""
         return self(frames).mean(1)
+
+    def trainable_groups(self, mode: str, top_k: int, lr: float, decay: float) -> list[dict]:
+        """Parameter groups for fine-tuning inside `finetune`: `top_k` = the top k backbone blocks + the temporal
+        head (pos, temporal transformer, norm); `full` = everything. Layer-wise LR decay: the temporal head
+        trains at `lr`, the top block at lr*decay, the next at lr*decay^2, ..., the embeddings last.
+        Everything else is frozen (requires_grad False)."""
+        self.requires_grad_(False)
+        blocks = _blocks(self.backbone)
+        emb = _embeddings(self.backbone)
+        chosen = blocks[::-1][: top_k if mode == "top_k" else len(blocks)]
+        groups = [{"params": [self.pos, *self.temporal.parameters(), *self.norm.parameters()], "lr": lr}]
+        groups += [{"params": list(b.parameters()), "lr": lr * decay ** (i + 1)} for i, b in enumerate(chosen)]
+        if mode == "full":
+            rest = [p for n, p in self.backbone.named_parameters()
+                    if not any(p is q for b in blocks for q in b.parameters())]
+            groups.append({"params": rest + list(emb.parameters()), "lr": lr * decay ** (len(blocks) + 1)})
+        for g in groups:
+            g["params"] = list({id(p): p for p in g["params"]}.values())
+            for p in g["params"]:
+                p.requires_grad_(True)
+        return groups
 
 
 def export(model: VisualEncoder, state_dict: dict, path: str | Path, extra: dict | None = None) -> None:

@@ -176,3 +176,28 @@ def specs_for(cfg) -> dict:
             "v": {"encoder": cfg.visual if cfg.visual == "random" else str(Path(cfg.visual).resolve()),
                   "seed": cfg.seed, "visual_model": asdict(cfg.visual_model)},
             "t": {"model": cfg.text_model, "column": cfg.text_column}}
+
+
+def frames(shards: str, split: str, data: DataConfig, cache_dir: str | Path) -> tuple[list[str], np.ndarray]:
+    """Decoded frames of a split, [N, F, 3, H, W] uint8 in name order, for fine-tuning the visual encoder end
+    to end: decoded once into `<cache>/frames-<key>.npy` and then memory-mapped (disk, not RAM, bounds it).
+    Clips that fail to decode get zero frames (and are counted in the log). Call on one rank at a time."""
+    names, _, _, keys = index(shards, split)
+    key = hashlib.sha256(json.dumps([keys, data.frames, data.height, data.width]).encode()).hexdigest()[:16]
+    path = Path(cache_dir) / f"frames-{key}.npy"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp.npy")
+        out = np.lib.format.open_memmap(tmp, "w+", np.uint8, (len(names), data.frames, 3, data.height, data.width))
+        out[:] = 0
+        where = {n: i for i, n in enumerate(names)}
+        totals = SkipTotals()
+        for batch in iterate(eval_loader(shard_urls(shards, split), data, 0, 1), totals):
+            for n, f in zip(batch["name"], batch["frames"].numpy()):
+                out[where[n]] = f
+        out.flush()
+        del out
+        tmp.replace(path)
+        if totals.samples:
+            log.warning("%s: %d clip(s) could not be decoded; their frames are blank", split, totals.samples)
+    return names, np.load(path, mmap_mode="r")

@@ -22,10 +22,10 @@ from mer_dist.data.splits import holdout, kfold
 from mer_dist.eval import plots
 from mer_dist.eval.evaluate import load_model, predict, report
 from mer_dist.eval.metrics import majority_waf, summary
-from mer_dist.models.fusion import FusionModel, predict_probs
+from mer_dist.models.fusion import FusionModel, VisualFusion
 from mer_dist.tracking import Tracker
 from mer_dist.train import dist
-from mer_dist.train.features import Encoders, extract, index, specs_for
+from mer_dist.train.features import Encoders, extract, frames, index, specs_for
 from mer_dist.train.losses import soft_cross_entropy
 
 VALID_MODALITIES = ("a", "v", "t")
@@ -60,6 +60,9 @@ def training_set(cfg: FinetuneConfig, names, y, feats, present, rank: int, world
         counts = np.bincount(y, minlength=len(LABELS)).astype(float)
         weight = (counts.sum() / np.maximum(counts, 1) / len(LABELS))[y]
     info = {"n_pseudo": 0}
+    clips = None
+    if cfg.visual_train != "frozen":      # decoded frames of every training clip, for the encoder that trains
+        clips = _frames(cfg, "train", names, rank)
     if cfg.pseudo:
         pnames, pprobs = read_pseudo(cfg.pseudo)
         leaked = sorted(set(pnames) & set(names))
@@ -88,8 +91,26 @@ def training_set(cfg: FinetuneConfig, names, y, feats, present, rank: int, world
         target = np.concatenate([target, pprobs if cfg.pseudo_soft else hard])
         weight = np.concatenate([weight, np.full(len(sel), cfg.pseudo_weight)])
         info = {"n_pseudo": len(sel), "pseudo_test_clips": len(in_test) if cfg.transductive else 0}
+        if clips is not None:
+            clips = np.concatenate([clips, _frames(cfg, cfg.pseudo_split, un_names, rank)[sel]])
     return {"feats": feats, "present": present, "target": target.astype(np.float32),
-            "weight": weight.astype(np.float32), "n_labeled": n, **info}
+            "weight": weight.astype(np.float32), "n_labeled": n, "frames": clips, **info}
+
+
+def _frames(cfg: FinetuneConfig, split: str, names: list[str], rank: int) -> np.ndarray:
+    """Frames of a split in `names` order (rank 0 decodes into the cache, then everyone maps it)."""
+    if rank == 0:
+        frames(cfg.data.shards, split, cfg.data, cache_dir(cfg))
+    dist.barrier()
+    got, arr = frames(cfg.data.shards, split, cfg.data, cache_dir(cfg))
+    assert got == names, f"{split}: frame cache and feature index disagree"
+    return arr
+
+
+def visual_encoder(cfg: FinetuneConfig, encoders: Encoders):
+    """The encoder that trains with the fusion model: the one `visual` names (aligned or random init)."""
+    from mer_dist.models.visual import load_encoder
+    return (encoders.build("v") if cfg.visual == "random" else load_encoder(cfg.visual)).train()
 
 
 def fold_train_indices(tr: np.ndarray, ts: dict) -> np.ndarray:
@@ -98,14 +119,32 @@ def fold_train_indices(tr: np.ndarray, ts: dict) -> np.ndarray:
 
 
 def train_fold(cfg: FinetuneConfig, ts: dict, y: np.ndarray, tr: np.ndarray, va: np.ndarray,
-               seed: int) -> tuple[dict, list[dict], float]:
-    """One fold: labeled `tr` + every pseudo-labelled clip train, labeled `va` validates (best epoch kept)."""
+               seed: int, encoder=None) -> tuple[dict, list[dict], float, np.ndarray]:
+    """One fold: labeled `tr` + every pseudo-labelled clip train, labeled `va` validates. Returns the best epoch's
+    (state, history, validation WAF, validation probabilities). With an `encoder` (visual_train=top_k|full) a
+    copy of it trains too and the state holds both."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     feats, present = ts["feats"], ts["present"]
     model = FusionModel({m: f.shape[1] for m, f in feats.items()}, cfg.fusion)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    groups = [{"params": list(model.parameters()), "lr": cfg.lr}]
+    if encoder is not None:
+        model = VisualFusion(copy.deepcopy(encoder), model)
+        groups += model.encoder.trainable_groups(cfg.visual_train, cfg.visual_top_k, cfg.visual_lr, cfg.visual_lr_decay)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     x = {m: torch.from_numpy(f) for m, f in feats.items()}
+    clips = ts["frames"]
+
+    def forward(idx: np.ndarray):
+        f = {m: v[idx] for m, v in x.items()}
+        if encoder is None:
+            return model(f, p[idx])
+        return model(f, p[idx], torch.from_numpy(np.ascontiguousarray(clips[idx])))
+
+    @torch.no_grad()
+    def val_probs() -> np.ndarray:
+        model.eval()
+        return torch.cat([forward(va[i:i + 64]).softmax(-1) for i in range(0, len(va), 64)]).numpy()
     p, q, w = torch.from_numpy(present), torch.from_numpy(ts["target"]), torch.from_numpy(ts["weight"])
     train_idx = fold_train_indices(tr, ts)
     best, best_state, history = -1.0, None, []
@@ -114,17 +153,18 @@ def train_fold(cfg: FinetuneConfig, ts: dict, y: np.ndarray, tr: np.ndarray, va:
         order = rng.permutation(train_idx)
         losses = []
         for i in range(0, len(order), cfg.batch_size):
-            idx = torch.from_numpy(order[i:i + cfg.batch_size])
-            loss = soft_cross_entropy(model({m: v[idx] for m, v in x.items()}, p[idx]), q[idx], w[idx])
+            idx = np.sort(order[i:i + cfg.batch_size])
+            loss = soft_cross_entropy(forward(idx), q[idx], w[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
             losses.append(loss.item())
-        val = summary(y[va], predict_probs(model, {m: f[va] for m, f in feats.items()}, present[va]).argmax(1))
+        probs = val_probs()
+        val = summary(y[va], probs.argmax(1))
         history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_waf": val["waf"]})
         if val["waf"] > best:
-            best, best_state = val["waf"], copy.deepcopy(model.state_dict())
-    return best_state, history, best
+            best, best_state, best_probs = val["waf"], copy.deepcopy(model.state_dict()), probs
+    return best_state, history, best, best_probs
 
 
 def run(cfg: FinetuneConfig) -> dict:
@@ -139,13 +179,16 @@ def run(cfg: FinetuneConfig) -> dict:
     keep = y >= 0
     if not keep.all():
         raise ValueError(f"{cfg.data.shards}: {int((~keep).sum())} train sample(s) without a label")
+    if cfg.visual_train != "frozen" and "v" not in cfg.modalities:
+        raise ValueError(f"config key 'visual_train': {cfg.visual_train} needs the visual modality in 'modalities'")
     ts = training_set(cfg, names, y, feats, present, env.rank, env.world_size)
+    encoder = visual_encoder(cfg, encoders) if cfg.visual_train != "frozen" else None
     splits = kfold(names, y, cfg.folds, cfg.seed) if cfg.folds > 1 else [holdout(names, y, cfg.val_fraction, cfg.seed)]
     mine = [k for k in range(len(splits)) if k % env.world_size == env.rank]
     results = {}
     for k in tqdm(mine, desc="finetune: folds", unit="fold", disable=not env.is_main):
         tr, va = splits[k]
-        results[k] = train_fold(cfg, ts, y, tr, va, cfg.seed * 1000 + k)
+        results[k] = train_fold(cfg, ts, y, tr, va, cfg.seed * 1000 + k, encoder)
     gathered = {}
     for part in dist.all_gather_object(results):
         gathered.update(part)
@@ -155,17 +198,21 @@ def run(cfg: FinetuneConfig) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         dims = {m: f.shape[1] for m, f in feats.items()}
         oof = np.zeros((len(y), len(LABELS)))
+        states = [gathered[k][0] for k in range(len(splits))]
+        fusion_states = [{k[len("fusion."):]: v for k, v in st.items() if k.startswith("fusion.")} if encoder else st
+                         for st in states]
+        visual_states = [{k[len("encoder."):]: v for k, v in st.items() if k.startswith("encoder.")}
+                         for st in states] if encoder else []
         for k, (tr, va) in enumerate(splits):
-            model = FusionModel(dims, cfg.fusion)
-            model.load_state_dict(gathered[k][0])
-            oof[va] = predict_probs(model, {m: f[va] for m, f in feats.items()}, present[va])
+            oof[va] = gathered[k][3]
         covered = np.concatenate([va for _, va in splits])
         cv = summary(y[covered], oof[covered].argmax(1))
         metrics = {"cv_waf": cv["waf"], "cv_accuracy": cv["accuracy"], "cv_macro_f1": cv["macro_f1"],
                    "fold_val_waf": [gathered[k][2] for k in range(len(splits))],
                    "majority_waf": majority_waf(y, y[covered]), "n_train": len(y), "folds": len(splits),
                    "n_pseudo": ts["n_pseudo"]}
-        torch.save({"folds": [gathered[k][0] for k in range(len(splits))], "dims": dims,
+        visual = {"visual_folds": visual_states, "visual_config": to_dict(encoder.cfg)} if encoder else {}
+        torch.save({"folds": fusion_states, **visual, "dims": dims,
                     "fusion": to_dict(cfg.fusion), "modalities": cfg.modalities, "specs": encoders.specs,
                     "image_size": cfg.data.height, "data": to_dict(cfg.data), "shards": str(Path(cfg.data.shards).resolve()),
                     "cache": str(cache_dir(cfg).resolve()), "pseudo": cfg.pseudo, "n_pseudo": ts["n_pseudo"]},

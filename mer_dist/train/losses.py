@@ -139,8 +139,10 @@ class AlignmentObjective(nn.Module):
                 loss, stats["kd_agree"] = kd_loss(self.kd_head(emb).float(), target["logits"], valid, self.tau,
                                                   self.frame_weight, self.utterance_weight, self.conf)
             else:
-                v = self.video_proj(emb.mean(1).float())      # the clip embedding `finetune` uses, projected
-                loss, stats["nce_acc"] = infonce_loss(v, self.audio_proj(target["clip"].float()), self.logit_scale)
+                # heads run in the engine's precision (bf16 on GPUs); the loss in fp32
+                v = self.video_proj(emb.mean(1)).float()      # the clip embedding `finetune` uses, projected
+                a = self.audio_proj(target["clip"].to(emb.dtype)).float()
+                loss, stats["nce_acc"] = infonce_loss(v, a, self.logit_scale.float())
                 stats["temperature"] = (-self.logit_scale.detach()).exp().squeeze(0)
             stats[f"loss_{t.kind}"] = loss
             total = total + t.weight * loss

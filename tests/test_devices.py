@@ -1,0 +1,57 @@
+"""GPU paths proven on CPU: `.to(dtype)` reaches every tensor a model's forward uses (parameters, buffers,
+submodules), so `.to("cuda")` does too. A float64 proxy: after `.to(torch.float64)` no float32 tensor may be
+reachable, and a forward in float64 must work end to end."""
+import torch
+
+from mer_dist import config as C
+from mer_dist.models.fusion import FusionModel, VisualFusion
+from mer_dist.models.teacher import Teacher
+from mer_dist.models.visual import VisualEncoder
+from mer_dist.train.losses import AlignmentObjective
+
+
+def _no_float32(module: torch.nn.Module) -> None:
+    left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.dtype == torch.float32]
+    assert not left, left
+    # nothing tensor-valued hides in plain attributes (a dict of tensors would not move)
+    for name, m in module.named_modules():
+        for k, v in vars(m).items():
+            if k.startswith("_"):
+                continue
+            vals = v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple)) else [v]
+            assert not any(torch.is_tensor(x) for x in vals), f"{name}.{k} holds a tensor outside params/buffers"
+
+
+def test_teacher_moves_whole(teacher):
+    t = Teacher.load(teacher).to(torch.float64)
+    _no_float32(t)
+    x, n = torch.randn(2, 16000, dtype=torch.float64) * 0.1, torch.tensor([16000, 12000])
+    (feats, logits), mask = t.outputs(x, n, features=True, logits=True)
+    assert feats.shape[0] == 2 and logits.shape[-1] == 6 and torch.isfinite(logits).all()
+    assert t.standardize(feats.double()).dtype == torch.float64
+
+
+def test_visual_encoder_objective_and_fusion_move_whole():
+    enc = VisualEncoder(C.VisualConfig(), 32)
+    obj = AlignmentObjective(C.parse_loss(["mse", "kd", "infonce"]), enc.width, 8, 6, 8)
+    fusion = FusionModel({"a": 8, "v": enc.width, "t": 4}, C.FusionConfig(width=16, heads=2))
+    model = VisualFusion(enc, fusion)
+    for m in (enc, obj, model):
+        m.to(torch.float64)
+        _no_float32(m)
+    frames = torch.randint(0, 255, (2, 3, 3, 32, 32), dtype=torch.uint8)
+    emb = enc(frames)
+    assert emb.dtype == torch.float64
+    target = {"valid": torch.ones(2, 3, dtype=torch.bool), "regress": torch.randn(2, 3, 8, dtype=torch.float64),
+              "logits": torch.randn(2, 3, 6, dtype=torch.float64), "clip": torch.randn(2, 8, dtype=torch.float64)}
+    loss, _ = obj(emb, target)
+    loss.backward()
+    out = model({"a": torch.randn(2, 8, dtype=torch.float64), "t": torch.randn(2, 4, dtype=torch.float64)},
+                torch.ones(2, 3, dtype=torch.bool), frames)
+    assert out.dtype == torch.float64 and out.shape == (2, 6)
+
+
+def test_meta_device_proxy():
+    """`.to("meta")` (what `.to("cuda")` does to placement) leaves no tensor on the CPU."""
+    enc = VisualEncoder(C.VisualConfig(), 32).to("meta")
+    assert all(t.device.type == "meta" for t in [*enc.parameters(), *enc.buffers()])
