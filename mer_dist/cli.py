@@ -96,7 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     from mer_dist.data.decode import DecodeError
     from mer_dist.data.ingest import DataError
     from mer_dist.models.teacher import ModelError
-    user_errors = (C.ConfigError, DataError, ModelError, DecodeError, FileNotFoundError, ValueError)
+    from mer_dist.io import LockError
+    from mer_dist.train.checkpoint import CheckpointError
+    user_errors = (C.ConfigError, DataError, ModelError, DecodeError, CheckpointError, LockError, FileNotFoundError,
+                   ValueError)
     try:
         stage, cfg = parse(sys.argv[1:] if argv is None else argv)
         result = _runner(stage)(cfg)

@@ -70,9 +70,10 @@ class DataConfig:
     workers: int = 1               # DataLoader workers per rank
     shuffle_buffer: int = 64
     decode_threads: int = 1        # PyAV codec threads per clip: 1 (loader workers give the parallelism), 0 = codec default
+    max_consecutive_failures: int = 200   # this many undecodable samples in a row stop the stream with their causes
 
     def __post_init__(self):
-        for key in ("frames", "height", "width", "sample_rate", "batch_size"):
+        for key in ("frames", "height", "width", "sample_rate", "batch_size", "max_consecutive_failures"):
             _check(getattr(self, key) >= 1, f"data.{key}", "an integer >= 1", getattr(self, key))
         _check(self.workers >= 0, "data.workers", "an integer >= 0", self.workers)
         _check(self.max_seconds > 0, "data.max_seconds", "a number > 0", self.max_seconds)
@@ -129,6 +130,7 @@ class ShardConfig:
     workers: int = 2
     strict: bool = False           # bad clips -> error instead of skip
     test_in_unlabeled: bool = False  # MER2024 hides test clips in the unlabeled pool; keep them out by default
+    allow_duplicate_labels: bool = False   # a duplicate label row: error (false) or warn and keep the last (true)
     reencode: ReencodeConfig = field(default_factory=ReencodeConfig)
 
 
@@ -203,6 +205,7 @@ class AlignTrainConfig:
     eval_samples: int = 32
     ckpt_every: int = 100
     keep_checkpoints: int = 2
+    trust_checkpoint: bool = False   # resume from a checkpoint this run directory did not sign (DeepSpeed unpickles)
     threads: int = 0               # torch threads per rank; 0 = cores / local ranks
     seed: int = 0
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from mer_dist.config import TrackingConfig, flatten, to_dict
+from mer_dist.io import write_text_atomic
 
 log = logging.getLogger("mer_dist.tracking")
 
@@ -220,6 +221,17 @@ class Tracker:
     def artifact(self, path: str | Path, subdir: str | None = None) -> None:
         if Path(path).exists():
             self._submit("artifact", (str(path), subdir))
+
+    def resume_at(self, step: int) -> int:
+        """A resumed run redoes the steps after its checkpoint: drop their local rows so every step appears
+        once in metrics.jsonl (returns how many were dropped)."""
+        if not self.active or not self.local.is_file():
+            return 0
+        rows = self.local.read_text().splitlines()
+        keep = [r for r in rows if json.loads(r).get("step", 0) <= step]
+        if len(keep) != len(rows):
+            write_text_atomic(self.local, "".join(r + "\n" for r in keep))
+        return len(rows) - len(keep)
 
     def wait_run_id(self, timeout_s: float = 30.0) -> str:
         """The MLflow run id once the worker has connected ("" if it has not, or MLflow is off)."""

@@ -18,11 +18,13 @@ import time
 from collections import Counter
 from multiprocessing import get_context
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 from tqdm import tqdm
 
 from mer_dist.config import LABELS, ReencodeConfig, ShardConfig
+from mer_dist.io import write_json_atomic
 from mer_dist.data.decode import DecodeError, decode, probe
 
 VIDEO_EXTS = (".mp4", ".avi", ".mkv", ".mov", ".webm")
@@ -32,44 +34,66 @@ class DataError(ValueError):
     """Bad corpus or shard input; the CLI prints it on one line and exits 2."""
 
 
+def shard_key(name: str) -> str:
+    """A clip name as a tar member key: WebDataset splits keys at the first dot of a member's name, so dots
+    (and '%', '/', spaces, non-ASCII) are percent-encoded; the original name travels in the sample's JSON."""
+    return quote(name, safe="-_~").replace(".", "%2E")
+
+
 def _read_csv(path: Path, required: tuple[str, ...]) -> list[dict]:
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in required if c not in (reader.fieldnames or [])]
-        if missing:
-            raise DataError(f"{path}: missing column(s) {missing} (expected {list(required)})")
-        return list(reader)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in required if c not in (reader.fieldnames or [])]
+            if missing:
+                raise DataError(f"{path}: missing column(s) {missing} (expected {list(required)})")
+            return list(reader)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
 
 
-def _labels(path: Path) -> dict[str, str]:
-    out = {}
+def _labels(path: Path, allow_duplicates: bool = False) -> dict[str, str]:
+    out, line_of = {}, {}
     for row_no, row in enumerate(_read_csv(path, ("name", "discrete")), start=2):
+        name = row["name"].strip()
         label = (row["discrete"] or "").strip().lower()
         if label not in LABELS:
-            raise DataError(f"{path}:{row_no} ({row['name']}): unknown label {row['discrete']!r} "
+            raise DataError(f"{path}:{row_no} ({name}): unknown label {row['discrete']!r} "
                             f"(expected one of {', '.join(LABELS)})")
-        out[row["name"].strip()] = label
+        if name in out:
+            msg = f"{path}:{row_no} ({name}): duplicate row, first at line {line_of[name]}"
+            if not allow_duplicates:
+                raise DataError(msg + " (shard.allow_duplicate_labels=true keeps the last one)")
+            print(f"shard: warning: {msg}; line {row_no} ('{label}') wins over '{out[name]}'")
+        out[name], line_of[name] = label, row_no
     return out
 
 
 def _videos(folder: Path) -> dict[str, Path]:
     if not folder.is_dir():
         return {}
-    return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in VIDEO_EXTS}
+    out: dict[str, Path] = {}
+    for p in sorted(folder.iterdir()):
+        if p.suffix.lower() in VIDEO_EXTS:
+            if p.stem in out:
+                raise DataError(f"{out[p.stem]} and {p.name}: two videos of clip '{p.stem}'; keep one")
+            out[p.stem] = p
+    return out
 
 
-def read_corpus(root: str | Path, test_in_unlabeled: bool = False) -> dict[str, list[dict]]:
-    """{split: [sample records]} for splits train / test / unlabeled."""
+def read_corpus(root: str | Path, test_in_unlabeled: bool = False,
+                allow_duplicates: bool = False) -> dict[str, list[dict]]:
+    """{split: [sample records]} for splits train / test / unlabeled; "unlisted": labeled videos with no row."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: corpus directory not found")
     labeled, unlabeled = _videos(root / "video-labeled"), _videos(root / "video-unlabeled")
     if not labeled and not unlabeled:
         raise DataError(f"{root}: no videos under video-labeled/ or video-unlabeled/")
-    train_labels = _labels(root / "label-disdim.csv")
-    test_labels = _labels(root / "label-test.csv") if (root / "label-test.csv").is_file() else {}
+    train_labels = _labels(root / "label-disdim.csv", allow_duplicates)
+    test_labels = _labels(root / "label-test.csv", allow_duplicates) if (root / "label-test.csv").is_file() else {}
     texts = {}
     tpath = root / "label-transcription.csv"
     if tpath.is_file():
@@ -90,7 +114,8 @@ def read_corpus(root: str | Path, test_in_unlabeled: bool = False) -> dict[str, 
         if name in train_labels or (name in test_labels and not test_in_unlabeled):
             continue
         splits["unlabeled"].append(rec(name, path, "unlabeled", None))
-    return splits
+    unlisted = sorted(set(labeled) - set(train_labels) - set(test_labels))
+    return {**splits, "unlisted": [rec(name, labeled[name], "unlisted", None) for name in unlisted]}
 
 
 def _check(rec: dict) -> dict:
@@ -147,15 +172,19 @@ def _write_shard(job: tuple[str, list[dict], ReencodeConfig]) -> str:
                     "text": s["text"], "sha256": hashlib.sha256(data).hexdigest()}   # content key of caches
             if s["label"] is not None:
                 meta["label"] = s["label"]
-            tar_add(tar, f"{s['name']}.{ext}", data)
-            tar_add(tar, f"{s['name']}.json", json.dumps(meta, ensure_ascii=False).encode())
+            tar_add(tar, f"{shard_key(s['name'])}.{ext}", data)
+            tar_add(tar, f"{shard_key(s['name'])}.json", json.dumps(meta, ensure_ascii=False).encode())
     os.replace(tmp, path)
     return path
 
 
 def write_shards(cfg: ShardConfig) -> dict:
     """Probe, pack and write all splits; returns the manifest (also written to out/manifest.json)."""
-    splits = read_corpus(cfg.corpus, cfg.test_in_unlabeled)
+    splits = read_corpus(cfg.corpus, cfg.test_in_unlabeled, cfg.allow_duplicate_labels)
+    unlisted = [r["name"] for r in splits.pop("unlisted")]
+    if unlisted:
+        print(f"shard: {len(unlisted)} video(s) in video-labeled/ have no row in label-disdim.csv or label-test.csv "
+              f"and are not sharded: {', '.join(unlisted[:10])}{' ...' if len(unlisted) > 10 else ''}")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -193,17 +222,11 @@ def write_shards(cfg: ShardConfig) -> dict:
             "duration_s": round(float(np.sum([s["duration_s"] for s in samples])) if samples else 0.0, 2)}
     with get_context("spawn").Pool(max(1, cfg.workers)) as pool:
         list(tqdm(pool.imap_unordered(_write_shard, jobs), total=len(jobs), desc="shards", unit="shard"))
+    manifest["unlisted"] = unlisted
     write_json_atomic(out / "manifest.json", manifest)
     n = sum(v["samples"] for v in manifest["splits"].values())
     print(f"shard: {n} clips in {len(jobs)} shards ({time.time() - t0:.1f}s), skipped {len(bad)} -> {out}")
     return manifest
-
-
-def write_json_atomic(path: str | Path, obj) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False))
-    os.replace(tmp, path)
 
 
 def load_manifest(shards: str | Path) -> dict:

@@ -28,6 +28,7 @@ from webdataset.tariterators import tarfile_samples
 
 from mer_dist.config import LABEL_TO_ID, DataConfig
 from mer_dist.data.decode import DecodeError, decode
+from mer_dist.data.ingest import DataError
 
 log = logging.getLogger("mer_dist.data")
 VIDEO_KEYS = ("mp4", "avi", "mkv", "mov", "webm")
@@ -65,8 +66,13 @@ def _video(sample: dict) -> bytes:
     return video
 
 
+def sample_name(sample: dict) -> str:
+    """The clip's name: the JSON's (tar keys are percent-encoded, see ingest.shard_key)."""
+    return json.loads(sample["json"]).get("name", sample["__key__"]) if "json" in sample else sample["__key__"]
+
+
 def decode_sample(sample: dict, cfg: DataConfig, frames: int) -> dict:
-    key = sample["__key__"]
+    key = sample_name(sample)
     meta = json.loads(sample["json"]) if "json" in sample else {}
     clip = decode(_video(sample), frames, cfg.height, cfg.width, cfg.sample_rate, cfg.max_seconds, key,
                   cfg.decode_threads)
@@ -78,8 +84,8 @@ def decode_sample(sample: dict, cfg: DataConfig, frames: int) -> dict:
     if "partner" in sample:     # pairing=shuffled: the audio side (and its teacher targets) is another clip's
         p = sample["partner"]
         out["audio"] = decode(_video(p), 0, cfg.height, cfg.width, cfg.sample_rate, cfg.max_seconds,
-                              p["__key__"]).audio
-        out["paired_with"] = p["__key__"]
+                              sample_name(p)).audio
+        out["paired_with"] = sample_name(p)
         if "teacher.npy" in p:
             out["teacher"] = np.load(io.BytesIO(p["teacher.npy"]))
     return out
@@ -154,13 +160,20 @@ class _Stream(IterableDataset):
             stream = pair_within_shards(stream, skips)
         if self.train:
             stream = _shuffle(stream, self.cfg.shuffle_buffer, random.Random(f"shuffle/{self.seed}/{self.rank}/{wid}"))
+        failed: list[str] = []      # the current run of consecutive failures
         for i, s in enumerate(stream):
             if not keep(i):
                 continue
             try:
                 yield decode_sample(s, self.cfg, self.frames)
+                failed = []
             except DecodeError as e:
                 skips.sample(e)
+                failed.append(str(e))
+                # an infinite stream where nothing decodes would never yield a batch: stop with the causes
+                if len(failed) >= self.cfg.max_consecutive_failures:
+                    raise DataError(f"{len(failed)} consecutive samples failed to decode, e.g. "
+                                    f"{'; '.join(dict.fromkeys(failed[:3]))}") from None
 
     def __iter__(self):
         skips = SkipLog()

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from mer_dist.config import LABELS, DataConfig, EvaluateConfig, FusionConfig, VisualConfig, save
-from mer_dist.data.ingest import write_json_atomic
+from mer_dist.io import write_json_atomic
 from mer_dist.eval import plots
 from mer_dist.eval.metrics import summary
 from mer_dist.models.fusion import ensemble_probs

@@ -25,6 +25,7 @@ from mer_dist.data.ingest import load_manifest, shard_urls
 from mer_dist.data.stream import SkipTotals, eval_loader, iterate, train_loader
 from mer_dist.models.teacher import Teacher, TargetStats, frame_targets, masked_mean
 from mer_dist.models.visual import VisualEncoder, export, read_encoder
+from mer_dist.io import LockError, OutputLock
 from mer_dist.tracking import Tracker
 from mer_dist.train import checkpoint, dist
 from mer_dist.train.losses import AlignmentObjective
@@ -119,6 +120,15 @@ def run(cfg: AlignConfig) -> int:
     import deepspeed  # after setup(): DS_ACCELERATOR must be set before the first import
 
     out, ckdir = Path(cfg.out), Path(cfg.out) / "checkpoints"
+    lock = OutputLock(out)          # one writer per output directory; every rank learns if rank 0 lost
+    error = ""
+    if env.is_main:
+        try:
+            lock.acquire()
+        except LockError as e:
+            error = str(e)
+    if any(dist.all_gather_object(error)):
+        raise LockError(next(e for e in dist.all_gather_object(error) if e))
     device = env.device
     urls = shard_urls(cfg.data.shards, cfg.split)
     epoch_samples = load_manifest(cfg.data.shards)["splits"][cfg.split]["samples"]
@@ -149,7 +159,7 @@ def run(cfg: AlignConfig) -> int:
     cfg.train.zero_stage = int(ds.get("zero_optimization", {}).get("stage", 0))   # the stage actually run
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                            config=ds)
-    client = checkpoint.load(engine, ckdir, env) or {}
+    client = checkpoint.load(engine, ckdir, env, cfg.train.trust_checkpoint) or {}
     start = int(client.get("step", 0))
     samples_seen = int(client.get("samples_seen", 0))
     if start:
@@ -175,6 +185,9 @@ def run(cfg: AlignConfig) -> int:
         "resumed_from_step": start})
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        dropped = tracker.resume_at(start)
+        if dropped:
+            log.info("dropped %d metric row(s) of steps after the checkpoint (they are redone)", dropped)
         save(cfg, out / "config.yaml")
         tracker.params(cfg)
         tracker.artifact(out / "config.yaml")
@@ -187,46 +200,48 @@ def run(cfg: AlignConfig) -> int:
     total, step, exit_code = cfg.train.steps, start, 0
     window, t_window = _Window(), time.perf_counter()
     bar = tqdm(total=total, initial=start, desc="align", unit="step", disable=not env.is_main)
-    while step < total:
-        engine.train()
-        for _ in range(cfg.train.grad_accum):
-            t0 = time.perf_counter()
-            batch = next(it)
-            skips.update(batch)
-            window.wait += time.perf_counter() - t0
-            loss, parts = step_loss(batch)
-            engine.backward(loss)
-            engine.step()
-            window.add({"loss": loss, **parts}, len(batch["name"]))
-            samples_seen += len(batch["name"]) * env.world_size
-        step += 1
-        bar.update(1)
-        if step % cfg.train.log_every == 0 or step == total:
-            dt = time.perf_counter() - t_window
-            metrics = {**window.mean_across_ranks(dt), "lr": engine.get_lr()[0],
-                       "samples_per_s": window.samples * env.world_size / dt,
-                       "epoch": samples_seen / max(epoch_samples, 1), "skipped_samples": skips.samples,
-                       "bad_shards": skips.shards}
-            tracker.metrics(metrics, step)
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}")
-            window, t_window = _Window(), time.perf_counter()
-        if eval_batches and (step % cfg.train.eval_every == 0 or step == total or step == start + 1):
-            tracker.metrics(_evaluate(engine, eval_batches, step_loss), step)
-        stopping = stop.should_stop()
-        if step % cfg.train.ckpt_every == 0 or step == total or stopping:
-            checkpoint.save(engine, ckdir, step, {"step": step, "samples_seen": samples_seen},
-                            cfg.train.keep_checkpoints, env)
-        if stopping:
-            if env.is_main:
-                print(f"align: signal {stop.signum} -> checkpoint at step {step} saved, exiting for requeue", flush=True)
-                # launch scripts may name a file to learn of this even when a slower rank is killed before
-                # the exit code reaches them (srun --kill-on-bad-exit): written before any rank exits
-                marker = os.environ.get("MER_REQUEUE_MARKER")
-                if marker:
-                    Path(marker).write_text(f"{step}\n")
-            exit_code = EXIT_PREEMPTED
-            break
-    bar.close()
+    try:
+        while step < total:
+            engine.train()
+            for _ in range(cfg.train.grad_accum):
+                t0 = time.perf_counter()
+                batch = next(it)
+                skips.update(batch)
+                window.wait += time.perf_counter() - t0
+                loss, parts = step_loss(batch)
+                engine.backward(loss)
+                engine.step()
+                window.add({"loss": loss, **parts}, len(batch["name"]))
+                samples_seen += len(batch["name"]) * env.world_size
+            step += 1
+            bar.update(1)
+            if step % cfg.train.log_every == 0 or step == total:
+                dt = time.perf_counter() - t_window
+                metrics = {**window.mean_across_ranks(dt), "lr": engine.get_lr()[0],
+                           "samples_per_s": window.samples * env.world_size / dt,
+                           "epoch": samples_seen / max(epoch_samples, 1), "skipped_samples": skips.samples,
+                           "bad_shards": skips.shards}
+                tracker.metrics(metrics, step)
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+                window, t_window = _Window(), time.perf_counter()
+            if eval_batches and (step % cfg.train.eval_every == 0 or step == total or step == start + 1):
+                tracker.metrics(_evaluate(engine, eval_batches, step_loss), step)
+            stopping = stop.should_stop()
+            if step % cfg.train.ckpt_every == 0 or step == total or stopping:
+                checkpoint.save(engine, ckdir, step, {"step": step, "samples_seen": samples_seen},
+                                cfg.train.keep_checkpoints, env)
+            if stopping:
+                if env.is_main:
+                    print(f"align: signal {stop.signum} -> checkpoint at step {step} saved, exiting for requeue", flush=True)
+                    # launch scripts may name a file to learn of this even when a slower rank is killed before
+                    # the exit code reaches them (srun --kill-on-bad-exit): written before any rank exits
+                    marker = os.environ.get("MER_REQUEUE_MARKER")
+                    if marker:
+                        Path(marker).write_text(f"{step}\n")
+                exit_code = EXIT_PREEMPTED
+                break
+    finally:
+        bar.close()     # the error line of a failure starts on a line of its own
     local, full = _param_elements(engine.module)
     state_bytes = _state_bytes(engine, cfg.train.zero_stage, local, full)
     sd = consolidated_state_dict(engine, cfg.train.zero_stage)
@@ -244,6 +259,7 @@ def run(cfg: AlignConfig) -> int:
             print(f"align: done at step {step} -> {out / 'encoder.pt'}", flush=True)
     tracker.close("FINISHED" if exit_code == 0 else "KILLED")
     dist.barrier()
+    lock.release()
     dist.cleanup()
     return exit_code
 

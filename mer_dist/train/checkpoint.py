@@ -1,21 +1,39 @@
-"""Atomic, resumable DeepSpeed checkpoints.
+"""Atomic, resumable, signed DeepSpeed checkpoints.
 
-Every rank writes its shards into `checkpoints/.tmp-stepN`; after a barrier rank 0 renames the
-directory to `stepN` and then replaces the `latest` file (temp + rename). A kill at any moment
-leaves either the previous complete checkpoint or the new one as `latest`, never a torn one.
+Every rank writes its shards into `checkpoints/.tmp-stepN`; after a barrier rank 0 writes a manifest
+(sha256 of every file, HMAC-signed with this run directory's key `<out>/.mer-dist-key`), renames the
+directory to `stepN` and then replaces the `latest` file (temp + rename). A kill at any moment leaves
+either the previous complete checkpoint or the new one as `latest`, never a torn one. A save that fails on
+any rank (full disk, read-only directory) fails on every rank, with one line naming the path and cause.
+
+DeepSpeed's `load_checkpoint` unpickles, so a checkpoint directory is *trusted input*: `load` refuses one
+whose manifest this run directory did not sign (a downloaded or hand-edited checkpoint) unless the user
+says `train.trust_checkpoint=true`. Our own per-rank RNG files hold tensors and numbers only.
 (Checkpoints live on a filesystem shared by all nodes, as on any Slurm cluster.)
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
 import os
 import random
+import secrets
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as tdist
 
+from mer_dist.io import write_text_atomic
 from mer_dist.train import dist
+
+MANIFEST = "mer-dist-manifest.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be trusted, resumed here, or written: one line, exit 2."""
 
 
 def latest_tag(ckdir: str | Path) -> str | None:
@@ -27,33 +45,96 @@ def latest_tag(ckdir: str | Path) -> str | None:
 
 
 def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    """Every RNG as tensors and plain numbers (loadable with weights_only=True)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
+            "numpy": [kind, int(pos), int(has_gauss), float(gauss)],
+            "python": torch.tensor(internal, dtype=torch.int64), "python_meta": [version, gauss_next],
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def _set_rng_state(s: dict) -> None:
     torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
-    if s.get("cuda") is not None and torch.cuda.is_available():
+    kind, pos, has_gauss, gauss = s["numpy"]
+    np.random.set_state((kind, s["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, gauss_next = s["python_meta"]
+    random.setstate((version, tuple(s["python"].tolist()), gauss_next))
+    if s["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def _key(run_dir: Path) -> bytes:
+    """This run directory's signing key (created by the first save; 0600)."""
+    f = run_dir / ".mer-dist-key"
+    if not f.is_file():
+        fd = os.open(f, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_hex(32))
+    return f.read_text().strip().encode()
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    out = {}
+    for f in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        out[str(f.relative_to(folder))] = h.hexdigest()
+    return out
+
+
+def _sign(files: dict, world_size: int, key: bytes) -> str:
+    return hmac.new(key, json.dumps([files, world_size], sort_keys=True).encode(), "sha256").hexdigest()
+
+
+def _any_rank(failed: bool) -> bool:
+    """True on every rank if it is True on any (all ranks must call it)."""
+    flag = torch.tensor([int(failed)])
+    if tdist.is_initialized() and tdist.get_world_size() > 1:
+        if tdist.get_backend() == "nccl":
+            flag = flag.cuda()
+        tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def save(engine, ckdir: str | Path, step: int, client_state: dict, keep: int, env: dist.DistEnv) -> Path:
     ckdir = Path(ckdir)
     tag, tmp = f"step{step:08d}", f".tmp-step{step:08d}"
+    error = ""
     if env.is_main:
-        ckdir.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(ckdir / tmp, ignore_errors=True)
-    dist.barrier()
-    engine.save_checkpoint(str(ckdir), tag=tmp, client_state=client_state, save_latest=False)
-    torch.save(_rng_state(), ckdir / tmp / f"rng-rank{env.rank:05d}.pt")
-    dist.barrier()
+        try:
+            ckdir.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(ckdir / tmp, ignore_errors=True)
+            (ckdir / tmp).mkdir()
+        except OSError as e:
+            error = f"{ckdir / tmp}: {e.strerror or e}"
+    if _any_rank(bool(error)):
+        raise CheckpointError(f"checkpoint not written: {error or 'rank 0 could not create its directory'}; "
+                              f"the previous checkpoint stays latest")
+    try:
+        engine.save_checkpoint(str(ckdir), tag=tmp, client_state=client_state, save_latest=False)
+        torch.save(_rng_state(), ckdir / tmp / f"rng-rank{env.rank:05d}.pt")
+    except (OSError, RuntimeError) as e:
+        cause = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        if shutil.disk_usage(ckdir).free < (1 << 20):      # torch reports a full disk as a zip-writer error
+            cause = f"No space left on device ({cause})"
+        error = f"{ckdir / tmp} (rank {env.rank}): {cause}"
+    if _any_rank(bool(error)):
+        if env.is_main:
+            shutil.rmtree(ckdir / tmp, ignore_errors=True)
+        raise CheckpointError(f"checkpoint not written: {error or 'another rank failed to write its part'}; "
+                              f"the previous checkpoint stays latest")
     if env.is_main:
+        files = _digest(ckdir / tmp)
+        manifest = {"step": step, "world_size": env.world_size, "files": files,
+                    "signature": _sign(files, env.world_size, _key(ckdir.parent))}
+        (ckdir / tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         if (ckdir / tag).exists():
             shutil.rmtree(ckdir / tag)
         os.replace(ckdir / tmp, ckdir / tag)
-        _atomic_write(ckdir / "latest", tag)
+        write_text_atomic(ckdir / "latest", tag)
         done = sorted(p for p in ckdir.iterdir() if p.is_dir() and p.name.startswith("step"))
         for old in done[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
@@ -61,21 +142,50 @@ def save(engine, ckdir: str | Path, step: int, client_state: dict, keep: int, en
     return ckdir / tag
 
 
-def load(engine, ckdir: str | Path, env: dist.DistEnv) -> dict | None:
+def verify(ckdir: str | Path, tag: str, world_size: int, trust: bool = False) -> dict:
+    """The manifest of a checkpoint this run directory wrote, checked; CheckpointError (one line) otherwise."""
+    folder = Path(ckdir) / tag
+    mf = folder / MANIFEST
+    if not mf.is_file():
+        if trust:
+            return {}
+        raise CheckpointError(f"{folder}: no {MANIFEST}: not written by mer-dist (DeepSpeed checkpoints unpickle "
+                              f"code: pass train.trust_checkpoint=true only for a checkpoint you trust)")
+    manifest = json.loads(mf.read_text())
+    if not trust:
+        key_file = Path(ckdir).parent / ".mer-dist-key"
+        ok = key_file.is_file() and hmac.compare_digest(
+            manifest.get("signature", ""), _sign(manifest.get("files", {}), manifest.get("world_size"), _key(Path(ckdir).parent)))
+        if not ok:
+            raise CheckpointError(f"{folder}: signed by another run directory (or edited): refusing to unpickle it "
+                                  f"(train.trust_checkpoint=true if you trust it)")
+        if _digest(folder) != manifest["files"]:
+            raise CheckpointError(f"{folder}: files differ from its manifest (changed after it was written)")
+    if manifest.get("world_size", world_size) != world_size:
+        raise CheckpointError(f"{folder}: written by {manifest['world_size']} ranks, resuming on {world_size}: "
+                              f"DeepSpeed cannot reshard this checkpoint; resume with "
+                              f"{manifest['world_size']} ranks (or start a new output directory)")
+    return manifest
+
+
+def load(engine, ckdir: str | Path, env: dist.DistEnv, trust: bool = False) -> dict | None:
     """Restore engine (model, optimizer, LR schedule) and this rank's RNG; returns client_state or None."""
     tag = latest_tag(ckdir)
     if tag is None:
         return None
+    error = ""
+    if env.is_main:       # one rank checks (hashing is I/O); every rank learns the verdict
+        try:
+            verify(ckdir, tag, env.world_size, trust)
+        except CheckpointError as e:
+            error = str(e)
+    box = dist.all_gather_object(error)
+    if any(box):
+        raise CheckpointError(next(b for b in box if b))
     path, client = engine.load_checkpoint(str(ckdir), tag=tag)
     if path is None:
-        raise RuntimeError(f"{Path(ckdir) / tag}: DeepSpeed could not load this checkpoint")
+        raise CheckpointError(f"{Path(ckdir) / tag}: DeepSpeed could not load this checkpoint")
     rng = Path(ckdir) / tag / f"rng-rank{env.rank:05d}.pt"
     if rng.is_file():
-        _set_rng_state(torch.load(rng, weights_only=False))
+        _set_rng_state(torch.load(rng, weights_only=True))
     return {**(client or {}), "tag": tag}
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

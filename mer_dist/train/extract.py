@@ -18,7 +18,8 @@ from webdataset.tariterators import tarfile_samples
 
 from mer_dist.config import ExtractConfig
 from mer_dist.data.decode import DecodeError
-from mer_dist.data.ingest import load_manifest, shard_urls, tar_add, write_json_atomic
+from mer_dist.data.ingest import load_manifest, shard_urls, tar_add
+from mer_dist.io import write_json_atomic
 from mer_dist.data.stream import collate, decode_sample
 from mer_dist.models.teacher import FRAME_RATE, Teacher
 from mer_dist.train import dist

@@ -37,10 +37,11 @@ def index(shards: str, split: str) -> tuple[list[str], np.ndarray, list[dict], l
         fallback = hashlib.sha256(f"{Path(url).resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
         for s in tarfile_samples([{"url": url}], select_files=lambda f: f.endswith(".json")):
             meta = json.loads(s["json"])
-            names.append(s["__key__"])
+            name = meta.get("name", s["__key__"])       # tar keys are encoded (ingest.shard_key)
+            names.append(name)
             labels.append(LABEL_TO_ID.get(meta.get("label"), -1))
             texts.append(meta.get("text") or {"english": meta.get("transcript", ""), "chinese": ""})
-            keys.append(f"{s['__key__']}|{meta.get('sha256') or fallback}")
+            keys.append(f"{name}|{meta.get('sha256') or fallback}")
     order = np.argsort(names)
     return ([names[i] for i in order], np.asarray(labels)[order], [texts[i] for i in order],
             [keys[i] for i in order])

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from mer_dist.config import LABEL_TO_ID, LABELS, EvaluateConfig, FinetuneConfig, save, to_dict
-from mer_dist.data.ingest import write_json_atomic
+from mer_dist.io import write_json_atomic
 from mer_dist.data.splits import holdout, kfold
 from mer_dist.eval import plots
 from mer_dist.eval.evaluate import load_model, predict, report

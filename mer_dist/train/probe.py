@@ -18,7 +18,8 @@ from sklearn.preprocessing import StandardScaler
 from tqdm import tqdm
 
 from mer_dist.config import ProbeConfig, save
-from mer_dist.data.ingest import shard_urls, write_json_atomic
+from mer_dist.data.ingest import shard_urls
+from mer_dist.io import write_json_atomic
 from mer_dist.data.splits import holdout
 from mer_dist.data.stream import SkipTotals, eval_loader, iterate
 from mer_dist.eval import plots

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from mer_dist.config import LABELS, PseudoLabelConfig
-from mer_dist.data.ingest import write_json_atomic
+from mer_dist.io import write_json_atomic
 from mer_dist.eval.evaluate import load_model, predict
 from mer_dist.train import dist
 

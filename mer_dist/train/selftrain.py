@@ -17,7 +17,8 @@ import json
 from pathlib import Path
 
 from mer_dist.config import LABELS, PseudoLabelConfig, SelfTrainConfig, save
-from mer_dist.data.ingest import load_manifest, write_json_atomic
+from mer_dist.data.ingest import load_manifest
+from mer_dist.io import write_json_atomic
 from mer_dist.data.synth import TRUTH_FILE
 from mer_dist.train import dist, finetune, pseudo
 

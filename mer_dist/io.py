@@ -1,0 +1,57 @@
+"""Small file helpers every stage shares: atomic writes and the one-writer lock of an output directory."""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+from pathlib import Path
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Temp file + rename: a reader sees the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: str | Path, obj) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=1, ensure_ascii=False))
+
+
+class OutputLock:
+    """An exclusive advisory lock on `<out>/.lock`, held for the life of the process (the kernel drops it when
+    the process dies, so a killed or requeued job never leaves a stale lock behind). A second writer gets a
+    one-line error naming the holder."""
+
+    def __init__(self, out: str | Path):
+        self.path = Path(out) / ".lock"
+        self._fh = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(self.path, "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            raise LockError(f"{self.path.parent}: another run is writing here ({holder}); "
+                            f"use another output directory or wait for it to finish") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        fh.flush()
+        self._fh = fh
+
+    def release(self) -> None:
+        if self._fh is not None:
+            fcntl.flock(self._fh, fcntl.LOCK_UN)
+            self._fh.close()
+            self._fh = None
+
+
+class LockError(ValueError):
+    """The output directory belongs to a run that is still going."""

@@ -1,0 +1,228 @@
+"""Hostile and messy inputs: no code runs from model files, no silent drops or wrong answers, no hangs."""
+import csv
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import pytest
+import torch
+
+from conftest import DATA, REPO, free_port, run_cli
+from mer_dist.config import DataConfig, ShardConfig, SynthConfig
+
+
+class Evil:
+    """Unpickling this runs a shell command: what a crafted model file would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def error_line(stderr: str) -> str:
+    """The one line the CLI prints for a user error (progress bars and logs may surround it)."""
+    lines = [ln for ln in stderr.splitlines() if ln.startswith("mer-dist: error:")]
+    assert len(lines) == 1, stderr[-3000:]
+    return lines[0]
+
+
+ALIGN = ["data.height=32", "data.width=32", "data.frames=4", "data.batch_size=4", "data.workers=0",
+         "tracking.enabled=false", "train.eval_samples=0", "train.log_every=1", "train.warmup_steps=1"]
+
+
+def test_crafted_model_files_are_refused_and_never_run(tmp_path, shards, teacher):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "encoder.pt"
+    torch.save({"config": Evil(marker), "image_size": 32, "state_dict": {}}, evil)
+    cases = [("finetune", "--shards", shards, "--teacher", teacher, "--visual", evil, "--modalities", "v",
+              "--out", tmp_path / "ft", *DATA),
+             ("align", "--shards", shards, "--teacher", teacher, "--out", tmp_path / "al", "--steps", "2",
+              f"model.init={evil}", *ALIGN)]
+    mdir = tmp_path / "model"
+    mdir.mkdir()
+    torch.save({"folds": [Evil(marker)]}, mdir / "model.pt")
+    cases.append(("evaluate", "--model", mdir, "--out", tmp_path / "ev", "tracking.enabled=false"))
+    for args in cases:
+        p = run_cli(*args, check=False)
+        assert p.returncode == 2, (args[0], p.stderr[-2000:])
+        assert "refusing to load" in error_line(p.stderr), args[0]
+        assert not marker.exists(), args[0]
+    # the per-rank RNG files of a checkpoint are read the same way
+    from mer_dist.train import checkpoint
+    rng = tmp_path / "rng-rank00000.pt"
+    torch.save({"torch": Evil(marker)}, rng)
+    with pytest.raises(Exception):
+        torch.load(rng, weights_only=True)
+    assert not marker.exists()
+    assert "weights_only=True" in open(checkpoint.__file__).read()
+
+
+def _align(out, shards, teacher, steps, *extra, nproc=1, wait=True):
+    head = [sys.executable, "-m", "mer_dist"] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+         "-m", "mer_dist"]
+    cmd = [*head, "align", "--shards", str(shards), "--teacher", str(teacher), "--out", str(out), "--steps",
+           str(steps), *ALIGN, *extra]
+    p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    if not wait:
+        return p
+    o, e = p.communicate(timeout=400)
+    return p.returncode, o, e
+
+
+def _rows(out):
+    return [json.loads(r) for r in open(out / "metrics.jsonl")] if (out / "metrics.jsonl").exists() else []
+
+
+def test_checkpoints_signed_one_writer_no_duplicate_rows_and_world_size(tmp_path, shards, teacher):
+    out = tmp_path / "run"
+    # killed hard (no checkpoint of the last steps) -> resumed: every step once in metrics.jsonl
+    p = _align(out, shards, teacher, 40, "train.ckpt_every=4", wait=False)
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(r.get("step", 0) >= 6 for r in _rows(out)):
+        time.sleep(0.2)
+    # a second writer into the same directory is refused while the first runs
+    rc2, _, err2 = _align(out, shards, teacher, 40)
+    assert rc2 == 2 and "another run is writing here" in error_line(err2)
+    while time.time() < deadline and not any(r.get("step", 0) % 4 in (1, 2) and r["step"] > 6 for r in _rows(out)):
+        time.sleep(0.1)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    before = max(r["step"] for r in _rows(out))
+    rc, o, e = _align(out, shards, teacher, 16, "train.ckpt_every=4")
+    assert rc == 0, e[-3000:]
+    steps = [r["step"] for r in _rows(out) if "loss" in r]
+    assert steps == list(range(1, 17)), (before, steps)
+    # resuming on another number of ranks: one line per rank, each exits 2 (torchrun then reports failure)
+    rc, _, e = _align(out, shards, teacher, 20, nproc=2)
+    lines = [ln for ln in e.splitlines() if ln.startswith("mer-dist: error:")]
+    assert rc != 0 and len(lines) == 2 and all("written by 1 ranks, resuming on 2" in ln for ln in lines), e[-3000:]
+    assert "exitcode: 2" in e
+    # a checkpoint this run directory did not sign (edited, or from elsewhere) is refused; trust overrides
+    tag = (out / "checkpoints" / "latest").read_text().strip()
+    mf = out / "checkpoints" / tag / "mer-dist-manifest.json"
+    m = json.loads(mf.read_text())
+    m["signature"] = "0" * 64
+    mf.write_text(json.dumps(m))
+    rc, _, e = _align(out, shards, teacher, 20)
+    assert rc == 2 and "refusing to unpickle" in error_line(e)
+    rc, o, e = _align(out, shards, teacher, 18, "train.trust_checkpoint=true")
+    assert rc == 0 and "resumed from checkpoint" in o, e[-2000:]
+
+
+def test_checkpoint_on_a_full_disk_fails_every_rank_with_one_line(tmp_path, shards, teacher):
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(out / "checkpoints")]).returncode:
+        pytest.skip("cannot mount a small tmpfs here")
+    try:
+        rc, _, e = _align(out, shards, teacher, 4, "train.ckpt_every=2", nproc=2)
+    finally:
+        subprocess.run(["umount", "-l", str(out / "checkpoints")])
+    assert rc != 0
+    lines = [ln[ln.index("mer-dist: error:"):] for ln in e.splitlines() if "mer-dist: error:" in ln]
+    assert len(lines) == 2, e[-3000:]                          # both ranks said it, neither hung
+    assert all("checkpoint not written" in ln and "previous checkpoint stays latest" in ln for ln in lines)
+    assert any("No space left on device" in ln for ln in lines), lines
+
+
+def test_degenerate_configs_one_line_each():
+    for bad, key in (("data.frames=0", "data.frames"), ("data.batch_size=0", "data.batch_size"),
+                     ("train.steps=0", "train.steps")):
+        p = run_cli("align", bad, check=False)
+        assert p.returncode == 2 and key in error_line(p.stderr)
+
+
+def test_stream_where_nothing_decodes_stops_with_the_causes(tmp_path):
+    from mer_dist.data.ingest import DataError
+    from mer_dist.data.stream import train_loader
+    tar = tmp_path / "unlabeled-000000.tar"
+    with tarfile.open(tar, "w") as t:
+        for i in range(4):
+            for ext, payload in (("mp4", b"not a video"), ("json", b"{}")):
+                info = tarfile.TarInfo(f"clip{i}.{ext}")
+                info.size = len(payload)
+                t.addfile(info, io.BytesIO(payload))
+    cfg = DataConfig(frames=2, height=16, width=16, batch_size=2, workers=0, max_consecutive_failures=10)
+    with pytest.raises(DataError, match="10 consecutive samples failed to decode, e.g. clip"):
+        next(iter(train_loader([str(tar)], cfg)))
+
+
+def _mini_corpus(src, dst, renames):
+    """A corpus of a few labeled clips of `src`, renamed: {old: new}."""
+    (dst / "video-labeled").mkdir(parents=True)
+    (dst / "video-unlabeled").mkdir()
+    rows = {r["name"]: r for r in csv.DictReader(open(src / "label-disdim.csv"))}
+    with open(dst / "label-disdim.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["name", "discrete", "valence"])
+        for old, new in renames.items():
+            shutil.copy(src / "video-labeled" / f"{old}.mp4", dst / "video-labeled" / f"{new}.mp4")
+            w.writerow([new, rows[old]["discrete"], rows[old]["valence"]])
+    return dst
+
+
+def test_names_with_dots_spaces_and_unicode_round_trip(tmp_path, corpus):
+    from mer_dist.data.ingest import shard_urls, write_shards
+    from mer_dist.data.stream import eval_loader, iterate
+    from mer_dist.train.features import index
+    src = sorted(r["name"] for r in csv.DictReader(open(corpus / "label-disdim.csv")))[:4]
+    names = ["ok.dot.name", "with space", "émotion_日本", "plain"]
+    c = _mini_corpus(corpus, tmp_path / "c", dict(zip(src, names)))
+    write_shards(ShardConfig(corpus=str(c), out=str(tmp_path / "s"), workers=1))
+    got = [n for b in iterate(eval_loader(shard_urls(tmp_path / "s", "train"), DataConfig(frames=2, height=16,
+                                                                                          width=16, workers=0)))
+           for n in b["name"]]
+    assert sorted(got) == sorted(names)
+    assert sorted(index(str(tmp_path / "s"), "train")[0]) == sorted(names)
+
+
+def test_label_conflicts_are_errors_naming_file_and_line(tmp_path, corpus):
+    from mer_dist.data.ingest import DataError, read_corpus, write_shards
+    src = sorted(r["name"] for r in csv.DictReader(open(corpus / "label-disdim.csv")))[:3]
+    c = _mini_corpus(corpus, tmp_path / "c", {s: s for s in src})
+    text = (c / "label-disdim.csv").read_text()
+    (c / "label-disdim.csv").write_text(text + f"{src[0]},angry,0\n")
+    with pytest.raises(DataError, match=r"label-disdim.csv:5 \(" + src[0] + r"\): duplicate row, first at line 2"):
+        read_corpus(c)
+    assert read_corpus(c, allow_duplicates=True)["train"][0]["label"] == "angry"
+    (c / "label-disdim.csv").write_text(text)
+    shutil.copy(c / "video-labeled" / f"{src[0]}.mp4", c / "video-labeled" / f"{src[0]}.avi")
+    with pytest.raises(DataError, match="two videos of clip"):
+        read_corpus(c)
+    (c / "video-labeled" / f"{src[0]}.avi").unlink()
+    (c / "label-disdim.csv").write_bytes("name,discrete\nclïp,happy\n".encode("latin-1"))
+    with pytest.raises(DataError, match="label-disdim.csv: not UTF-8"):
+        read_corpus(c)
+    (c / "label-disdim.csv").write_text("\n".join(text.splitlines()[:-1]) + "\n")   # the last clip loses its row
+    m = write_shards(ShardConfig(corpus=str(c), out=str(tmp_path / "s"), workers=1))
+    assert m["unlisted"] == [src[2]] and m["splits"]["train"]["samples"] == 2
+
+
+def test_evaluate_on_other_shards_uses_their_clips(tmp_path, shards, teacher):
+    from mer_dist.data.ingest import write_shards
+    from mer_dist.data.synth import generate
+    other = tmp_path / "c2"      # same clip names as the session corpus, other content, same parent dir
+    generate(SynthConfig(out=str(other), num_labeled=8, num_unlabeled=2, num_test=2, seconds=1.2, height=32,
+                         width=32, fps=10, workers=1, seed=11))
+    write_shards(ShardConfig(corpus=str(other), out=str(tmp_path / "s2"), workers=1))
+    model = tmp_path / "m"
+    run_cli("finetune", "--shards", shards, "--teacher", teacher, "--visual", "random", "--modalities", "a,v",
+            "--out", model, "folds=2", "epochs=3", "test_split=", f"cache={tmp_path / 'cache'}", *DATA)
+    run_cli("evaluate", "--model", model, "--split", "train", "--out", tmp_path / "e1", "tracking.enabled=false")
+    run_cli("evaluate", "--model", model, "--split", "train", "--shards", tmp_path / "s2", "--out", tmp_path / "e2",
+            "tracking.enabled=false")
+    p1 = {r["name"]: r for r in csv.DictReader(open(tmp_path / "e1" / "probabilities.csv"))}
+    p2 = {r["name"]: r for r in csv.DictReader(open(tmp_path / "e2" / "probabilities.csv"))}
+    shared = set(p1) & set(p2)
+    assert len(p2) == 8 and len(shared) == 8            # same names (sample_00000000 ...) ...
+    assert all(p1[n] != p2[n] for n in shared)          # ... but the second corpus's answers
