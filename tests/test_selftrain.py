@@ -52,11 +52,12 @@ def test_pseudo_clips_only_in_training_parts(shards):
     from mer_dist.data.splits import kfold
     from mer_dist.train.features import index
     names, y, _, _ = index(str(shards), "train")
-    ts = {"n_labeled": len(y), "present": np.ones((len(y) + 10, 3), bool)}
-    for tr, va in kfold(names, y, 5, 0):
-        train = fold_train_indices(tr, ts)
-        assert set(range(len(y), len(y) + 10)) <= set(train)        # every pseudo clip trains every fold
-        assert va.max() < len(y) and not set(va) & set(train)       # validation: labeled clips of this fold only
+    n = len(y)
+    ts = {"n_labeled": n, "pseudo": [(n + np.arange(k, 10), None) for k in range(5)]}
+    for k, (tr, va) in enumerate(kfold(names, y, 5, 0)):
+        train = fold_train_indices(tr, ts, k)
+        assert set(range(n + k, n + 10)) <= set(train)          # this fold's pseudo clips train it
+        assert va.max() < n and not set(va) & set(train)         # validation: labeled clips of this fold only
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +104,9 @@ def test_self_train_two_rounds_end_to_end(shards, teacher, tmp_path):
     rows = json.loads((out / "rounds.json").read_text())
     assert [r["round"] for r in rows] == [0, 1, 2] and "self-train rounds" in p.stdout
     assert rows[0]["n_pseudo_trained"] == 0 and rows[1]["kept"] > 0 and rows[2]["kept"] > 0
-    assert rows[1]["n_pseudo_trained"] == rows[1]["kept"]
+    assert rows[1]["n_pseudo_trained"] > 0 and rows[2]["n_pseudo_trained"] > 0
+    # cross-fitted: each fold learned from its own previous-round model's pseudo-labels (no validation leak)
+    assert json.loads((out / "round1" / "metrics.json").read_text())["pseudo_crossfit"] is True
     # real numbers per round: precision from the generator's hidden truth, WAFs that differ between rounds
     assert all(0 <= r["precision"] <= 1 for r in rows[1:])
     assert len({round(r["cv_waf"], 6) for r in rows}) > 1 or len({round(r["test_waf"], 6) for r in rows}) > 1
@@ -118,4 +121,4 @@ def test_self_train_two_rounds_end_to_end(shards, teacher, tmp_path):
     assert sorted(by_round) == [0, 1, 2]
     for k in (1, 2):
         assert by_round[k].data.tags["self_train_previous_run"] == by_round[k - 1].info.run_id
-        assert int(by_round[k].data.tags["n_pseudo"]) == rows[k]["kept"]
+        assert int(by_round[k].data.tags["n_pseudo"]) == rows[k]["n_pseudo_trained"]

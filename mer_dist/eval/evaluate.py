@@ -16,7 +16,7 @@ from mer_dist.config import LABELS, DataConfig, EvaluateConfig, FusionConfig, Vi
 from mer_dist.io import write_json_atomic
 from mer_dist.eval import plots
 from mer_dist.eval.metrics import summary
-from mer_dist.models.fusion import ensemble_probs
+from mer_dist.models.fusion import fold_probs
 from mer_dist.models.teacher import ModelError
 from mer_dist.tracking import Tracker
 from mer_dist.train import dist
@@ -39,34 +39,35 @@ def load_model(model_dir: str | Path) -> dict:
 
 def predict(ck: dict, split: str, shards: str = "", encoders: Encoders | None = None, rank: int = 0,
             world: int = 1) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """(names, labels or -1, fold-ensemble probabilities [N, 6]) for a split; every rank must call it."""
+    """(names, labels or -1, each fold model's probabilities [K, N, 6]) for a split; every rank must call it.
+    The ensemble's prediction is their mean over K."""
     data = DataConfig(**{**ck["data"], "shards": shards or ck["shards"]})
     encoders = encoders or Encoders(ck["specs"], ck["image_size"])
     names, y, feats, present = extract(encoders, ck["modalities"], data.shards, split, data, ck["cache"], rank, world)
     if not ck.get("visual_folds"):
-        return names, y, ensemble_probs(ck["folds"], ck["dims"], FusionConfig(**ck["fusion"]), feats, present)
+        return names, y, fold_probs(ck["folds"], ck["dims"], FusionConfig(**ck["fusion"]), feats, present)
     # the visual encoder was fine-tuned with each fold: its features come from that fold's encoder
     from mer_dist.models.visual import VisualEncoder
     if rank == 0:
         frames(data.shards, split, data, ck["cache"])
     dist.barrier()
     _, clips = frames(data.shards, split, data, ck["cache"])
-    probs = np.zeros((len(names), len(LABELS)))
+    probs = []
     for fusion_state, visual_state in zip(ck["folds"], ck["visual_folds"]):
         enc = VisualEncoder(VisualConfig(**{**ck["visual_config"], "init": ""}), ck["image_size"])
         enc.load_state_dict(visual_state)
         enc.eval()
         with torch.no_grad():
-            v = torch.cat([enc.embed(torch.from_numpy(np.ascontiguousarray(clips[i:i + 64])))
+            v = torch.cat([enc.embed(torch.from_numpy(np.array(clips[i:i + 64])))
                            for i in range(0, len(names), 64)]).numpy()
-        probs += ensemble_probs([fusion_state], ck["dims"], FusionConfig(**ck["fusion"]), {**feats, "v": v}, present)
-    return names, y, probs / len(ck["folds"])
+        probs.append(fold_probs([fusion_state], ck["dims"], FusionConfig(**ck["fusion"]), {**feats, "v": v}, present)[0])
+    return names, y, np.stack(probs)
 
 
 def run(cfg: EvaluateConfig) -> dict:
     env = dist.setup()
     names, y, probs = predict(load_model(cfg.model), cfg.split, cfg.shards, None, env.rank, env.world_size)
-    result = report(cfg, names, y, probs) if env.is_main else {}
+    result = report(cfg, names, y, probs.mean(0)) if env.is_main else {}
     dist.cleanup()
     return result
 

@@ -58,15 +58,15 @@ def predict_probs(model: FusionModel, feats: dict[str, np.ndarray], present: np.
     return logits.softmax(-1).numpy()
 
 
-def ensemble_probs(states: list[dict], dims: dict[str, int], cfg: FusionConfig, feats: dict[str, np.ndarray],
-                   present: np.ndarray) -> np.ndarray:
-    """Mean class probabilities of the fold models (the K-fold ensemble that evaluate and pseudo-label use)."""
-    probs = np.zeros((len(present), len(LABELS)))
+def fold_probs(states: list[dict], dims: dict[str, int], cfg: FusionConfig, feats: dict[str, np.ndarray],
+               present: np.ndarray) -> np.ndarray:
+    """Class probabilities of each fold model [K, N, 6]; their mean is the K-fold ensemble's prediction."""
+    out = []
     for state in states:
         model = FusionModel(dims, cfg)
         model.load_state_dict(state)
-        probs += predict_probs(model, feats, present)
-    return probs / max(len(states), 1)
+        out.append(predict_probs(model, feats, present))
+    return np.stack(out)
 
 
 class VisualFusion(nn.Module):

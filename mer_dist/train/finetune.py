@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from mer_dist.tracking import Tracker
 from mer_dist.train import dist
 from mer_dist.train.features import Encoders, extract, frames, index, specs_for
 from mer_dist.train.losses import soft_cross_entropy
+from mer_dist.train.pseudo import select
 
 VALID_MODALITIES = ("a", "v", "t")
 
@@ -51,46 +53,74 @@ def read_pseudo(folder: str | Path) -> tuple[list[str], np.ndarray]:
     return [r["name"] for r in rows], np.array([[float(r[c]) for c in LABELS] for r in rows]).reshape(-1, len(LABELS))
 
 
-def training_set(cfg: FinetuneConfig, names, y, feats, present, rank: int, world: int) -> dict:
-    """Labeled clips (index < n_labeled) + the pseudo-labelled ones, with soft targets and sample weights."""
+def pseudo_sets(cfg: FinetuneConfig, n_folds: int) -> tuple[list[str], list[tuple[np.ndarray, np.ndarray]], bool]:
+    """(candidate clip names, per fold (indices into them, probabilities), cross-fitted?).
+
+    Cross-fitting: when the pseudo-labels came from a model with the same folds (same seed and K), fold k
+    takes the clips that *its own* previous-round model selects, with that model's probabilities. That model
+    never saw fold k's validation clips, so no validation label leaks into fold k's training through the
+    pseudo-labels (the ensemble saw every labeled clip). Otherwise every fold gets the ensemble's pseudo.csv."""
+    pnames, pprobs = read_pseudo(cfg.pseudo)
+    folder = Path(cfg.pseudo)
+    summary = json.loads((folder / "summary.json").read_text()) if (folder / "summary.json").is_file() else {}
+    if (folder / "folds.npz").is_file() and summary.get("folds") == {"seed": cfg.seed, "folds": n_folds}:
+        z = np.load(folder / "folds.npz", allow_pickle=False)
+        cand, probs = [str(n) for n in z["names"]], z["probs"]
+        allowed = np.isin(cand, pnames) if summary.get("agree_with") else np.ones(len(cand), bool)
+        sets = []
+        for k in range(n_folds):
+            idx = np.array([i for i in select(probs[k], summary["threshold"], summary["top_per_class"]) if allowed[i]],
+                           dtype=int)
+            sets.append((idx, probs[k][idx]))
+        return cand, sets, True
+    if cfg.folds > 1:
+        print(f"finetune: {cfg.pseudo} comes from other folds than this run's (seed {cfg.seed}, {n_folds} folds): "
+              f"every fold uses the ensemble's pseudo-labels, so CV WAF is optimistic; test WAF is not affected")
+    return pnames, [(np.arange(len(pnames)), pprobs)] * n_folds, False
+
+
+def training_set(cfg: FinetuneConfig, names, y, feats, present, n_folds: int, rank: int, world: int) -> dict:
+    """Labeled clips (index < n_labeled) + the candidate pseudo-labelled ones after them, with one-hot targets
+    and weights for the labeled ones; `pseudo[k]` = (row indices, target rows) of fold k's pseudo-labels."""
     n = len(y)
     target = np.eye(len(LABELS))[y]
     weight = np.ones(n)
     if cfg.class_weights:
         counts = np.bincount(y, minlength=len(LABELS)).astype(float)
         weight = (counts.sum() / np.maximum(counts, 1) / len(LABELS))[y]
-    info = {"n_pseudo": 0}
+    info: dict = {"n_pseudo": 0, "pseudo": [(np.zeros(0, int), np.zeros((0, len(LABELS))))] * n_folds}
     clips = None
     if cfg.visual_train != "frozen":      # decoded frames of every training clip, for the encoder that trains
         clips = _frames(cfg, "train", names, rank)
     if cfg.pseudo:
-        pnames, pprobs = read_pseudo(cfg.pseudo)
-        leaked = sorted(set(pnames) & set(names))
+        cand, sets, crossfit = pseudo_sets(cfg, n_folds)
+        leaked = sorted(set(cand) & set(names))
         if leaked:
             raise ValueError(f"{cfg.pseudo}: {len(leaked)} pseudo-labelled clip(s) are labeled training clips "
                              f"(first: {leaked[0]}); pseudo-labels must come from another split")
         test = set(index(cfg.data.shards, cfg.test_split)[0]) if cfg.test_split else set()
-        in_test = [k for k, nm in enumerate(pnames) if nm in test]
-        if in_test and not cfg.transductive:
-            print(f"finetune: {len(in_test)} pseudo-labelled clip(s) are test clips: left out "
-                  f"(transductive=true uses them)")
-            keep = sorted(set(range(len(pnames))) - set(in_test))
-            pnames, pprobs = [pnames[k] for k in keep], pprobs[keep]
+        is_test = np.array([nm in test for nm in cand], bool)
+        used_test = is_test[np.unique(np.concatenate([idx for idx, _ in sets]))].sum() if len(cand) else 0
+        if used_test and not cfg.transductive:
+            print(f"finetune: {used_test} pseudo-labelled clip(s) are test clips: left out (transductive=true uses them)")
+            sets = [(idx[~is_test[idx]], pr[~is_test[idx]]) for idx, pr in sets]
         un_names, _, un_feats, un_present = extract(Encoders(specs_for(cfg), cfg.data.height), cfg.modalities,
                                                     cfg.data.shards, cfg.pseudo_split, cfg.data, cache_dir(cfg),
                                                     rank, world)
         where = {nm: k for k, nm in enumerate(un_names)}
-        lost = [nm for nm in pnames if nm not in where]
+        lost = [nm for nm in cand if nm not in where]
         if lost:
             raise ValueError(f"{cfg.pseudo}: {len(lost)} clip(s) not in split '{cfg.pseudo_split}' of "
                              f"{cfg.data.shards} (first: {lost[0]})")
-        sel = np.array([where[nm] for nm in pnames], dtype=int)
+        sel = np.array([where[nm] for nm in cand], dtype=int)
         feats = {m: np.concatenate([f, un_feats[m][sel]]) for m, f in feats.items()}
         present = np.concatenate([present, un_present[sel]])
-        hard = np.eye(len(LABELS))[pprobs.argmax(1)]
-        target = np.concatenate([target, pprobs if cfg.pseudo_soft else hard])
+        target = np.concatenate([target, np.zeros((len(sel), len(LABELS)))])
         weight = np.concatenate([weight, np.full(len(sel), cfg.pseudo_weight)])
-        info = {"n_pseudo": len(sel), "pseudo_test_clips": len(in_test) if cfg.transductive else 0}
+        hard = lambda pr: np.eye(len(LABELS))[pr.argmax(1)] if len(pr) else pr   # noqa: E731
+        info = {"pseudo": [(n + idx, pr if cfg.pseudo_soft else hard(pr)) for idx, pr in sets],
+                "n_pseudo": int(np.mean([len(idx) for idx, _ in sets])), "pseudo_crossfit": crossfit,
+                "pseudo_test_clips": int(used_test) if cfg.transductive else 0}
         if clips is not None:
             clips = np.concatenate([clips, _frames(cfg, cfg.pseudo_split, un_names, rank)[sel]])
     return {"feats": feats, "present": present, "target": target.astype(np.float32),
@@ -113,12 +143,12 @@ def visual_encoder(cfg: FinetuneConfig, encoders: Encoders):
     return (encoders.build("v") if cfg.visual == "random" else load_encoder(cfg.visual)).train()
 
 
-def fold_train_indices(tr: np.ndarray, ts: dict) -> np.ndarray:
-    """A fold trains on its labeled part and on every pseudo-labelled clip (they sit after the labeled ones)."""
-    return np.concatenate([tr, np.arange(ts["n_labeled"], len(ts["present"]))])
+def fold_train_indices(tr: np.ndarray, ts: dict, k: int) -> np.ndarray:
+    """Fold k trains on its labeled part and on its pseudo-labelled clips (rows after the labeled ones)."""
+    return np.concatenate([tr, ts["pseudo"][k][0]]).astype(int)
 
 
-def train_fold(cfg: FinetuneConfig, ts: dict, y: np.ndarray, tr: np.ndarray, va: np.ndarray,
+def train_fold(cfg: FinetuneConfig, ts: dict, y: np.ndarray, tr: np.ndarray, va: np.ndarray, k: int,
                seed: int, encoder=None) -> tuple[dict, list[dict], float, np.ndarray]:
     """One fold: labeled `tr` + every pseudo-labelled clip train, labeled `va` validates. Returns the best epoch's
     (state, history, validation WAF, validation probabilities). With an `encoder` (visual_train=top_k|full) a
@@ -139,14 +169,17 @@ def train_fold(cfg: FinetuneConfig, ts: dict, y: np.ndarray, tr: np.ndarray, va:
         f = {m: v[idx] for m, v in x.items()}
         if encoder is None:
             return model(f, p[idx])
-        return model(f, p[idx], torch.from_numpy(np.ascontiguousarray(clips[idx])))
+        return model(f, p[idx], torch.from_numpy(np.array(clips[idx])))
 
     @torch.no_grad()
     def val_probs() -> np.ndarray:
         model.eval()
         return torch.cat([forward(va[i:i + 64]).softmax(-1) for i in range(0, len(va), 64)]).numpy()
-    p, q, w = torch.from_numpy(present), torch.from_numpy(ts["target"]), torch.from_numpy(ts["weight"])
-    train_idx = fold_train_indices(tr, ts)
+    idx_k, target_k = ts["pseudo"][k]
+    q = ts["target"].copy()
+    q[idx_k] = target_k                       # this fold's pseudo-labels
+    p, q, w = torch.from_numpy(present), torch.from_numpy(q), torch.from_numpy(ts["weight"])
+    train_idx = fold_train_indices(tr, ts, k)
     best, best_state, history = -1.0, None, []
     for epoch in range(cfg.epochs):
         model.train()
@@ -181,14 +214,14 @@ def run(cfg: FinetuneConfig) -> dict:
         raise ValueError(f"{cfg.data.shards}: {int((~keep).sum())} train sample(s) without a label")
     if cfg.visual_train != "frozen" and "v" not in cfg.modalities:
         raise ValueError(f"config key 'visual_train': {cfg.visual_train} needs the visual modality in 'modalities'")
-    ts = training_set(cfg, names, y, feats, present, env.rank, env.world_size)
-    encoder = visual_encoder(cfg, encoders) if cfg.visual_train != "frozen" else None
     splits = kfold(names, y, cfg.folds, cfg.seed) if cfg.folds > 1 else [holdout(names, y, cfg.val_fraction, cfg.seed)]
+    ts = training_set(cfg, names, y, feats, present, len(splits), env.rank, env.world_size)
+    encoder = visual_encoder(cfg, encoders) if cfg.visual_train != "frozen" else None
     mine = [k for k in range(len(splits)) if k % env.world_size == env.rank]
     results = {}
     for k in tqdm(mine, desc="finetune: folds", unit="fold", disable=not env.is_main):
         tr, va = splits[k]
-        results[k] = train_fold(cfg, ts, y, tr, va, cfg.seed * 1000 + k, encoder)
+        results[k] = train_fold(cfg, ts, y, tr, va, k, cfg.seed * 1000 + k, encoder)
     gathered = {}
     for part in dist.all_gather_object(results):
         gathered.update(part)
@@ -210,12 +243,13 @@ def run(cfg: FinetuneConfig) -> dict:
         metrics = {"cv_waf": cv["waf"], "cv_accuracy": cv["accuracy"], "cv_macro_f1": cv["macro_f1"],
                    "fold_val_waf": [gathered[k][2] for k in range(len(splits))],
                    "majority_waf": majority_waf(y, y[covered]), "n_train": len(y), "folds": len(splits),
-                   "n_pseudo": ts["n_pseudo"]}
+                   "n_pseudo": ts["n_pseudo"], "pseudo_crossfit": ts.get("pseudo_crossfit", False)}
         visual = {"visual_folds": visual_states, "visual_config": to_dict(encoder.cfg)} if encoder else {}
         torch.save({"folds": fusion_states, **visual, "dims": dims,
                     "fusion": to_dict(cfg.fusion), "modalities": cfg.modalities, "specs": encoders.specs,
                     "image_size": cfg.data.height, "data": to_dict(cfg.data), "shards": str(Path(cfg.data.shards).resolve()),
-                    "cache": str(cache_dir(cfg).resolve()), "pseudo": cfg.pseudo, "n_pseudo": ts["n_pseudo"]},
+                    "cache": str(cache_dir(cfg).resolve()), "pseudo": cfg.pseudo, "n_pseudo": ts["n_pseudo"],
+                    "split": {"seed": cfg.seed, "folds": len(splits)}},
                    out / "model.pt")
         save(cfg, out / "config.yaml")
         plots.confusion_matrix(cv["confusion"], out / "cv_confusion.png", "Cross-validated (out-of-fold)")
@@ -239,7 +273,7 @@ def run(cfg: FinetuneConfig) -> dict:
         names_t, y_t, probs = predict(load_model(out), cfg.test_split, "", encoders, env.rank, env.world_size)
         if env.is_main:
             ev = report(EvaluateConfig(model=str(out), split=cfg.test_split, out=str(out / f"eval-{cfg.test_split}"),
-                                       tracking=cfg.tracking), names_t, y_t, probs)
+                                       tracking=cfg.tracking), names_t, y_t, probs.mean(0))
             metrics |= {f"{cfg.test_split}_{k}": v for k, v in ev.items() if k in ("waf", "accuracy", "macro_f1")}
             tracker.metrics({f"{cfg.test_split}_{k}": v for k, v in ev.items()
                              if k in ("waf", "accuracy", "macro_f1")}, 0)

@@ -53,11 +53,13 @@ def run(cfg: PseudoLabelConfig) -> dict:
     from mer_dist.tracking import Tracker
     env = dist.setup()
     ck = load_model(cfg.model)
-    names, _, probs = predict(ck, cfg.split, cfg.shards, None, env.rank, env.world_size)
+    names, _, per_fold = predict(ck, cfg.split, cfg.shards, None, env.rank, env.world_size)
+    probs = per_fold.mean(0)
     agree = None
     if cfg.agree_with:
         other_names, _, agree = predict(load_model(cfg.agree_with), cfg.split, cfg.shards, None, env.rank,
                                         env.world_size)
+        agree = agree.mean(0)
         if other_names != names:
             raise ValueError(f"agree_with={cfg.agree_with}: predicts other clips than {cfg.model} on '{cfg.split}'")
     summary: dict = {}
@@ -66,10 +68,12 @@ def run(cfg: PseudoLabelConfig) -> dict:
         pred = probs.argmax(1)
         summary = {"source_model": str(Path(cfg.model).resolve()), "split": cfg.split, "candidates": len(names),
                    "kept": int(len(kept)), "threshold": cfg.threshold, "top_per_class": cfg.top_per_class,
-                   "agree_with": cfg.agree_with,
+                   "agree_with": cfg.agree_with, "folds": ck.get("split"),
                    "per_class": {lab: int((pred[kept] == c).sum()) for c, lab in enumerate(LABELS)},
                    "mean_confidence": float(probs[kept].max(1).mean()) if len(kept) else 0.0}
         write(Path(cfg.out), names, probs, kept, summary)
+        # each fold model's own probabilities: `finetune` cross-fits with them (fold k learns from its own model)
+        np.savez(Path(cfg.out) / "folds.npz", names=np.asarray(names), probs=per_fold.astype(np.float32))
         tracker = Tracker(cfg.tracking, cfg.out, "pseudo-label", tags={"model": cfg.model, "split": cfg.split})
         tracker.params(cfg)
         tracker.metrics({"kept": len(kept), **{f"kept_{k}": v for k, v in summary["per_class"].items()}}, 0)
