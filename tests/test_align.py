@@ -36,7 +36,7 @@ def metrics(out):
 
 def test_torchrun_zero2_mlflow_loss_falls_and_export(shards, teacher, tmp_path, mlflow_server):
     out = tmp_path / "run"
-    rc, log = align("torchrun", shards, teacher, out, 40, ["train.zero_stage=2", "train.lr=3e-3"],
+    rc, log = align("torchrun", shards, teacher, out, 40, ["train.zero_stage=2", "train.lr=3e-3", "loss=mse"],
                     env={"MLFLOW_TRACKING_URI": mlflow_server["uri"]})
     assert rc == 0, log[-4000:]
     m = [r for r in metrics(out) if "loss" in r]
@@ -54,7 +54,7 @@ def test_torchrun_zero2_mlflow_loss_falls_and_export(shards, teacher, tmp_path, 
     assert run.data.params["train.steps"] == "40" and run.data.tags["world_size"] == "2"
     assert run.data.tags["launcher"] == "torchrun"
     assert len(c.get_metric_history(run.info.run_id, "loss")) == 20
-    assert {"nce_acc", "temperature", "lr", "samples_per_s", "data_wait_frac", "eval_loss"} <= set(run.data.metrics)
+    assert {"cos", "loss_mse", "lr", "samples_per_s", "data_wait_frac", "eval_loss"} <= set(run.data.metrics)
     # exported encoder == consolidated DeepSpeed checkpoint, loaded in a fresh process without DeepSpeed engines
     code = f"""
 import torch

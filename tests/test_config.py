@@ -45,3 +45,22 @@ def test_yaml_files_are_generated_from_the_dataclasses():
     from pathlib import Path
     for stage, short in C.STAGE_FILES.items():
         assert (Path("configs") / f"{short}.yaml").read_text() == C.render_yaml(C.STAGES[stage], stage), short
+
+
+def test_every_field_has_a_doc():
+    import dataclasses
+    docs, seen, missing = C.field_docs(), set(), []
+
+    def walk(cls):
+        if cls in seen:
+            return
+        seen.add(cls)
+        for f in dataclasses.fields(cls):
+            if (cls.__name__, f.name) not in docs:
+                missing.append(f"{cls.__name__}.{f.name}")
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+            if dataclasses.is_dataclass(default):
+                walk(type(default))
+    for cls in C.STAGES.values():
+        walk(cls)
+    assert not missing, missing
