@@ -86,13 +86,15 @@ def _store_lock(uri: str):
 
 class Tracker:
     def __init__(self, cfg: TrackingConfig, out: str | Path, stage: str, active: bool = True,
-                 tags: dict[str, Any] | None = None, retry_s: float = 30.0, run_id: str = ""):
+                 tags: dict[str, Any] | None = None, retry_s: float = 30.0, run_id: str = "",
+                 resume_keys: tuple[str, ...] = ("loss",)):
         self.active = active                       # rank 0: local metrics.jsonl always
         self.mlflow = active and cfg.enabled       # ... and MLflow when enabled
         self.out, self.local = Path(out), Path(out) / "metrics.jsonl"
         self.stage, self.cfg, self.retry_s = stage, cfg, retry_s
         self.uri = cfg.uri or default_uri(out)
         self.run_id = run_id                       # non-empty: reattach to this run (a resumed job)
+        self._resume_keys, self._logged_until = resume_keys, -1
         self.ever_down = False
         self._down_since = 0.0
         if not active:
@@ -113,7 +115,7 @@ class Tracker:
                       **dict(t.split("=", 1) for t in cfg.tags)}
         self._q: queue.Queue = queue.Queue()
         self._monitor = None
-        self._connected = threading.Event()
+        self._connected, self._attempted = threading.Event(), threading.Event()
         self._thread = threading.Thread(target=self._work, name="mlflow-tracker", daemon=True)
         self._thread.start()
 
@@ -123,10 +125,13 @@ class Tracker:
         try:
             if self.run_id:
                 c.get_run(self.run_id)       # reachable (again)?
-                if not self._connected.is_set():   # reattaching to an earlier job's run
+                if not self._connected.is_set():   # reattaching to an earlier job's run (a resume, a requeue)
                     c.update_run(self.run_id, status="RUNNING")
                     for k, v in self._tags.items():
                         c.set_tag(self.run_id, k, v)
+                    # steps the earlier job already logged are not logged again (the redone ones keep theirs)
+                    self._logged_until = max((m.step for key in self._resume_keys
+                                              for m in c.get_metric_history(self.run_id, key)), default=-1)
             else:
                 exp = c.get_experiment_by_name(self.cfg.experiment)
                 exp_id = exp.experiment_id if exp else c.create_experiment(
@@ -166,7 +171,9 @@ class Tracker:
         if kind == "params":
             c.log_batch(run, params=[api.Param(k, v) for k, v in payload.items()])
         elif kind == "metrics":
-            c.log_batch(run, metrics=[api.Metric(k, v, ts, step) for k, v, ts, step in payload])
+            fresh = [api.Metric(k, v, ts, step) for k, v, ts, step in payload if step > self._logged_until]
+            if fresh:
+                c.log_batch(run, metrics=fresh)
         elif kind == "tags":
             c.log_batch(run, tags=[api.RunTag(k, v) for k, v in payload.items()])
         elif kind == "artifact":
@@ -177,6 +184,7 @@ class Tracker:
     def _work(self) -> None:
         try:
             connected = self._connect()
+            self._attempted.set()
             while True:
                 item = self._q.get()
                 if item is None:
@@ -195,6 +203,8 @@ class Tracker:
                 self._monitor.finish()
         except Exception as e:  # noqa: BLE001 - whatever happens here stays here
             self._fail(e)
+        finally:
+            self._attempted.set()
 
     def _submit(self, kind: str, payload: Any) -> None:
         if self.mlflow:
@@ -234,9 +244,10 @@ class Tracker:
         return len(rows) - len(keep)
 
     def wait_run_id(self, timeout_s: float = 30.0) -> str:
-        """The MLflow run id once the worker has connected ("" if it has not, or MLflow is off)."""
+        """The MLflow run id once the worker's first connection attempt is over ("" if it failed, or MLflow is
+        off): a server that is down costs no more than its connection timeout."""
         if self.mlflow:
-            self._connected.wait(timeout_s)
+            self._attempted.wait(timeout_s)
         return self.run_id if self.mlflow and self._connected.is_set() else ""
 
     def close(self, status: str = "FINISHED", timeout_s: float = 60.0) -> None:

@@ -178,7 +178,8 @@ def run(cfg: AlignConfig) -> int:
             b["target"] = batch_targets(b, eval_teacher, stats, need, cfg.target_space, device)
         del eval_teacher
     stop = dist.StopFlag()
-    tracker = Tracker(cfg.tracking, out, "align", active=env.is_main, tags={
+    # one MLflow run per job: a resumed or requeued job reattaches to the run its checkpoint names
+    tracker = Tracker(cfg.tracking, out, "align", active=env.is_main, run_id=client.get("mlflow_run_id", ""), tags={
         "world_size": env.world_size, "launcher": env.launcher, "slurm_job_id": env.job_id,
         "restart": os.environ.get("SLURM_RESTART_COUNT", "0"), "zero_stage": cfg.train.zero_stage,
         "targets": cfg.targets, "loss": ",".join(cfg.loss), "pairing": cfg.pairing, "acoustic": cfg.acoustic,
@@ -197,6 +198,8 @@ def run(cfg: AlignConfig) -> int:
         return engine(batch["frames"].to(device, non_blocking=True), target)
 
     skips = SkipTotals()
+    # every rank saves the same client state: rank 0's run id, once its tracker has connected
+    run_id = dist.all_gather_object(tracker.wait_run_id(30.0) if env.is_main else "")[0]
     total, step, exit_code = cfg.train.steps, start, 0
     window, t_window = _Window(), time.perf_counter()
     bar = tqdm(total=total, initial=start, desc="align", unit="step", disable=not env.is_main)
@@ -228,8 +231,8 @@ def run(cfg: AlignConfig) -> int:
                 tracker.metrics(_evaluate(engine, eval_batches, step_loss), step)
             stopping = stop.should_stop()
             if step % cfg.train.ckpt_every == 0 or step == total or stopping:
-                checkpoint.save(engine, ckdir, step, {"step": step, "samples_seen": samples_seen},
-                                cfg.train.keep_checkpoints, env)
+                checkpoint.save(engine, ckdir, step, {"step": step, "samples_seen": samples_seen,
+                                                      "mlflow_run_id": run_id}, cfg.train.keep_checkpoints, env)
             if stopping:
                 if env.is_main:
                     print(f"align: signal {stop.signum} -> checkpoint at step {step} saved, exiting for requeue", flush=True)
