@@ -14,20 +14,21 @@ import sys
 import time
 
 from common import REPO, report, setup, timed
-from mer_dist.train.dist import free_port
+
+from mer_dist.dist import free_port
 
 
 def _engine_and_stream(env: dict, shards, targets: str, workers: int, loss: str = "mse", target_space: str = "features"):
     """The real align pieces (teacher, `batch_targets`, `Aligner`, objective, DeepSpeed engine) in one process."""
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     from mer_dist import config as C
-    from mer_dist.train import dist
-    from mer_dist.train.align import Aligner, batch_targets, ds_config
-    from mer_dist.train.losses import AlignmentObjective
+    from mer_dist import dist
     from mer_dist.data.ingest import shard_urls
     from mer_dist.data.stream import train_loader
-    from mer_dist.models.teacher import Teacher, TargetStats
+    from mer_dist.models.teacher import TargetStats, Teacher
     from mer_dist.models.visual import VisualEncoder
+    from mer_dist.train.align import Aligner, batch_targets, ds_config
+    from mer_dist.train.losses import AlignmentObjective
     cfg = C.load(C.AlignConfig, overrides={"data.shards": str(shards), "teacher": str(env["teacher"]), "loss": loss,
                                             "targets": targets, "target_space": target_space,
                                             "data.workers": workers, "train.steps": 1000})

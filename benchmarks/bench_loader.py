@@ -8,7 +8,6 @@ import time
 
 import psutil
 import torch
-
 from common import report, setup
 
 

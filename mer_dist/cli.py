@@ -94,10 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("mlflow", "alembic", "urllib3", "httpx", "DeepSpeed", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from mer_dist.data.decode import DecodeError
-    from mer_dist.data.ingest import DataError
-    from mer_dist.models.teacher import ModelError
-    from mer_dist.io import LockError
-    from mer_dist.train.checkpoint import CheckpointError
+    from mer_dist.errors import CheckpointError, DataError, LockError, ModelError
     user_errors = (C.ConfigError, DataError, ModelError, DecodeError, CheckpointError, LockError, FileNotFoundError,
                    ValueError)
     try:

@@ -17,6 +17,7 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LABELS = ("neutral", "angry", "happy", "sad", "worried", "surprise")  # MER2024 baseline order
 LABEL_TO_ID = {name: i for i, name in enumerate(LABELS)}
+TRUTH_FILE = ".truth-unlabeled.csv"   # synthetic corpora only: true emotion of unlabeled clips (reports, never training)
 
 
 class ConfigError(ValueError):

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from mer_dist import config as C
+from mer_dist.dist import free_port
 from mer_dist.tracking import default_uri
-from mer_dist.train.dist import free_port
 
 # alignment variants: name -> (what it is, align overrides). The first one is the product's default objective.
 VARIANTS = {

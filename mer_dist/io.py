@@ -7,6 +7,8 @@ import os
 import socket
 from pathlib import Path
 
+from mer_dist.errors import LockError
+
 
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Temp file + rename: a reader sees the old file or the new one, never half of one."""
@@ -51,7 +53,3 @@ class OutputLock:
             fcntl.flock(self._fh, fcntl.LOCK_UN)
             self._fh.close()
             self._fh = None
-
-
-class LockError(ValueError):
-    """The output directory belongs to a run that is still going."""

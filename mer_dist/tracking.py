@@ -51,14 +51,16 @@ class _MlflowApi:
     """The mlflow names the worker thread uses, imported once on the constructing thread."""
 
     def __init__(self, uri: str, system_metrics: bool):
-        from mlflow.entities import Metric, Param, RunTag
+        from mlflow.entities import Metric, Param
         from mlflow.tracking import MlflowClient
-        self.Metric, self.Param, self.RunTag = Metric, Param, RunTag
+        self.Metric, self.Param = Metric, Param
         self.monitor_cls = None
         if system_metrics:
             try:
                 import mlflow.utils.autologging_utils  # noqa: F401  (imported lazily by the monitor)
-                from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+                from mlflow.system_metrics.system_metrics_monitor import (
+                    SystemMetricsMonitor,
+                )
                 self.monitor_cls = SystemMetricsMonitor
             except Exception as e:  # noqa: BLE001 - optional (psutil / platform)
                 log.info("system metrics unavailable: %s", e)
@@ -174,8 +176,6 @@ class Tracker:
             fresh = [api.Metric(k, v, ts, step) for k, v, ts, step in payload if step > self._logged_until]
             if fresh:
                 c.log_batch(run, metrics=fresh)
-        elif kind == "tags":
-            c.log_batch(run, tags=[api.RunTag(k, v) for k, v in payload.items()])
         elif kind == "artifact":
             c.log_artifact(run, *payload)
         elif kind == "end":
@@ -224,9 +224,6 @@ class Tracker:
             f.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
         ts = int(time.time() * 1000)
         self._submit("metrics", [(k, v, ts, step) for k, v in values.items()])
-
-    def tags(self, tags: dict[str, Any]) -> None:
-        self._submit("tags", {k: str(v) for k, v in tags.items()})
 
     def artifact(self, path: str | Path, subdir: str | None = None) -> None:
         if Path(path).exists():

@@ -6,7 +6,6 @@ import subprocess
 import time
 
 import pytest
-
 from conftest import REPO
 
 SLURM = REPO / "tests" / "cluster" / "local_slurm.sh"

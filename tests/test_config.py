@@ -1,7 +1,7 @@
 import pytest
+from conftest import run_cli
 
 from mer_dist import config as C
-from conftest import run_cli
 
 
 def test_overrides_and_types(tmp_path):

@@ -80,7 +80,8 @@ def test_avi_and_bad_clips(tmp_path):
     vids = sorted((root / "video-labeled").iterdir())
     vids[0].write_bytes(b"\x00" * 1000)                                       # corrupt
     vids[1].write_bytes(vids[1].read_bytes()[: 600])                          # truncated
-    from mer_dist.data.synth import make_clip, write_av, ClipSpec
+    from mer_dist.data.decode import write_av
+    from mer_dist.data.synth import ClipSpec, make_clip
     clip = make_clip(SynthConfig(height=32, width=32), ClipSpec("x", "sad", 0))
     vids[2].unlink()
     write_av(root / "video-labeled" / f"{vids[2].stem}.mp4", clip["frames"], None, 10, "mp4")   # no audio stream

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import DATA, run_cli
+
 from mer_dist import config as C
 from mer_dist.models.fusion import FusionModel
 
@@ -43,7 +43,7 @@ def test_finetune_evaluate_cache_and_predictions(shards, teacher, tmp_path):
     assert m["cv_waf"] > m["majority_waf"] + 0.15 and m["test_waf"] > m["majority_waf"] + 0.15, m
     assert "CV WAF" in p.stdout
     # cached features reused: a second run (another seed) calls no encoder at all
-    from mer_dist.train.features import Encoders, extract, specs_for
+    from mer_dist.features import Encoders, extract, specs_for
     cfg = C.load(C.FinetuneConfig, overrides={"data.shards": str(shards), "teacher": str(teacher), "visual": "random",
                                                "cache": str(cache), "data.height": 32, "data.width": 32, "data.frames": 4})
     enc = Encoders(specs_for(cfg), 32)
@@ -68,7 +68,7 @@ def test_finetune_evaluate_cache_and_predictions(shards, teacher, tmp_path):
 
 def test_missing_transcript_still_predicted(shards, teacher, tmp_path):
     """A sample with an empty transcript is predicted from audio + video."""
-    from mer_dist.train.features import Encoders, extract, specs_for
+    from mer_dist.features import Encoders, extract, specs_for
     cfg = C.load(C.FinetuneConfig, overrides={"data.shards": str(shards), "teacher": str(teacher), "visual": "random",
                                                "text_column": "chinese", "cache": str(tmp_path / "c"),
                                                "data.height": 32, "data.width": 32, "data.frames": 4})

@@ -12,8 +12,8 @@ import time
 
 import pytest
 import torch
-
 from conftest import DATA, REPO, free_port, run_cli
+
 from mer_dist.config import DataConfig, ShardConfig, SynthConfig
 
 
@@ -143,8 +143,8 @@ def test_degenerate_configs_one_line_each():
 
 
 def test_stream_where_nothing_decodes_stops_with_the_causes(tmp_path):
-    from mer_dist.data.ingest import DataError
     from mer_dist.data.stream import train_loader
+    from mer_dist.errors import DataError
     tar = tmp_path / "unlabeled-000000.tar"
     with tarfile.open(tar, "w") as t:
         for i in range(4):
@@ -174,7 +174,7 @@ def _mini_corpus(src, dst, renames):
 def test_names_with_dots_spaces_and_unicode_round_trip(tmp_path, corpus):
     from mer_dist.data.ingest import shard_urls, write_shards
     from mer_dist.data.stream import eval_loader, iterate
-    from mer_dist.train.features import index
+    from mer_dist.features import index
     src = sorted(r["name"] for r in csv.DictReader(open(corpus / "label-disdim.csv")))[:4]
     names = ["ok.dot.name", "with space", "émotion_日本", "plain"]
     c = _mini_corpus(corpus, tmp_path / "c", dict(zip(src, names)))

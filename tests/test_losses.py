@@ -6,10 +6,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import free_port
+
 from mer_dist.config import ConfigError, LossTerm, parse_loss
-from mer_dist.train.losses import AlignmentObjective, confidence, infonce_loss, kd_loss, regression_loss
+from mer_dist.train.losses import (
+    AlignmentObjective,
+    confidence,
+    infonce_loss,
+    kd_loss,
+    regression_loss,
+)
 
 
 def test_regression_known_values_and_mask():

@@ -6,7 +6,6 @@ import sys
 import uuid
 
 import pytest
-
 from conftest import REPO, free_port
 
 ARGS = ["data.height=32", "data.width=32", "data.frames=4", "data.batch_size=4", "data.workers=1",

@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import DATA, REPO, free_port, run_cli
+
 from mer_dist import config as C
 from mer_dist.train.finetune import fold_train_indices
 from mer_dist.train.losses import soft_cross_entropy
@@ -50,7 +50,7 @@ def test_soft_and_hard_pseudo_labels_give_different_losses():
 
 def test_pseudo_clips_only_in_training_parts(shards):
     from mer_dist.data.splits import kfold
-    from mer_dist.train.features import index
+    from mer_dist.features import index
     names, y, _, _ = index(str(shards), "train")
     n = len(y)
     ts = {"n_labeled": n, "pseudo": [(n + np.arange(k, 10), None) for k in range(5)]}
@@ -77,7 +77,7 @@ def test_pseudo_label_two_ranks_each_clip_once_and_no_leak(base_model, shards, t
     assert p.returncode == 0, p.stderr[-3000:]
     rows = list(csv.DictReader(open(out / "pseudo.csv")))
     names = [r["name"] for r in rows]
-    from mer_dist.train.features import index
+    from mer_dist.features import index
     assert sorted(names) == sorted(index(str(shards), "unlabeled")[0])      # all 64, each exactly once
     s = json.loads((out / "summary.json").read_text())
     assert s["kept"] == 64 and sum(s["per_class"].values()) == 64
@@ -86,7 +86,7 @@ def test_pseudo_label_two_ranks_each_clip_once_and_no_leak(base_model, shards, t
     # a pseudo-label file naming a labeled training clip is refused (leakage), one line, exit 2
     bad = tmp_path / "bad"
     bad.mkdir()
-    train_name = next(iter(sorted(__import__("mer_dist.train.features", fromlist=["x"]).index(str(shards), "train")[0])))
+    train_name = next(iter(sorted(__import__("mer_dist.features", fromlist=["x"]).index(str(shards), "train")[0])))
     with open(bad / "pseudo.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["name", "discrete", "confidence", *C.LABELS])

@@ -6,9 +6,15 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import REPO
-from mer_dist.models.teacher import ModelError, Teacher, build_hubert, hidden_states, pool_to_frames
+
+from mer_dist.models.teacher import (
+    ModelError,
+    Teacher,
+    build_hubert,
+    hidden_states,
+    pool_to_frames,
+)
 
 
 def test_local_directory_round_trip(tmp_path):
@@ -88,9 +94,9 @@ def test_extract_targets_two_ranks_offline_equals_online(teacher, shards, tmp_pa
                         "-m", "mer_dist", "extract-targets", "--shards", str(shards), "--teacher", str(teacher),
                         "--out", str(out), "dtype=float32"], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
+    from mer_dist.config import DataConfig
     from mer_dist.data.ingest import shard_urls
     from mer_dist.data.stream import eval_loader, iterate
-    from mer_dist.config import DataConfig
     names, online_max = [], 0.0
     t = Teacher.load(teacher)
     for b in iterate(eval_loader(shard_urls(out, "unlabeled"), DataConfig(frames=2, height=16, width=16, workers=0))):

@@ -135,3 +135,38 @@ def decode(source: str | Path | bytes, frames: int, height: int, width: int, sam
         raise DecodeError(name, f"corrupt stream ({e.__class__.__name__}: {e})") from None
     finally:
         container.close()
+
+
+def write_av(path: Path, frames: np.ndarray | None, audio: np.ndarray | None, fps: int, container: str,
+             sample_rate: int = 16000) -> None:
+    """Encode frames (uint8 [T,H,W,3]) and mono float audio into one container (H.264+AAC, or MPEG-4+PCM in .avi):
+    the project's one encoder (synthetic corpora and shard re-encoding)."""
+    vcodec, acodec = ("libx264", "aac") if container == "mp4" else ("mpeg4", "pcm_s16le")
+    with av.open(str(path), "w") as out:
+        vs = as_ = None
+        if frames is not None:
+            vs = out.add_stream(vcodec, rate=fps)
+            vs.width, vs.height, vs.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+            vs.thread_count = 1                      # deterministic bytes
+            if vcodec == "libx264":
+                vs.options = {"preset": "veryfast", "crf": "23"}
+        if audio is not None:
+            as_ = out.add_stream(acodec, rate=sample_rate, layout="mono")
+        if vs is not None:
+            for img in frames:
+                for pkt in vs.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                    out.mux(pkt)
+            for pkt in vs.encode():
+                out.mux(pkt)
+        if as_ is not None:
+            fmt = as_.codec_context.format.name
+            chunk = as_.codec_context.frame_size or 1024
+            for start in range(0, len(audio), chunk):
+                block = audio[start:start + chunk]
+                arr = (block * 32767).astype(np.int16)[None] if fmt.startswith("s16") else block[None]
+                frame = av.AudioFrame.from_ndarray(arr, format=fmt, layout="mono")
+                frame.sample_rate, frame.pts = sample_rate, start
+                for pkt in as_.encode(frame):
+                    out.mux(pkt)
+            for pkt in as_.encode():
+                out.mux(pkt)

@@ -24,14 +24,11 @@ import numpy as np
 from tqdm import tqdm
 
 from mer_dist.config import LABELS, ReencodeConfig, ShardConfig
+from mer_dist.data.decode import DecodeError, decode, probe, write_av
+from mer_dist.errors import DataError
 from mer_dist.io import write_json_atomic
-from mer_dist.data.decode import DecodeError, decode, probe
 
 VIDEO_EXTS = (".mp4", ".avi", ".mkv", ".mov", ".webm")
-
-
-class DataError(ValueError):
-    """Bad corpus or shard input; the CLI prints it on one line and exits 2."""
 
 
 def shard_key(name: str) -> str:
@@ -136,7 +133,6 @@ def _check(rec: dict) -> dict:
 def _reencode(path: str, cfg: ReencodeConfig, workdir: Path) -> bytes:
     """Decode every frame at the target fps/size and write a fresh H.264+AAC mp4 (via a private temp file in
     the output directory: created exclusively, so a planted link cannot redirect the write)."""
-    from mer_dist.data.synth import write_av  # the one encoder the project has
     info = probe(path)
     n = max(1, int(round(info["duration_s"] * cfg.fps)))
     clip = decode(path, n, cfg.height, cfg.width)

@@ -28,7 +28,7 @@ from webdataset.tariterators import tarfile_samples
 
 from mer_dist.config import LABEL_TO_ID, DataConfig
 from mer_dist.data.decode import DecodeError, decode
-from mer_dist.data.ingest import DataError
+from mer_dist.errors import DataError
 
 log = logging.getLogger("mer_dist.data")
 VIDEO_KEYS = ("mp4", "avi", "mkv", "mov", "webm")

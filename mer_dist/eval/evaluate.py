@@ -12,15 +12,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mer_dist.config import LABELS, DataConfig, EvaluateConfig, FusionConfig, VisualConfig, save
-from mer_dist.io import write_json_atomic
+from mer_dist import dist
+from mer_dist.config import (
+    LABELS,
+    DataConfig,
+    EvaluateConfig,
+    FusionConfig,
+    VisualConfig,
+    save,
+)
+from mer_dist.errors import ModelError
 from mer_dist.eval import plots
 from mer_dist.eval.metrics import summary
+from mer_dist.features import Encoders, extract, frames
+from mer_dist.io import write_json_atomic
 from mer_dist.models.fusion import fold_probs
-from mer_dist.models.teacher import ModelError
 from mer_dist.tracking import Tracker
-from mer_dist.train import dist
-from mer_dist.train.features import Encoders, extract, frames
 
 
 def load_model(model_dir: str | Path) -> dict:

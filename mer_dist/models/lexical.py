@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from mer_dist.models.teacher import ModelError
+from mer_dist.errors import ModelError
 
 
 def resolve(spec: str) -> Path:

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from transformers import HubertConfig, HubertModel
 
+from mer_dist.errors import ModelError
+
 FRAME_RATE = 50.0  # HuBERT: 20 ms hop
 TINY = {
     "hubert": dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128,
@@ -29,10 +31,6 @@ TINY = {
                     attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0, layerdrop=0.0,
                     mask_time_prob=0.0),
 }
-
-
-class ModelError(ValueError):
-    """A missing or invalid model directory / preset."""
 
 
 def build_hubert(spec: str, seed: int = 0) -> HubertModel:
@@ -53,10 +51,6 @@ def build_hubert(spec: str, seed: int = 0) -> HubertModel:
         return HubertModel.from_pretrained(str(path), local_files_only=True).eval()
     except (OSError, ValueError) as e:
         raise ModelError(f"HuBERT model directory {path}: cannot load ({str(e).splitlines()[0]})") from None
-
-
-def num_layers(model: HubertModel) -> int:
-    return model.config.num_hidden_layers
 
 
 def hidden_states(model: nn.Module, audio: torch.Tensor, lens: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:

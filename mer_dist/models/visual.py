@@ -15,7 +15,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, CLIPVisionModel, ViTConfig, ViTModel
 
 from mer_dist.config import VisualConfig
-from mer_dist.models.teacher import ModelError
+from mer_dist.errors import ModelError
 
 TINY = {"vit": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                     patch_size=8, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),

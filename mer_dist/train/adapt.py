@@ -18,14 +18,23 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from mer_dist import dist
 from mer_dist.config import LABELS, AdaptConfig, save
-from mer_dist.io import write_json_atomic
 from mer_dist.data.splits import holdout
 from mer_dist.eval.metrics import summary
-from mer_dist.models.teacher import (FRAME_RATE, EmotionHead, Teacher, add_bottlenecks, add_lora, build_hubert, dir_hash,
-                                     hidden_states, masked_mean)
+from mer_dist.io import write_json_atomic
+from mer_dist.models.teacher import (
+    FRAME_RATE,
+    EmotionHead,
+    Teacher,
+    add_bottlenecks,
+    add_lora,
+    build_hubert,
+    dir_hash,
+    hidden_states,
+    masked_mean,
+)
 from mer_dist.tracking import Tracker
-from mer_dist.train import dist
 from mer_dist.train.probe import labeled_audio
 
 log = logging.getLogger("mer_dist.adapt")

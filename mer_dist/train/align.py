@@ -20,14 +20,15 @@ import torch.distributed as tdist
 from torch import nn
 from tqdm import tqdm
 
+from mer_dist import dist
 from mer_dist.config import LABELS, AlignConfig, parse_loss, resolve_repo_file, save
 from mer_dist.data.ingest import load_manifest, shard_urls
 from mer_dist.data.stream import SkipTotals, eval_loader, iterate, train_loader
-from mer_dist.models.teacher import Teacher, TargetStats, frame_targets, masked_mean
-from mer_dist.models.visual import VisualEncoder, export, read_encoder
 from mer_dist.io import LockError, OutputLock
+from mer_dist.models.teacher import TargetStats, Teacher, frame_targets, masked_mean
+from mer_dist.models.visual import VisualEncoder, export, read_encoder
 from mer_dist.tracking import Tracker
-from mer_dist.train import checkpoint, dist
+from mer_dist.train import checkpoint
 from mer_dist.train.losses import AlignmentObjective
 
 log = logging.getLogger("mer_dist.align")

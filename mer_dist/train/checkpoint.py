@@ -26,14 +26,11 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
+from mer_dist import dist
+from mer_dist.errors import CheckpointError
 from mer_dist.io import write_text_atomic
-from mer_dist.train import dist
 
 MANIFEST = "mer-dist-manifest.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be trusted, resumed here, or written: one line, exit 2."""
 
 
 def latest_tag(ckdir: str | Path) -> str | None:

@@ -16,13 +16,13 @@ import torch
 from tqdm import tqdm
 from webdataset.tariterators import tarfile_samples
 
+from mer_dist import dist
 from mer_dist.config import ExtractConfig
 from mer_dist.data.decode import DecodeError
 from mer_dist.data.ingest import load_manifest, shard_urls, tar_add
-from mer_dist.io import write_json_atomic
 from mer_dist.data.stream import collate, decode_sample
+from mer_dist.io import write_json_atomic
 from mer_dist.models.teacher import FRAME_RATE, Teacher
-from mer_dist.train import dist
 
 
 def _process(url: str, dst: Path, teacher: Teacher, cfg: ExtractConfig, tmeta: dict) -> tuple[int, int]:

@@ -17,16 +17,23 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mer_dist.config import LABEL_TO_ID, LABELS, EvaluateConfig, FinetuneConfig, save, to_dict
-from mer_dist.io import write_json_atomic
+from mer_dist import dist
+from mer_dist.config import (
+    LABEL_TO_ID,
+    LABELS,
+    EvaluateConfig,
+    FinetuneConfig,
+    save,
+    to_dict,
+)
 from mer_dist.data.splits import holdout, kfold
 from mer_dist.eval import plots
 from mer_dist.eval.evaluate import load_model, predict, report
 from mer_dist.eval.metrics import majority_waf, summary
+from mer_dist.features import Encoders, extract, frames, index, specs_for
+from mer_dist.io import write_json_atomic
 from mer_dist.models.fusion import FusionModel, VisualFusion
 from mer_dist.tracking import Tracker
-from mer_dist.train import dist
-from mer_dist.train.features import Encoders, extract, frames, index, specs_for
 from mer_dist.train.losses import soft_cross_entropy
 from mer_dist.train.pseudo import select
 

@@ -14,6 +14,7 @@ for `infonce`), a small module. `create_objective` builds the weighted sum that 
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.distributed as tdist
 import torch.nn.functional as F

@@ -17,16 +17,16 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from tqdm import tqdm
 
+from mer_dist import dist
 from mer_dist.config import ProbeConfig, save
 from mer_dist.data.ingest import shard_urls
-from mer_dist.io import write_json_atomic
 from mer_dist.data.splits import holdout
 from mer_dist.data.stream import SkipTotals, eval_loader, iterate
 from mer_dist.eval import plots
 from mer_dist.eval.metrics import summary
+from mer_dist.io import write_json_atomic
 from mer_dist.models.teacher import build_hubert, hidden_states, masked_mean
 from mer_dist.tracking import Tracker
-from mer_dist.train import dist
 
 log = logging.getLogger("mer_dist.probe")
 

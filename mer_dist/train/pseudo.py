@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
+from mer_dist import dist
 from mer_dist.config import LABELS, PseudoLabelConfig
-from mer_dist.io import write_json_atomic
 from mer_dist.eval.evaluate import load_model, predict
-from mer_dist.train import dist
+from mer_dist.io import write_json_atomic
 
 
 def select(probs: np.ndarray, threshold: float, top_per_class: int = 0,

@@ -16,11 +16,11 @@ import dataclasses
 import json
 from pathlib import Path
 
-from mer_dist.config import LABELS, PseudoLabelConfig, SelfTrainConfig, save
+from mer_dist import dist
+from mer_dist.config import LABELS, TRUTH_FILE, PseudoLabelConfig, SelfTrainConfig, save
 from mer_dist.data.ingest import load_manifest
 from mer_dist.io import write_json_atomic
-from mer_dist.data.synth import TRUTH_FILE
-from mer_dist.train import dist, finetune, pseudo
+from mer_dist.train import finetune, pseudo
 
 
 def read_truth(cfg: SelfTrainConfig) -> dict[str, str]:

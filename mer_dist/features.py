@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from webdataset.tariterators import tarfile_samples
 
+from mer_dist import dist
 from mer_dist.config import LABEL_TO_ID, DataConfig, VisualConfig
 from mer_dist.data.ingest import shard_urls
 from mer_dist.data.stream import SkipTotals, eval_loader, iterate
-from mer_dist.train import dist
 
 log = logging.getLogger("mer_dist.features")
 
@@ -87,7 +87,7 @@ class Encoders:
                 return f"v|random|{s['seed']}|{json.dumps(s['visual_model'], sort_keys=True)}|{self.image_size}"
             p = Path(s["encoder"])
             if not p.is_file():
-                from mer_dist.models.teacher import ModelError
+                from mer_dist.errors import ModelError
                 raise ModelError(f"visual encoder {p}: file not found (run `mer-dist align`, or use visual=random)")
             return f"v|{hashlib.sha256(p.read_bytes()).hexdigest()}"
         from mer_dist.models.lexical import fingerprint
