@@ -9,11 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
-from common import REPO, report, setup, timed
+from common import fresh, report, run, setup, timed
 
 from mer_dist.dist import free_port
 
@@ -58,9 +57,8 @@ def data_bound_and_targets(quick: bool) -> dict:
     n = 15 if quick else 60
     offline = env["base"] / "shards-teacher"
     if not (offline / "manifest.json").is_file():
-        t_extract, _ = timed(subprocess.run, [sys.executable, "-m", "mer_dist", "extract-targets", "--shards",
-                                              str(env["shards"]), "--teacher", str(env["teacher"]), "--out", str(offline)],
-                             check=True, capture_output=True, cwd=REPO)
+        t_extract, _ = timed(run, [sys.executable, "-m", "mer_dist", "extract-targets", "--shards",
+                                   str(env["shards"]), "--teacher", str(env["teacher"]), "--out", str(offline)])
         (env["base"] / "extract_seconds").write_text(str(t_extract))
     t_extract = float((env["base"] / "extract_seconds").read_text())
     res = {}
@@ -125,7 +123,7 @@ def _align(env, nproc: int, steps: int, extra: list[str], out) -> dict:
            "-m", "mer_dist", "align", "--shards", str(env["shards"]), "--teacher", str(env["teacher"]), "--out", str(out),
            "--steps", str(steps), "tracking.enabled=false", "train.eval_samples=0", "train.log_every=5",
            "train.threads=1", "data.workers=0", *extra]
-    subprocess.run(cmd, check=True, capture_output=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"})
     summary = json.loads((out / "summary.json").read_text())
     m = [json.loads(x) for x in open(out / "metrics.jsonl") if '"samples_per_s"' in x]
     summary["samples_per_s"] = sum(r["samples_per_s"] for r in m[1:]) / max(1, len(m) - 1)
@@ -134,9 +132,7 @@ def _align(env, nproc: int, steps: int, extra: list[str], out) -> dict:
 
 def zero_and_scaling(quick: bool) -> dict:
     env = setup(quick)
-    base = env["base"] / "zero"
-    import shutil
-    shutil.rmtree(base, ignore_errors=True)
+    base = fresh(env["base"], "zero")      # fresh run directories: nothing resumes an earlier run
     one = _align(env, 1, 4, ["train.zero_stage=1"], base / "r1")
     res = {}
     rows = [("1 rank: params+grads+Adam state", f"{one['state_bytes_rank0'] / 2**20:.2f} MiB")]

@@ -22,10 +22,25 @@ def setup(quick: bool) -> dict:
         generate(SynthConfig(out=str(base / "corpus"), num_labeled=n[0], num_unlabeled=n[1], num_test=n[2], workers=2))
         write_shards(ShardConfig(corpus=str(base / "corpus"), out=str(base / "shards"), shard_mb=4.0))
     if not (base / "teacher" / "teacher.json").is_file():
-        subprocess.run([sys.executable, "-m", "mer_dist", "adapt-audio", "--shards", str(base / "shards"),
-                        "--layers", "3,4", "--out", str(base / "teacher"), "epochs=1", "tracking.enabled=false"],
-                       check=True, capture_output=True, cwd=REPO)
+        run([sys.executable, "-m", "mer_dist", "adapt-audio", "--shards", str(base / "shards"),
+             "--layers", "3,4", "--out", str(base / "teacher"), "epochs=1", "tracking.enabled=false"])
     return {"base": base, "corpus": base / "corpus", "shards": base / "shards", "teacher": base / "teacher"}
+
+
+def run(cmd: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    """A benchmark's subprocess; when it fails, its last lines are shown (not swallowed) and the run stops."""
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
+    if p.returncode != 0:
+        tail = "\n".join((p.stdout + p.stderr).splitlines()[-40:])
+        raise RuntimeError(f"{' '.join(map(str, cmd[:6]))} ... failed ({p.returncode}):\n{tail}")
+    return p
+
+
+def fresh(base: Path, name: str) -> Path:
+    """A new, empty output directory for one measurement: a rerun never resumes an earlier run's checkpoints."""
+    import tempfile
+    base.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f"{name}-", dir=base))
 
 
 def timed(fn, *args, **kwargs) -> tuple[float, object]:
