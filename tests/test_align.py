@@ -147,3 +147,22 @@ def test_mlflow_down_at_start_or_mid_run(shards, teacher, tmp_path):
     assert proc.returncode == 0, err[-3000:]
     assert "metrics continue in" in err and "all metrics are in" in err
     assert [r["step"] for r in metrics(tmp_path / "b") if "loss" in r] == list(range(1, 81))
+
+
+def test_bf16_export_is_the_fp32_master_weights(shards, teacher, tmp_path):
+    """Under bf16 the engine's module holds rounded copies; encoder.pt must hold the fp32 master weights."""
+    out = tmp_path / "bf16"
+    p = subprocess.run([sys.executable, "-m", "mer_dist", "align", "--shards", str(shards), "--teacher", str(teacher),
+                        "--out", str(out), "--steps", "4", "train.precision=bf16", "tracking.enabled=false",
+                        "train.eval_samples=0", *ARGS[:4], "data.workers=0"],
+                       cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert p.returncode == 0, p.stderr[-3000:]
+    import yaml
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["precision"] == "bf16"
+    sd = torch.load(out / "encoder.pt", weights_only=True)["state_dict"]
+    trained = [v for k, v in sd.items() if v.dtype == torch.float32 and v.numel() > 16]
+    # fp32 master weights are not all representable in bf16 (rounded module copies would be)
+    assert any((v.bfloat16().float() != v).any() for v in trained)
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    ref = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"))
+    assert all(torch.equal(sd[k], ref["encoder." + k].float()) for k in sd)

@@ -16,7 +16,6 @@ import zlib
 from pathlib import Path
 
 import torch
-import torch.distributed as tdist
 from torch import nn
 from tqdm import tqdm
 
@@ -104,16 +103,6 @@ def batch_targets(batch: dict, teacher: Teacher | None, stats: TargetStats | Non
     if "clip" in need:
         target["clip"] = masked_mean(feats, mask)
     return target
-
-
-def consolidated_state_dict(engine, zero_stage: int) -> dict | None:
-    """Full fp32 state dict on rank 0 (ZeRO-3 shards gathered); all ranks must call it."""
-    import deepspeed
-    params = list(engine.module.parameters())
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=zero_stage == 3):
-        if tdist.get_rank() == 0:
-            return {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
-    return None
 
 
 def run(cfg: AlignConfig) -> int:
@@ -248,8 +237,11 @@ def run(cfg: AlignConfig) -> int:
         bar.close()     # the error line of a failure starts on a line of its own
     local, full = _param_elements(engine.module)
     state_bytes = _state_bytes(engine, cfg.train.zero_stage, local, full)
-    sd = consolidated_state_dict(engine, cfg.train.zero_stage)
     if env.is_main:
+        # the fp32 master weights of the final checkpoint (DeepSpeed's zero_to_fp32: every stage, any precision;
+        # under bf16 the engine's module holds rounded copies)
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckdir), tag=checkpoint.latest_tag(ckdir))
         enc_sd = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
         export(encoder, enc_sd, out / "encoder.pt", {"step": step, "teacher": teacher_spec.get("adapter_hash", ""),
                                                      "loss": list(cfg.loss), "pairing": cfg.pairing})
