@@ -55,3 +55,22 @@ def test_meta_device_proxy():
     """`.to("meta")` (what `.to("cuda")` does to placement) leaves no tensor on the CPU."""
     enc = VisualEncoder(C.VisualConfig(), 32).to("meta")
     assert all(t.device.type == "meta" for t in [*enc.parameters(), *enc.buffers()])
+
+
+def test_local_vision_backbones_from_their_own_directories(tmp_path):
+    """A new backbone is a local HF directory: CLIP's vision tower (CLS + pooler) and SigLIP (no CLS token), pixel
+    statistics read from the checkpoint's preprocessor_config.json."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
+    for name, (cfg_cls, model_cls) in {"clip": (CLIPVisionConfig, CLIPVisionModel),
+                                       "siglip": (SiglipVisionConfig, SiglipVisionModel)}.items():
+        cfg = cfg_cls(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                      patch_size=8)
+        model_cls(cfg).save_pretrained(tmp_path / name)
+        CLIPImageProcessor(image_mean=[0.1, 0.2, 0.3], image_std=[0.5, 0.5, 0.25]).save_pretrained(tmp_path / name)
+        enc = VisualEncoder(C.VisualConfig(backbone=str(tmp_path / name)), 32)
+        assert torch.allclose(enc.pix_mean.flatten(), torch.tensor([0.1, 0.2, 0.3]) * 255)
+        assert torch.allclose(enc.pix_std.flatten(), torch.tensor([0.5, 0.5, 0.25]) * 255)
+        out = enc(torch.randint(0, 255, (2, 3, 3, 32, 32), dtype=torch.uint8))
+        assert out.shape == (2, 3, 32) and torch.isfinite(out).all()
+        enc.to(torch.float64)
+        _no_float32(enc)

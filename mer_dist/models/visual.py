@@ -8,11 +8,12 @@ with `weights_only=True` (an encoder file from elsewhere is data, never code).
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, CLIPVisionModel, ViTConfig, ViTModel
+from transformers import AutoConfig, AutoModel, ViTConfig, ViTModel
 
 from mer_dist.config import VisualConfig
 from mer_dist.errors import ModelError
@@ -24,7 +25,8 @@ TINY = {"vit": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, 
 
 
 def build_backbone(spec: str, image_size: int) -> tuple[nn.Module, int, tuple, tuple]:
-    """(backbone, width, pixel mean, pixel std)."""
+    """(backbone, width, pixel mean, pixel std). A local directory is any `transformers` vision model (CLIP's
+    vision tower, ViT, DINOv2, SigLIP, ...); its pixel statistics come from its own image-processor config."""
     if spec.startswith("tiny:"):
         preset = spec.split(":", 1)[1]
         if preset not in TINY:
@@ -33,22 +35,31 @@ def build_backbone(spec: str, image_size: int) -> tuple[nn.Module, int, tuple, t
         return ViTModel(cfg, add_pooling_layer=False), cfg.hidden_size, (0.5,) * 3, (0.5,) * 3
     path = Path(spec)
     if not (path / "config.json").is_file():
-        raise ModelError(f"vision backbone directory {path}: no config.json (expected a local CLIP/ViT/DINOv2 "
-                         f"save_pretrained directory, or tiny:vit)")
+        raise ModelError(f"vision backbone directory {path}: no config.json (expected a local save_pretrained "
+                         f"directory of a vision model, e.g. CLIP/ViT/DINOv2/SigLIP, or tiny:vit)")
     cfg = AutoConfig.from_pretrained(str(path), local_files_only=True)
-    if cfg.model_type in ("clip", "clip_vision_model"):
-        model = CLIPVisionModel.from_pretrained(str(path), local_files_only=True)
-        mean, std = (0.4815, 0.4578, 0.4082), (0.2686, 0.2613, 0.2758)
-        width = model.config.hidden_size
-    elif cfg.model_type in ("vit", "dinov2"):
-        model = AutoModel.from_pretrained(str(path), local_files_only=True)
-        mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-        if cfg.model_type == "vit":
-            mean, std = (0.5,) * 3, (0.5,) * 3
-        width = cfg.hidden_size
-    else:
-        raise ModelError(f"vision backbone {path}: model_type '{cfg.model_type}' not supported (clip, vit, dinov2)")
+    try:
+        if hasattr(cfg, "vision_config"):      # a two-tower checkpoint (CLIP, SigLIP): its vision tower
+            model = AutoModel.from_pretrained(str(path), local_files_only=True).vision_model
+            width = cfg.vision_config.hidden_size
+        else:
+            model = AutoModel.from_pretrained(str(path), local_files_only=True)
+            width = cfg.hidden_size
+    except (OSError, ValueError, AttributeError) as e:
+        raise ModelError(f"vision backbone {path}: cannot load ({str(e).splitlines()[0]})") from None
+    mean, std = _pixel_stats(path)
     return model, width, mean, std
+
+
+def _pixel_stats(path: Path) -> tuple[tuple, tuple]:
+    """image_mean/image_std of the checkpoint's preprocessor_config.json (what it was trained with)."""
+    f = path / "preprocessor_config.json"
+    if not f.is_file():
+        raise ModelError(f"vision backbone {path}: no preprocessor_config.json (its pixel mean/std are needed)")
+    pre = json.loads(f.read_text())
+    if "image_mean" not in pre or "image_std" not in pre:
+        raise ModelError(f"{f}: expected image_mean and image_std")
+    return tuple(pre["image_mean"]), tuple(pre["image_std"])
 
 
 def _blocks(backbone: nn.Module) -> list[nn.Module]:
@@ -87,7 +98,15 @@ class VisualEncoder(nn.Module):
         b, f = frames.shape[:2]
         x = frames.flatten(0, 1).to(self.pix_mean.dtype)
         x = ((x - self.pix_mean) / self.pix_std).to(next(self.backbone.parameters()).dtype)
-        h = self.backbone(pixel_values=x).last_hidden_state[:, 0]       # CLS token per frame
+        out = self.backbone(pixel_values=x)
+        # one vector per frame: the model's own pooled output where it has one (CLIP, SigLIP), else the CLS
+        # token when the model has one (ViT, DINOv2), else the mean of the patch tokens
+        pooled = getattr(out, "pooler_output", None)
+        if pooled is None:
+            tokens = out.last_hidden_state
+            pooled = tokens[:, 0] if getattr(self.backbone.config, "model_type", "") in ("vit", "dinov2") \
+                else tokens.mean(1)
+        h = pooled
         h = h.view(b, f, -1) + self.pos[:, :f].to(h.dtype)
         return self.norm(self.temporal(h))
 
