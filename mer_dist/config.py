@@ -183,7 +183,7 @@ class ExtractConfig:
 
 @dataclass
 class VisualConfig:
-    backbone: str = "tiny:vit"     # local dir of a CLIP/ViT/DINOv2 checkpoint, or tiny:vit
+    backbone: str = "tiny:vit"     # local dir of a transformers vision model (CLIP, SigLIP, ViT, DINOv2), or tiny:vit
     temporal_layers: int = 1  # transformer layers over the frame embeddings
     temporal_heads: int = 4  # attention heads of the temporal transformer
     freeze_blocks: int = 0         # freeze the lowest N backbone blocks (and embeddings when > 0)
