@@ -66,7 +66,9 @@ def start_mlflow(d: Path) -> tuple[str, subprocess.Popen]:
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
                              "--backend-store-uri", f"sqlite:///{d}/mlflow.db", "--default-artifact-root", str(d / "art"),
                              "--workers", "1"], stdout=open(d / "server.log", "w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            start_new_session=True,
+                            # no background job runners (huey consumers outlive the server's process group)
+                            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     uri = f"http://127.0.0.1:{port}"
     import urllib.request
     for _ in range(120):
