@@ -59,6 +59,9 @@ def test_deterministic_synth_and_stream(tmp_path):
     b = generate(SynthConfig(out=str(tmp_path / "b"), num_labeled=6, num_unlabeled=3, num_test=2, height=32, width=32, seed=5, workers=2))
     for f in ("label-disdim.csv", "label-transcription.csv", "label-test.csv"):
         assert (a / f).read_text() == (b / f).read_text()
+    # every clip byte for byte, whichever worker encoded it after whichever clips (x264 state must not leak)
+    clips = sorted(p.relative_to(a) for p in a.glob("video-*/*.mp4"))
+    assert len(clips) == 11 and all((a / c).read_bytes() == (b / c).read_bytes() for c in clips)
     x = decode(a / "video-labeled/sample_00000003.mp4", 4, 32, 32)
     y = decode(b / "video-labeled/sample_00000003.mp4", 4, 32, 32)
     assert np.array_equal(x.frames, y.frames) and np.array_equal(x.audio, y.audio)

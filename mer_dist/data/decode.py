@@ -149,12 +149,18 @@ def write_av(path: Path, frames: np.ndarray | None, audio: np.ndarray | None, fp
             vs.width, vs.height, vs.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
             vs.thread_count = 1                      # deterministic bytes
             if vcodec == "libx264":
-                vs.options = {"preset": "veryfast", "crf": "23"}
+                # one x264 thread, whatever FFmpeg's thread_count does: byte-identical output
+                vs.options = {"preset": "veryfast", "crf": "23", "threads": "1",
+                              "x264-params": "threads=1:lookahead-threads=1:sliced-threads=0"}
         if audio is not None:
             as_ = out.add_stream(acodec, rate=sample_rate, layout="mono")
         if vs is not None:
-            for img in frames:
-                for pkt in vs.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+            for i, img in enumerate(frames):
+                # converted here, not by the encoder: PyAV's implicit conversion carries state from one encode to the
+                # next, so the same frames gave other bytes (and pixels) depending on what the process encoded before
+                frame = av.VideoFrame.from_ndarray(img, format="rgb24").reformat(format=vs.pix_fmt)
+                frame.pts = i
+                for pkt in vs.encode(frame):
                     out.mux(pkt)
             for pkt in vs.encode():
                 out.mux(pkt)
