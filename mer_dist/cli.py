@@ -103,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     except user_errors as e:
         if os.environ.get("MER_DEBUG"):
             raise
-        print(f"mer-dist: error: {e}".splitlines()[0], file=sys.stderr)
+        # one write (text and newline together): ranks sharing a terminal never run their lines together
+        sys.stderr.write(f"mer-dist: error: {e}".splitlines()[0] + "\n")
+        sys.stderr.flush()
         return 2
     return int(result) if isinstance(result, int) else 0
 

@@ -60,7 +60,7 @@ def test_probe_ranks_informative_layer_above_noise(probe_dir):
     assert best > noise + 0.1, (best, noise)
 
 
-def test_adaptation_and_teacher(teacher, shards, tmp_path):
+def test_adaptation_learns_and_teacher_round_trips(teacher, shards, tmp_path):
     spec = json.loads((teacher / "teacher.json").read_text())
     assert spec["method"] == "lora" and spec["layers"] == spec["feature_layers"]
     assert (teacher / "adapter" / "adapter_config.json").is_file()
@@ -75,9 +75,10 @@ def test_adaptation_and_teacher(teacher, shards, tmp_path):
     assert fa.shape == (2, 62, spec["dim"]) and not torch.allclose(fa, fb)
     # save/load round trip: a fresh load gives identical outputs
     assert torch.equal(Teacher.load(teacher).features(x, n)[0], fa)
-    # LoRA improved validation WAF over the linear probe of the same layers (the prototype's claim)
-    print("adapted val WAF", spec["val_waf"], "probe", spec["probe_val_waf"])
-    assert spec["val_waf"] > 1 / 6
+    # the adapted teacher learned emotion (above chance on the held-out part of train); whether LoRA beats the
+    # probe of the same layers is a claim about a 96-clip corpus too small to order them stably: RESULTS.md
+    # reports that comparison (audio-only, adapted vs base teacher) over 3 seeds instead
+    assert spec["val_waf"] > 1 / 6 and spec["probe_val_waf"] is not None
 
 
 def test_peft_touches_only_chosen_layers():

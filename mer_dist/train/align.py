@@ -110,15 +110,7 @@ def run(cfg: AlignConfig) -> int:
     import deepspeed  # after setup(): DS_ACCELERATOR must be set before the first import
 
     out, ckdir = Path(cfg.out), Path(cfg.out) / "checkpoints"
-    lock = OutputLock(out)          # one writer per output directory; every rank learns if rank 0 lost
-    error = ""
-    if env.is_main:
-        try:
-            lock.acquire()
-        except LockError as e:
-            error = str(e)
-    if any(dist.all_gather_object(error)):
-        raise LockError(next(e for e in dist.all_gather_object(error) if e))
+    lock = _one_writer(out, env)
     device = env.device
     urls = shard_urls(cfg.data.shards, cfg.split)
     epoch_samples = load_manifest(cfg.data.shards)["splits"][cfg.split]["samples"]
@@ -258,6 +250,20 @@ def run(cfg: AlignConfig) -> int:
     lock.release()
     dist.cleanup()
     return exit_code
+
+
+def _one_writer(out: Path, env: dist.DistEnv) -> OutputLock:
+    """Rank 0 locks the run directory; every rank learns if another run holds it (one line, exit 2)."""
+    lock, error = OutputLock(out), ""
+    if env.is_main:
+        try:
+            lock.acquire()
+        except LockError as e:
+            error = str(e)
+    errors = [e for e in dist.all_gather_object(error) if e]
+    if errors:
+        raise LockError(errors[0])
+    return lock
 
 
 class _Window:
