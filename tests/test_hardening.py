@@ -93,8 +93,11 @@ def test_checkpoints_signed_one_writer_no_duplicate_rows_and_world_size(tmp_path
     # a second writer into the same directory is refused while the first runs
     rc2, _, err2 = _align(out, shards, teacher, 400)
     assert rc2 == 2 and "another run is writing here" in error_line(err2)
-    while time.time() < deadline and not any(r.get("step", 0) % 4 in (1, 2) and r["step"] > 6 for r in _rows(out)):
-        time.sleep(0.1)
+    def just_after_a_checkpoint():      # the newest row is 1-2 steps past a checkpoint: kill there
+        rows = [r for r in _rows(out) if "loss" in r]
+        return rows and rows[-1]["step"] > 6 and rows[-1]["step"] % 4 in (1, 2)
+    while time.time() < deadline and not just_after_a_checkpoint():
+        time.sleep(0.05)
     assert p.poll() is None, "the first run ended before it could be killed"
     os.killpg(p.pid, signal.SIGKILL)
     p.wait()
