@@ -135,15 +135,32 @@ def all_gather_object(obj) -> list:
     return out
 
 
-def mean_across_ranks(values: list[float]) -> list[float]:
-    """Element-wise mean of a few floats over all ranks (logging; every rank must call it)."""
-    t = torch.tensor(values, dtype=torch.float64)
+def _all_reduce(t: torch.Tensor, op) -> torch.Tensor:
+    """All-reduce a small CPU tensor (on the GPU under NCCL); every rank must call it."""
     if tdist.is_initialized() and tdist.get_world_size() > 1:
         if tdist.get_backend() == "nccl":
             t = t.cuda()
-        tdist.all_reduce(t)
-        t /= tdist.get_world_size()
-    return t.cpu().tolist()
+        tdist.all_reduce(t, op=op)
+    return t.cpu()
+
+
+def mean_across_ranks(values: list[float]) -> list[float]:
+    """Element-wise mean of a few floats over all ranks (logging; every rank must call it)."""
+    t = _all_reduce(torch.tensor(values, dtype=torch.float64), tdist.ReduceOp.SUM)
+    return (t / (tdist.get_world_size() if tdist.is_initialized() else 1)).tolist()
+
+
+def max_across_ranks(value: int) -> int:
+    """The largest of one integer over all ranks (a flag any rank may raise; every rank must call it)."""
+    return int(_all_reduce(torch.tensor([value], dtype=torch.int64), tdist.ReduceOp.MAX).item())
+
+
+def raise_if_any(error: str, kind: type[Exception]) -> None:
+    """Every rank raises `kind` with the first non-empty error any rank reports (every rank must call it):
+    a failure seen by one rank (often rank 0, which alone checks) reaches all of them, none waits forever."""
+    errors = [e for e in all_gather_object(error) if e]
+    if errors:
+        raise kind(errors[0])
 
 
 def cleanup() -> None:
@@ -167,10 +184,5 @@ class StopFlag:
         self.signum = signum
 
     def should_stop(self) -> bool:
-        flag = torch.tensor([self.signum], dtype=torch.int64)
-        if tdist.is_initialized() and tdist.get_world_size() > 1:
-            if tdist.get_backend() == "nccl":
-                flag = flag.cuda()
-            tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
-        self.signum = int(flag.item())
+        self.signum = max_across_ranks(self.signum)
         return self.signum != 0

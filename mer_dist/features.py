@@ -179,14 +179,16 @@ def specs_for(cfg) -> dict:
             "t": {"model": cfg.text_model, "column": cfg.text_column}}
 
 
-def frames(shards: str, split: str, data: DataConfig, cache_dir: str | Path) -> tuple[list[str], np.ndarray]:
+def frames(shards: str, split: str, data: DataConfig, cache_dir: str | Path,
+           rank: int = 0) -> tuple[list[str], np.ndarray]:
     """Decoded frames of a split, [N, F, 3, H, W] uint8 in name order, for fine-tuning the visual encoder end
     to end: decoded once into `<cache>/frames-<key>.npy` and then memory-mapped (disk, not RAM, bounds it).
-    Clips that fail to decode get zero frames (and are counted in the log). Call on one rank at a time."""
+    Clips that fail to decode get zero frames (and are counted in the log). Every rank must call it: rank 0
+    alone decodes (one writer), the others wait and then map the file."""
     names, _, _, keys = index(shards, split)
     key = hashlib.sha256(json.dumps([keys, data.frames, data.height, data.width]).encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"frames-{key}.npy"
-    if not path.is_file():
+    if rank == 0 and not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp.npy")
         out = np.lib.format.open_memmap(tmp, "w+", np.uint8, (len(names), data.frames, 3, data.height, data.width))
@@ -201,4 +203,5 @@ def frames(shards: str, split: str, data: DataConfig, cache_dir: str | Path) -> 
         tmp.replace(path)
         if totals.samples:
             log.warning("%s: %d clip(s) could not be decoded; their frames are blank", split, totals.samples)
+    dist.barrier()
     return names, np.load(path, mmap_mode="r")

@@ -7,7 +7,7 @@ import os
 import socket
 from pathlib import Path
 
-from mer_dist.errors import LockError
+from mer_dist.errors import LockError, ModelError
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
@@ -20,6 +20,17 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 def write_json_atomic(path: str | Path, obj) -> None:
     write_text_atomic(path, json.dumps(obj, indent=1, ensure_ascii=False))
+
+
+def load_tensors(path: str | Path, what: str = ""):
+    """A file of tensors and plain values (`torch.load(weights_only=True)`): a model file from elsewhere is data,
+    never code; one that needs unpickling anything else is refused with one line (ModelError)."""
+    import torch
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - refusals of pickled code come in several exception types
+        raise ModelError(f"{what}{path}: not a plain tensor file, refusing to load it "
+                         f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]})") from None
 
 
 class OutputLock:

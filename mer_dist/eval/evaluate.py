@@ -25,7 +25,7 @@ from mer_dist.errors import ModelError
 from mer_dist.eval import plots
 from mer_dist.eval.metrics import summary
 from mer_dist.features import Encoders, extract, frames
-from mer_dist.io import write_json_atomic
+from mer_dist.io import load_tensors, write_json_atomic
 from mer_dist.models.fusion import fold_probs
 from mer_dist.tracking import Tracker
 
@@ -34,10 +34,7 @@ def load_model(model_dir: str | Path) -> dict:
     model_file = Path(model_dir) / "model.pt"
     if not model_file.is_file():
         raise FileNotFoundError(f"{model_file}: model not found (run `mer-dist finetune` first)")
-    try:
-        ck = torch.load(model_file, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - refusals of pickled code come in several exception types
-        raise ModelError(f"{model_file}: not a plain tensor file, refusing to load it ({type(e).__name__})") from None
+    ck = load_tensors(model_file)
     need = {"folds", "dims", "fusion", "modalities", "specs", "image_size", "data", "shards", "cache"}
     if not isinstance(ck, dict) or not need <= set(ck):
         raise ModelError(f"{model_file}: expected a model.pt written by `mer-dist finetune` (keys {sorted(need)})")
@@ -55,10 +52,7 @@ def predict(ck: dict, split: str, shards: str = "", encoders: Encoders | None = 
         return names, y, fold_probs(ck["folds"], ck["dims"], FusionConfig(**ck["fusion"]), feats, present)
     # the visual encoder was fine-tuned with each fold: its features come from that fold's encoder
     from mer_dist.models.visual import VisualEncoder
-    if rank == 0:
-        frames(data.shards, split, data, ck["cache"])
-    dist.barrier()
-    _, clips = frames(data.shards, split, data, ck["cache"])
+    _, clips = frames(data.shards, split, data, ck["cache"], rank)
     probs = []
     for fusion_state, visual_state in zip(ck["folds"], ck["visual_folds"]):
         enc = VisualEncoder(VisualConfig(**{**ck["visual_config"], "init": ""}), ck["image_size"])

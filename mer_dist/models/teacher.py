@@ -17,6 +17,7 @@ from torch import nn
 from transformers import HubertConfig, HubertModel
 
 from mer_dist.errors import ModelError
+from mer_dist.io import load_tensors
 
 FRAME_RATE = 50.0  # HuBERT: 20 ms hop
 TINY = {
@@ -236,7 +237,7 @@ class Teacher(nn.Module):
             hubert = PeftModel.from_pretrained(hubert, str(path / "adapter")).merge_and_unload()
         elif adapted and spec["method"] == "bottleneck":
             add_bottlenecks(hubert, spec["layers"], spec["bottleneck_dim"])
-            hubert.load_state_dict(_load_tensors(path / "bottleneck.pt"), strict=False)
+            hubert.load_state_dict(load_tensors(path / "bottleneck.pt"), strict=False)
         # layers above the last one we read are never needed: drop them (HuBERT-large: 24 -> ~22)
         read = list(spec["feature_layers"]) + list(spec["layers"])
         need = len(hubert.encoder.layers) if spec["feature_reduce"] in ("last", "sum_last4") else max(read) + 1
@@ -245,7 +246,7 @@ class Teacher(nn.Module):
         head = None
         if (path / "head.pt").is_file():
             head = EmotionHead(len(spec["layers"]), hubert.config.hidden_size, spec.get("head", "weighted"))
-            head.load_state_dict(_load_tensors(path / "head.pt"))
+            head.load_state_dict(load_tensors(path / "head.pt"))
         stats = TargetStats.load(path) if (path / "stats.npz").is_file() else None
         return cls(hubert, spec, head, stats)
 
@@ -274,11 +275,3 @@ class Teacher(nn.Module):
     def utterance(self, audio: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
         f, m = self.features(audio, lens)
         return masked_mean(f, m)
-
-
-def _load_tensors(path: Path) -> dict:
-    """A state dict from a teacher directory: tensors only, never pickled code (weights_only)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - unpickling refusals come in several types
-        raise ModelError(f"{path}: not a plain tensor file ({type(e).__name__}); refusing to load it") from None

@@ -17,6 +17,7 @@ from transformers import AutoConfig, AutoModel, ViTConfig, ViTModel
 
 from mer_dist.config import VisualConfig
 from mer_dist.errors import ModelError
+from mer_dist.io import load_tensors
 
 TINY = {"vit": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                     patch_size=8, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
@@ -151,11 +152,7 @@ def read_encoder(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"visual encoder {path}: file not found (run `mer-dist align`, or use visual=random)")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - refusals of pickled code come in several exception types
-        raise ModelError(f"visual encoder {path}: not a plain tensor file, refusing to load it "
-                         f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]})") from None
+    ck = load_tensors(path, "visual encoder ")
     if not isinstance(ck, dict) or not {"config", "image_size", "state_dict"} <= set(ck):
         raise ModelError(f"visual encoder {path}: expected an encoder.pt written by `mer-dist align` "
                          f"(keys config, image_size, state_dict)")

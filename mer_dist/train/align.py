@@ -232,7 +232,9 @@ def run(cfg: AlignConfig) -> int:
     if env.is_main:
         # the fp32 master weights of the final checkpoint (DeepSpeed's zero_to_fp32: every stage, any precision;
         # under bf16 the engine's module holds rounded copies)
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        from deepspeed.utils.zero_to_fp32 import (
+            get_fp32_state_dict_from_zero_checkpoint,
+        )
         sd = get_fp32_state_dict_from_zero_checkpoint(str(ckdir), tag=checkpoint.latest_tag(ckdir))
         enc_sd = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
         export(encoder, enc_sd, out / "encoder.pt", {"step": step, "teacher": teacher_spec.get("adapter_hash", ""),
@@ -260,9 +262,7 @@ def _one_writer(out: Path, env: dist.DistEnv) -> OutputLock:
             lock.acquire()
         except LockError as e:
             error = str(e)
-    errors = [e for e in dist.all_gather_object(error) if e]
-    if errors:
-        raise LockError(errors[0])
+    dist.raise_if_any(error, LockError)
     return lock
 
 

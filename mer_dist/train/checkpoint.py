@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as tdist
 
 from mer_dist import dist
 from mer_dist.errors import CheckpointError
@@ -86,16 +85,6 @@ def _sign(files: dict, world_size: int, key: bytes) -> str:
     return hmac.new(key, json.dumps([files, world_size], sort_keys=True).encode(), "sha256").hexdigest()
 
 
-def _any_rank(failed: bool) -> bool:
-    """True on every rank if it is True on any (all ranks must call it)."""
-    flag = torch.tensor([int(failed)])
-    if tdist.is_initialized() and tdist.get_world_size() > 1:
-        if tdist.get_backend() == "nccl":
-            flag = flag.cuda()
-        tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
-    return bool(flag.item())
-
-
 def save(engine, ckdir: str | Path, step: int, client_state: dict, keep: int, env: dist.DistEnv) -> Path:
     ckdir = Path(ckdir)
     tag, tmp = f"step{step:08d}", f".tmp-step{step:08d}"
@@ -107,7 +96,7 @@ def save(engine, ckdir: str | Path, step: int, client_state: dict, keep: int, en
             (ckdir / tmp).mkdir()
         except OSError as e:
             error = f"{ckdir / tmp}: {e.strerror or e}"
-    if _any_rank(bool(error)):
+    if dist.max_across_ranks(int(bool(error))):
         raise CheckpointError(f"checkpoint not written: {error or 'rank 0 could not create its directory'}; "
                               f"the previous checkpoint stays latest")
     try:
@@ -118,7 +107,7 @@ def save(engine, ckdir: str | Path, step: int, client_state: dict, keep: int, en
         if shutil.disk_usage(ckdir).free < (1 << 20):      # torch reports a full disk as a zip-writer error
             cause = f"No space left on device ({cause})"
         error = f"{ckdir / tmp} (rank {env.rank}): {cause}"
-    if _any_rank(bool(error)):
+    if dist.max_across_ranks(int(bool(error))):
         if env.is_main:
             shutil.rmtree(ckdir / tmp, ignore_errors=True)
         raise CheckpointError(f"checkpoint not written: {error or 'another rank failed to write its part'}; "
@@ -176,9 +165,7 @@ def load(engine, ckdir: str | Path, env: dist.DistEnv, trust: bool = False) -> d
             verify(ckdir, tag, env.world_size, trust)
         except CheckpointError as e:
             error = str(e)
-    box = dist.all_gather_object(error)
-    if any(box):
-        raise CheckpointError(next(b for b in box if b))
+    dist.raise_if_any(error, CheckpointError)
     path, client = engine.load_checkpoint(str(ckdir), tag=tag)
     if path is None:
         raise CheckpointError(f"{Path(ckdir) / tag}: DeepSpeed could not load this checkpoint")

@@ -91,10 +91,7 @@ def training_set(cfg: FinetuneConfig, names, y, feats, present, n_folds: int, ra
     and weights for the labeled ones; `pseudo[k]` = (row indices, target rows) of fold k's pseudo-labels."""
     n = len(y)
     target = np.eye(len(LABELS))[y]
-    weight = np.ones(n)
-    if cfg.class_weights:
-        counts = np.bincount(y, minlength=len(LABELS)).astype(float)
-        weight = (counts.sum() / np.maximum(counts, 1) / len(LABELS))[y]
+    weight = np.ones(n)          # class weights, when asked, are the fold's own (train_fold)
     info: dict = {"n_pseudo": 0, "pseudo": [(np.zeros(0, int), np.zeros((0, len(LABELS))))] * n_folds}
     clips = None
     if cfg.visual_train != "frozen":      # decoded frames of every training clip, for the encoder that trains
@@ -136,10 +133,7 @@ def training_set(cfg: FinetuneConfig, names, y, feats, present, n_folds: int, ra
 
 def _frames(cfg: FinetuneConfig, split: str, names: list[str], rank: int) -> np.ndarray:
     """Frames of a split in `names` order (rank 0 decodes into the cache, then everyone maps it)."""
-    if rank == 0:
-        frames(cfg.data.shards, split, cfg.data, cache_dir(cfg))
-    dist.barrier()
-    got, arr = frames(cfg.data.shards, split, cfg.data, cache_dir(cfg))
+    got, arr = frames(cfg.data.shards, split, cfg.data, cache_dir(cfg), rank)
     assert got == names, f"{split}: frame cache and feature index disagree"
     return arr
 
@@ -185,7 +179,11 @@ def train_fold(cfg: FinetuneConfig, ts: dict, y: np.ndarray, tr: np.ndarray, va:
     idx_k, target_k = ts["pseudo"][k]
     q = ts["target"].copy()
     q[idx_k] = target_k                       # this fold's pseudo-labels
-    p, q, w = torch.from_numpy(present), torch.from_numpy(q), torch.from_numpy(ts["weight"])
+    w = ts["weight"].copy()
+    if cfg.class_weights:                     # from this fold's training labels only, as before pseudo-labels
+        counts = np.bincount(y[tr], minlength=len(LABELS)).astype(float)
+        w[:ts["n_labeled"]] = (counts.sum() / np.maximum(counts, 1) / len(LABELS))[y]
+    p, q, w = torch.from_numpy(present), torch.from_numpy(q), torch.from_numpy(w)
     train_idx = fold_train_indices(tr, ts, k)
     best, best_state, history = -1.0, None, []
     for epoch in range(cfg.epochs):
