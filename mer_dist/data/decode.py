@@ -11,6 +11,7 @@ from pathlib import Path
 
 import av
 import numpy as np
+from av.video.reformatter import Interpolation
 
 
 class DecodeError(RuntimeError):
@@ -90,7 +91,9 @@ def decode(source: str | Path | bytes, frames: int, height: int, width: int, sam
             and a.format is not None and a.format.name in ("flt", "fltp")
         resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate) \
             if a is not None and not passthrough else None
-        reformatter = av.video.reformatter.VideoReformatter()  # one swscale context for all kept frames
+        # one swscale context for all kept frames, one thread: loader workers are the parallelism (swscale's default,
+        # a thread per CPU in every worker, oversubscribes the machine and made scaled pixels vary between runs)
+        reformatter = av.video.reformatter.VideoReformatter()
         chunks: list[np.ndarray] = []
         n_audio = 0
         max_samples = int(max_seconds * sample_rate) if max_seconds > 0 else None
@@ -105,7 +108,7 @@ def decode(source: str | Path | bytes, frames: int, height: int, width: int, sam
                     img = None
                     while filled < frames and t + half >= targets[filled]:
                         if img is None:
-                            img = reformatter.reformat(fr, width, height, "rgb24").to_ndarray()
+                            img = reformatter.reformat(fr, width, height, "rgb24", threads=1).to_ndarray()
                         out[filled] = img
                         filled += 1
                     last = fr
@@ -122,7 +125,7 @@ def decode(source: str | Path | bytes, frames: int, height: int, width: int, sam
             if last is None:
                 raise DecodeError(name, "no video frames decoded")
             if filled < frames:                     # trailing targets past the last frame: repeat it
-                out[filled:] = reformatter.reformat(last, width, height, "rgb24").to_ndarray()
+                out[filled:] = reformatter.reformat(last, width, height, "rgb24", threads=1).to_ndarray()
         audio = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
         if max_samples is not None:
             audio = audio[:max_samples]
@@ -137,28 +140,36 @@ def decode(source: str | Path | bytes, frames: int, height: int, width: int, sam
         container.close()
 
 
+_BITEXACT = Interpolation.BILINEAR | Interpolation.ACCURATE_RND | Interpolation.BITEXACT
+
+
 def write_av(path: Path, frames: np.ndarray | None, audio: np.ndarray | None, fps: int, container: str,
              sample_rate: int = 16000) -> None:
     """Encode frames (uint8 [T,H,W,3]) and mono float audio into one container (H.264+AAC, or MPEG-4+PCM in .avi):
     the project's one encoder (synthetic corpora and shard re-encoding)."""
     vcodec, acodec = ("libx264", "aac") if container == "mp4" else ("mpeg4", "pcm_s16le")
-    with av.open(str(path), "w") as out:
+    # bitexact: no build/version strings or timing in the container or streams, so bytes depend on the input only
+    with av.open(str(path), "w", options={"fflags": "+bitexact"}) as out:
         vs = as_ = None
         if frames is not None:
             vs = out.add_stream(vcodec, rate=fps)
             vs.width, vs.height, vs.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
             vs.thread_count = 1                      # deterministic bytes
             if vcodec == "libx264":
-                # one x264 thread, whatever FFmpeg's thread_count does: byte-identical output
-                vs.options = {"preset": "veryfast", "crf": "23", "threads": "1",
-                              "x264-params": "threads=1:lookahead-threads=1:sliced-threads=0"}
+                # one x264 thread, whatever FFmpeg's thread_count does, and no macroblock-tree rate control: its
+                # float SIMD gave other bytes for the same frames depending on the process's heap (seen in CI)
+                vs.options = {"preset": "veryfast", "crf": "23", "threads": "1", "flags": "+bitexact",
+                              "x264-params": "threads=1:lookahead-threads=1:sliced-threads=0:mbtree=0"}
         if audio is not None:
             as_ = out.add_stream(acodec, rate=sample_rate, layout="mono")
+            as_.options = {"flags": "+bitexact"}
         if vs is not None:
             for i, img in enumerate(frames):
                 # converted here, not by the encoder: PyAV's implicit conversion carries state from one encode to the
-                # next, so the same frames gave other bytes (and pixels) depending on what the process encoded before
-                frame = av.VideoFrame.from_ndarray(img, format="rgb24").reformat(format=vs.pix_fmt)
+                # next, so the same frames gave other bytes (and pixels) depending on what the process encoded before.
+                # One thread and BITEXACT: swscale's default is one slice per CPU, whose output differed between runs
+                frame = av.VideoFrame.from_ndarray(img, format="rgb24").reformat(
+                    format=vs.pix_fmt, interpolation=_BITEXACT, threads=1)
                 frame.pts = i
                 for pkt in vs.encode(frame):
                     out.mux(pkt)
