@@ -83,12 +83,22 @@ def _detect(e) -> DistEnv:
                        int(e.get("LOCAL_WORLD_SIZE", e.get("LOCAL_SIZE", world))),
                        e.get("MASTER_ADDR", "127.0.0.1"), int(e.get("MASTER_PORT", 29500)), launcher, job)
     if "SLURM_PROCID" in e and "SLURM_NTASKS" in e:
+        # derived from the job id: every node computes the same port without talking, and two jobs that share
+        # a node differ. The one definition: slurm/*.sh leave it to this (torchrun mode through `torchrun_args`)
         port = int(e.get("MASTER_PORT", 0)) or 20000 + int(job or 0) % 20000
         addr = e.get("MASTER_ADDR") or first_host(e.get("SLURM_JOB_NODELIST", e.get("SLURM_NODELIST", "127.0.0.1")))
         return DistEnv(int(e["SLURM_PROCID"]), int(e["SLURM_NTASKS"]), int(e.get("SLURM_LOCALID", 0)),
                        _tasks_per_node(e.get("SLURM_TASKS_PER_NODE", e.get("SLURM_NTASKS_PER_NODE", "1"))),
                        addr, port, "slurm", job)
     return DistEnv(job_id=job)
+
+
+def torchrun_args(e) -> list[str]:
+    """torchrun's rendezvous flags for one agent per Slurm node (`srun --ntasks-per-node=1`)."""
+    d = _detect(e)
+    nproc = e.get("GPUS_PER_NODE") or e.get("SLURM_GPUS_ON_NODE") or "1"
+    return [f"--nnodes={e.get('SLURM_JOB_NUM_NODES', d.world_size)}", f"--nproc_per_node={nproc}",
+            "--rdzv_backend=c10d", f"--rdzv_endpoint={d.master_addr}:{d.master_port}", f"--rdzv_id={d.job_id}"]
 
 
 def free_port() -> int:
@@ -186,3 +196,14 @@ class StopFlag:
     def should_stop(self) -> bool:
         self.signum = max_across_ranks(self.signum)
         return self.signum != 0
+
+
+if __name__ == "__main__":
+    # `python -m mer_dist.dist torchrun ARGS...` (slurm/align.sh, MER_LAUNCH=torchrun): torchrun with the
+    # rendezvous of this Slurm job, computed inside the job's own environment (container included)
+    import sys
+
+    if sys.argv[1:2] != ["torchrun"]:
+        sys.exit("usage: python -m mer_dist.dist torchrun [torchrun args] -m mer_dist STAGE ...")
+    from torch.distributed.run import main as torchrun
+    torchrun(torchrun_args(os.environ) + sys.argv[2:])

@@ -8,7 +8,8 @@
 #
 # Environment (all optional): MER_CONFIG, MER_OVERRIDES (space-separated key=value), MER_LAUNCH
 # (srun|torchrun), MER_PYTHON, MER_MAX_RESTARTS, MER_WORKDIR, CONTAINER_IMAGE with CONTAINER_RUNTIME
-# (pyxis|apptainer), MASTER_ADDR, MASTER_PORT, GPUS_PER_NODE.
+# (pyxis|apptainer), MASTER_ADDR, MASTER_PORT, GPUS_PER_NODE. Left unset, the job derives the master
+# (first node, port from the job id) in mer_dist.dist, the one place that knows how.
 #
 # Pre-emption: Slurm sends USR1 120 s before the time limit (or `scancel --signal=USR1 JOB`); every
 # rank checkpoints and exits 75, and this script requeues the job, which resumes from `latest`.
@@ -33,9 +34,6 @@ EXIT_PREEMPTED=75
 cd "${MER_WORKDIR:-${SLURM_SUBMIT_DIR:-.}}" || exit 1
 mkdir -p logs
 
-MASTER_ADDR="${MASTER_ADDR:-$(scontrol show hostnames "${SLURM_JOB_NODELIST}" | head -n 1)}"
-MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
-export MASTER_ADDR MASTER_PORT
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"
 read -r -a OVERRIDES <<< "${MER_OVERRIDES:-}"
 
@@ -53,7 +51,7 @@ if [ -n "${CONTAINER_IMAGE:-}" ] && [ "${CONTAINER_RUNTIME:-pyxis}" = apptainer 
 fi
 
 echo "[align.sh] $(date -Is) job ${SLURM_JOB_ID} restart ${SLURM_RESTART_COUNT:-0}: ${SLURM_JOB_NUM_NODES} node(s)," \
-     "${SLURM_NTASKS} task(s), master ${MASTER_ADDR}:${MASTER_PORT}, launch=${LAUNCH}, config=${CONFIG}"
+     "${SLURM_NTASKS} task(s), launch=${LAUNCH}, config=${CONFIG}"
 
 preempted=0
 child=""
@@ -66,11 +64,8 @@ rm -f "$MER_REQUEUE_MARKER"
 trap 'preempted=1; echo "[align.sh] USR1: pre-emption, checkpointing"; [ -n "$child" ] && kill -TERM "$child" 2>/dev/null' USR1
 
 if [ "$LAUNCH" = torchrun ]; then
-  GPUS_PER_NODE="${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}"
   srun --ntasks-per-node=1 --kill-on-bad-exit=1 "${container[@]}" "${prefix[@]}" \
-    "$PYTHON" -m torch.distributed.run --nnodes="${SLURM_JOB_NUM_NODES}" --nproc_per_node="${GPUS_PER_NODE}" \
-    --rdzv_backend=c10d --rdzv_endpoint="${MASTER_ADDR}:${MASTER_PORT}" --rdzv_id="${SLURM_JOB_ID}" \
-    -m mer_dist "$STAGE" --config "$CONFIG" "${OVERRIDES[@]}" &
+    "$PYTHON" -m mer_dist.dist torchrun -m mer_dist "$STAGE" --config "$CONFIG" "${OVERRIDES[@]}" &
 else
   srun --kill-on-bad-exit=1 "${container[@]}" "${prefix[@]}" \
     "$PYTHON" -m mer_dist "$STAGE" --config "$CONFIG" "${OVERRIDES[@]}" &

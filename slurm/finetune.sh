@@ -13,8 +13,5 @@
 set -euo pipefail
 cd "${MER_WORKDIR:-${SLURM_SUBMIT_DIR:-.}}"
 mkdir -p logs
-MASTER_ADDR="${MASTER_ADDR:-$(scontrol show hostnames "${SLURM_JOB_NODELIST}" | head -n 1)}"
-MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
-export MASTER_ADDR MASTER_PORT
 read -r -a OVERRIDES <<< "${MER_OVERRIDES:-}"
 srun --kill-on-bad-exit=1 "${MER_PYTHON:-python}" -m mer_dist finetune --config "${MER_CONFIG:-configs/finetune.yaml}" "${OVERRIDES[@]}"

@@ -70,3 +70,17 @@ def test_sbatch_preempt_requeue_resume(slurm, shards, teacher, tmp_path, mlflow_
     assert run.info.status == "FINISHED"
     logged = [m.step for m in c.get_metric_history(run.info.run_id, "loss")]
     assert sorted(logged) == list(range(2, 201, 2)), logged
+
+
+def test_slurm_rendezvous_has_one_definition():
+    from mer_dist.dist import detect, torchrun_args
+    env = {"SLURM_PROCID": "1", "SLURM_NTASKS": "3", "SLURM_JOB_ID": "123456", "SLURM_JOB_NUM_NODES": "3",
+           "SLURM_JOB_NODELIST": "gpu[003-005]", "SLURM_TASKS_PER_NODE": "1(x3)", "GPUS_PER_NODE": "8"}
+    d = detect(env)
+    assert (d.rank, d.world_size, d.master_addr, d.master_port) == (1, 3, "gpu003", 23456)
+    assert torchrun_args(env) == ["--nnodes=3", "--nproc_per_node=8", "--rdzv_backend=c10d",
+                                  "--rdzv_endpoint=gpu003:23456", "--rdzv_id=123456"]
+    assert detect({**env, "MASTER_PORT": "4000"}).master_port == 4000      # the user's choice wins
+    # the scripts leave the port to mer_dist.dist: no second formula to drift
+    for script in ("slurm/align.sh", "slurm/finetune.sh"):
+        assert "SLURM_JOB_ID %" not in (REPO / script).read_text()

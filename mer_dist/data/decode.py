@@ -13,6 +13,8 @@ import av
 import numpy as np
 from av.video.reformatter import Interpolation
 
+from mer_dist.timing import frame_times
+
 
 class DecodeError(RuntimeError):
     """A clip that cannot be used: unreadable container, no video/audio stream, nothing decoded."""
@@ -51,11 +53,6 @@ def _duration(c, v, a) -> float:
     return float(c.duration / av.time_base) if c.duration else 0.0
 
 
-def frame_times_for(duration: float, n: int) -> np.ndarray:
-    """Centres of n equal windows over the clip: the times the visual frames stand for."""
-    return ((np.arange(n) + 0.5) * duration / n).astype(np.float32)
-
-
 def decode(source: str | Path | bytes, frames: int, height: int, width: int, sample_rate: int = 16000,
            max_seconds: float = 0.0, name: str = "", threads: int = 0, need_audio: bool = True) -> Clip:
     """Decode a clip. `frames=0` decodes audio only (teacher targets); raises DecodeError on bad input."""
@@ -74,7 +71,7 @@ def decode(source: str | Path | bytes, frames: int, height: int, width: int, sam
         duration = _duration(container, v, a)
         if max_seconds > 0:
             duration = min(duration, max_seconds)
-        targets = frame_times_for(duration, frames) if frames > 0 else np.zeros(0, np.float32)
+        targets = frame_times(duration, frames) if frames > 0 else np.zeros(0, np.float32)
         streams = []
         if frames > 0:
             v.thread_type = "AUTO" if threads != 1 else "SLICE"

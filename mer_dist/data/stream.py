@@ -1,5 +1,8 @@
 """The WebDataset pipelines, in one place (the open_clip way).
 
+Composed from webdataset's stages (ResampledShards / SimpleShardList, tarfile_to_samples, shuffle,
+batched); only what webdataset lacks is ours: the exact-once sample split, shuffled pairing, decoding.
+
 * `train_loader`: infinite, resampled shards. Every (rank, worker) draws shards with its own RNG,
   seeded from (seed, rank, worker), so no rank ever waits on a rank that ran out of shards, and a
   resumed run passes a new seed instead of replaying samples. Epochs are sample counts (the
@@ -13,6 +16,7 @@ skip count so the trainer can log the total.
 """
 from __future__ import annotations
 
+import functools
 import io
 import itertools
 import json
@@ -24,7 +28,7 @@ import time
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import tarfile_samples
+import webdataset as wds
 
 from mer_dist.config import LABEL_TO_ID, DataConfig
 from mer_dist.data.decode import DecodeError, decode
@@ -137,70 +141,68 @@ def _worker() -> tuple[int, int]:
     return (info.id, info.num_workers) if info else (0, 1)
 
 
+def _own_samples(stream, slot: int, nslots: int):
+    """The exact-once split webdataset lacks: with fewer shards than rank x worker slots every slot reads
+    every shard and keeps every nslots-th sample (split_by_node/worker would leave slots idle and, with
+    several nodes, read env vars rather than the rank the caller names)."""
+    return itertools.islice(stream, slot, None, nslots)
+
+
+def _decoded(stream, cfg: DataConfig, frames: int, skips: SkipLog):
+    """Decode stage: a sample that fails is skipped and counted; a run of failures stops the stream with
+    its causes (an infinite stream where nothing decodes would never yield a batch)."""
+    failed: list[str] = []
+    for s in stream:
+        try:
+            yield decode_sample(s, cfg, frames)
+            failed = []
+        except DecodeError as e:
+            skips.sample(e)
+            failed.append(str(e))
+            if len(failed) >= cfg.max_consecutive_failures:
+                raise DataError(f"{len(failed)} consecutive samples failed to decode, e.g. "
+                                f"{'; '.join(dict.fromkeys(failed[:3]))}") from None
+
+
 class _Stream(IterableDataset):
+    """One webdataset pipeline per (rank, worker), built when the worker starts iterating."""
+
     def __init__(self, urls: list[str], cfg: DataConfig, rank: int, world: int, seed: int, frames: int,
                  batch_size: int, train: bool, pairing: str = "matched"):
         self.urls, self.cfg, self.rank, self.world, self.seed = urls, cfg, rank, world, seed
         self.frames, self.batch_size, self.train, self.pairing = frames, batch_size, train, pairing
 
-    def _samples(self, skips: SkipLog):
+    def _pipeline(self, skips: SkipLog) -> wds.DataPipeline:
         wid, nw = _worker()
+        cfg = self.cfg
         if self.train:
-            rng = random.Random(f"{self.seed}/{self.rank}/{wid}")
-            src = ({"url": rng.choice(self.urls)} for _ in itertools.count())
-            keep = lambda i: True  # noqa: E731
+            # every (rank, worker) draws shards with its own seeded RNG: no rank waits on another's shards
+            shards = wds.ResampledShards(self.urls, seed=self.seed, deterministic=True,
+                                         worker_seed=lambda: self.rank * 1000 + wid)
+            stages = [shards, wds.tarfile_to_samples(handler=skips.shard)]
         else:
             slot, nslots = self.rank * nw + wid, self.world * nw
-            if len(self.urls) >= nslots:
-                src, keep = ({"url": u} for u in self.urls[slot::nslots]), (lambda i: True)
-            else:   # fewer shards than slots: everyone reads every shard, keeps its own samples
-                src, keep = ({"url": u} for u in self.urls), (lambda i: i % nslots == slot)
-        stream = tarfile_samples(src, handler=skips.shard)
+            by_shard = len(self.urls) >= nslots
+            stages = [wds.SimpleShardList(self.urls[slot::nslots] if by_shard else self.urls),
+                      wds.tarfile_to_samples(handler=skips.shard)]
+            if not by_shard:
+                stages.append(functools.partial(_own_samples, slot=slot, nslots=nslots))
         if self.pairing == "shuffled":
-            stream = pair_within_shards(stream, skips)
+            stages.append(functools.partial(pair_within_shards, skips=skips))
         if self.train:
-            stream = _shuffle(stream, self.cfg.shuffle_buffer, random.Random(f"shuffle/{self.seed}/{self.rank}/{wid}"))
-        failed: list[str] = []      # the current run of consecutive failures
-        for i, s in enumerate(stream):
-            if not keep(i):
-                continue
-            try:
-                yield decode_sample(s, self.cfg, self.frames)
-                failed = []
-            except DecodeError as e:
-                skips.sample(e)
-                failed.append(str(e))
-                # an infinite stream where nothing decodes would never yield a batch: stop with the causes
-                if len(failed) >= self.cfg.max_consecutive_failures:
-                    raise DataError(f"{len(failed)} consecutive samples failed to decode, e.g. "
-                                    f"{'; '.join(dict.fromkeys(failed[:3]))}") from None
+            stages.append(wds.shuffle(cfg.shuffle_buffer, initial=cfg.shuffle_buffer,
+                                      rng=random.Random(wds.utils.make_seed(self.seed, self.rank, wid))))
+        stages += [functools.partial(_decoded, cfg=cfg, frames=self.frames, skips=skips),
+                   wds.batched(self.batch_size, collation_fn=collate, partial=True)]
+        return wds.DataPipeline(*stages)
 
     def __iter__(self):
         skips = SkipLog()
         wid, _ = _worker()
-        buf: list[dict] = []
-        for s in self._samples(skips):
-            buf.append(s)
-            if len(buf) == self.batch_size:
-                yield {**collate(buf), "worker": wid, "skipped": skips.samples, "bad_shards": skips.shards}
-                buf = []
-        if buf:
-            yield {**collate(buf), "worker": wid, "skipped": skips.samples, "bad_shards": skips.shards}
+        for batch in self._pipeline(skips):
+            yield {**batch, "worker": wid, "skipped": skips.samples, "bad_shards": skips.shards}
         # only finite (eval) streams get here: a last marker carries the final skip counts
         yield {"worker": wid, "skipped": skips.samples, "bad_shards": skips.shards, "empty": True}
-
-
-def _shuffle(stream, bufsize: int, rng: random.Random):
-    buf = []
-    for s in stream:
-        if len(buf) < bufsize:
-            buf.append(s)
-            continue
-        i = rng.randrange(len(buf))
-        buf[i], s = s, buf[i]
-        yield s
-    rng.shuffle(buf)
-    yield from buf
 
 
 def _ignore_stop_signals(_worker_id: int) -> None:

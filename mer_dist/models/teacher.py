@@ -18,8 +18,8 @@ from transformers import HubertConfig, HubertModel
 
 from mer_dist.errors import ModelError
 from mer_dist.io import load_tensors
+from mer_dist.timing import FRAME_RATE, frame_window
 
-FRAME_RATE = 50.0  # HuBERT: 20 ms hop
 TINY = {
     "hubert": dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128,
                    conv_dim=(32,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
@@ -104,11 +104,6 @@ def pool_to_frames(feats: torch.Tensor, mask: torch.Tensor, frame_times: torch.T
     w = w.to(feats.dtype)
     cnt = w.sum(-1, keepdim=True)
     return (w @ feats) / cnt.clamp(min=1), cnt.squeeze(-1) > 0
-
-
-def frame_window(frame_times: torch.Tensor, duration: torch.Tensor) -> torch.Tensor:
-    """Width of each visual frame's window: the spacing of the uniform frame times."""
-    return duration / frame_times.shape[1]
 
 
 # ----------------------------------------------------------------------------- adapters
@@ -204,7 +199,7 @@ def frame_targets(feats: torch.Tensor, mask: torch.Tensor, frame_times: torch.Te
                   duration: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """50 Hz teacher outputs [B,T,D] -> one target per visual frame [B,F,D] + valid [B,F]: the one place where
     online targets, offline (`teacher.npy`) targets and the benchmarks meet the video's frame times."""
-    return pool_to_frames(feats, mask, frame_times, frame_window(frame_times, duration))
+    return pool_to_frames(feats, mask, frame_times, frame_window(duration, frame_times.shape[1]))
 
 
 class Teacher(nn.Module):

@@ -24,7 +24,6 @@ from mer_dist.data.splits import holdout
 from mer_dist.eval.metrics import summary
 from mer_dist.io import write_json_atomic
 from mer_dist.models.teacher import (
-    FRAME_RATE,
     EmotionHead,
     Teacher,
     add_bottlenecks,
@@ -34,6 +33,7 @@ from mer_dist.models.teacher import (
     hidden_states,
     masked_mean,
 )
+from mer_dist.timing import FRAME_RATE
 from mer_dist.tracking import Tracker
 from mer_dist.train.probe import labeled_audio
 

@@ -22,7 +22,8 @@ from mer_dist.data.decode import DecodeError
 from mer_dist.data.ingest import load_manifest, shard_urls, tar_add
 from mer_dist.data.stream import collate, decode_sample
 from mer_dist.io import write_json_atomic
-from mer_dist.models.teacher import FRAME_RATE, Teacher
+from mer_dist.models.teacher import Teacher
+from mer_dist.timing import FRAME_RATE
 
 
 def _process(url: str, dst: Path, teacher: Teacher, cfg: ExtractConfig, tmeta: dict) -> tuple[int, int]:
