@@ -206,6 +206,7 @@ class AlignTrainConfig:
     eval_samples: int = 32  # size of the fixed held-out alignment set (0 = none)
     ckpt_every: int = 100  # steps between checkpoints (and one at the end / on a signal)
     keep_checkpoints: int = 2  # how many checkpoints to keep
+    stop_grace_s: float = 60.0  # after a stop signal, how long a batch may still be awaited; then exit 75 unsaved
     trust_checkpoint: bool = False   # resume from a checkpoint this run directory did not sign (DeepSpeed unpickles)
     threads: int = 0               # torch threads per rank; 0 = cores / local ranks
     seed: int = 0  # init and stream seed (every rank starts from the same weights)
@@ -215,6 +216,7 @@ class AlignTrainConfig:
             _check(getattr(self, key) >= 1, f"train.{key}", "an integer >= 1", getattr(self, key))
         _check(self.warmup_steps >= 0, "train.warmup_steps", "an integer >= 0", self.warmup_steps)
         _check(self.lr > 0, "train.lr", "a number > 0", self.lr)
+        _check(self.stop_grace_s > 0, "train.stop_grace_s", "a number of seconds > 0", self.stop_grace_s)
 
 
 @dataclass

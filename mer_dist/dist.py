@@ -8,11 +8,14 @@ both into the torch env:// variables and create the process group ourselves (acc
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import re
 import signal
 import subprocess
+import sys
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -182,16 +185,50 @@ class StopFlag:
     """SIGTERM / SIGUSR1 (Slurm pre-emption warning) -> finish the step, checkpoint, exit.
 
     A signal may reach only some ranks (or arrive between their steps), so `should_stop` agrees
-    across ranks with a MAX all-reduce: every rank stops at the same step.
+    across ranks with a MAX all-reduce: every rank stops at the same step. A rank that is waiting for a
+    batch when the signal comes (a stalled loader: a hung file system, a stream of corrupt samples)
+    cannot finish its step: after `grace_s` more seconds of waiting it exits with `exit_code` without a
+    checkpoint (`on_give_up` runs first), so the job ends before Slurm's kill and resumes from the last one.
     """
 
-    def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1)):
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1), grace_s: float = 60.0, exit_code: int = 1,
+                 on_give_up=None):
         self.signum = 0
+        self.grace_s, self.exit_code, self.on_give_up = grace_s, exit_code, on_give_up
+        self._waiting = False
         for s in signals:
             signal.signal(s, self._handler)
 
     def _handler(self, signum, frame) -> None:
         self.signum = signum
+        if self._waiting:
+            self._arm()
+
+    def _arm(self) -> None:
+        t = threading.Timer(self.grace_s, self._give_up)
+        t.daemon = True
+        t.start()
+
+    @contextlib.contextmanager
+    def waiting_for_data(self):
+        """Around the wait for a batch: the one place where a signal cannot wait for the step to end."""
+        self._waiting = True
+        if self.signum:
+            self._arm()
+        try:
+            yield
+        finally:
+            self._waiting = False
+
+    def _give_up(self) -> None:
+        if not self._waiting:
+            return
+        print(f"signal {self.signum}: no batch came within stop_grace_s={self.grace_s:g}s, exiting "
+              f"{self.exit_code} without a checkpoint (a resumed job starts from the last one)",
+              file=sys.stderr, flush=True)
+        if self.on_give_up is not None:
+            self.on_give_up()
+        os._exit(self.exit_code)     # the main thread is blocked in the loader: no other way out
 
     def should_stop(self) -> bool:
         self.signum = max_across_ranks(self.signum)
@@ -201,8 +238,6 @@ class StopFlag:
 if __name__ == "__main__":
     # `python -m mer_dist.dist torchrun ARGS...` (slurm/align.sh, MER_LAUNCH=torchrun): torchrun with the
     # rendezvous of this Slurm job, computed inside the job's own environment (container included)
-    import sys
-
     if sys.argv[1:2] != ["torchrun"]:
         sys.exit("usage: python -m mer_dist.dist torchrun [torchrun args] -m mer_dist STAGE ...")
     from torch.distributed.run import main as torchrun

@@ -140,6 +140,36 @@ def test_checkpoint_on_a_full_disk_fails_every_rank_with_one_line(tmp_path, shar
     assert any("No space left on device" in ln for ln in lines), lines
 
 
+def test_signal_while_the_loader_is_stalled_ends_the_job(tmp_path, shards, teacher):
+    # every unlabeled shard a FIFO nobody writes: the loader worker blocks in open(), no batch ever comes
+    stalled = tmp_path / "shards"
+    shutil.copytree(shards, stalled)
+    for tar in stalled.glob("unlabeled-*.tar"):
+        tar.unlink()
+        os.mkfifo(tar)
+    out, marker = tmp_path / "run", tmp_path / "requeue"
+    cmd = [sys.executable, "-m", "mer_dist", "align", "--shards", str(stalled), "--teacher", str(teacher),
+           "--out", str(out), "--steps", "5", *ALIGN, "data.workers=1", "train.stop_grace_s=2"]
+    p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True, env={**os.environ, "MER_REQUEUE_MARKER": str(marker)})
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not (out / "config.yaml").exists() and p.poll() is None:
+            time.sleep(0.2)
+        time.sleep(3)                       # into the wait for the first batch
+        assert p.poll() is None
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=60)  # today: still waiting long after the signal
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 75 and "no batch came within stop_grace_s=2s" in err, err[-2000:]
+    assert marker.exists()
+    time.sleep(1)                           # the worker blocked in open() died with its trainer
+    left = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
+    assert not left, left
+
+
 def test_degenerate_configs_one_line_each():
     for bad, key in (("data.frames=0", "data.frames"), ("data.batch_size=0", "data.batch_size"),
                      ("train.steps=0", "train.steps")):

@@ -240,7 +240,7 @@ def shard_urls(shards: str | Path, split: str) -> list[str]:
     urls = []
     for s in man["splits"][split]["shards"]:
         p = Path(shards) / s["name"]
-        if not p.is_file():
+        if not p.exists() or p.is_dir():     # a file, or anything readable as one (a pipe, a device)
             raise DataError(f"{p}: shard listed in manifest.json is missing")
         urls.append(str(p))
     return urls

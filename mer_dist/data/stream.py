@@ -16,6 +16,7 @@ skip count so the trainer can log the total.
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import io
 import itertools
@@ -23,6 +24,7 @@ import json
 import logging
 import random
 import signal
+import sys
 import time
 
 import numpy as np
@@ -205,16 +207,19 @@ class _Stream(IterableDataset):
         yield {"worker": wid, "skipped": skips.samples, "bad_shards": skips.shards, "empty": True}
 
 
-def _ignore_stop_signals(_worker_id: int) -> None:
-    """Loader workers leave SIGTERM/SIGUSR1 to the trainer, which checkpoints and then shuts them down."""
+def _worker_init(_worker_id: int) -> None:
+    """Loader workers leave SIGTERM/SIGUSR1 to the trainer, which checkpoints and then shuts them down, and die
+    with it (Linux): a trainer that gives up on a stalled worker must not leave it blocked on a dead mount."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)    # PR_SET_PDEATHSIG
 
 
 def _loader(ds: _Stream, workers: int) -> DataLoader:
     return DataLoader(ds, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
                       prefetch_factor=4 if workers > 0 else None, persistent_workers=False,
-                      worker_init_fn=_ignore_stop_signals if workers > 0 else None)
+                      worker_init_fn=_worker_init if workers > 0 else None)
 
 
 def train_loader(urls: list[str], cfg: DataConfig, rank: int = 0, world: int = 1, seed: int = 0,

@@ -159,7 +159,8 @@ def run(cfg: AlignConfig) -> int:
         for b in eval_batches:
             b["target"] = batch_targets(b, eval_teacher, stats, need, cfg.target_space, device)
         del eval_teacher
-    stop = dist.StopFlag()
+    stop = dist.StopFlag(grace_s=cfg.train.stop_grace_s, exit_code=EXIT_PREEMPTED,
+                         on_give_up=(lambda: _mark_requeue(step)) if env.is_main else None)
     # one MLflow run per job: a resumed or requeued job reattaches to the run its checkpoint names
     tracker = Tracker(cfg.tracking, out, "align", active=env.is_main, run_id=client.get("mlflow_run_id", ""), tags={
         "world_size": env.world_size, "launcher": env.launcher, "slurm_job_id": env.job_id,
@@ -190,7 +191,8 @@ def run(cfg: AlignConfig) -> int:
             engine.train()
             for _ in range(cfg.train.grad_accum):
                 t0 = time.perf_counter()
-                batch = next(it)
+                with stop.waiting_for_data():
+                    batch = next(it)
                 skips.update(batch)
                 window.wait += time.perf_counter() - t0
                 loss, parts = step_loss(batch)
@@ -218,11 +220,7 @@ def run(cfg: AlignConfig) -> int:
             if stopping:
                 if env.is_main:
                     print(f"align: signal {stop.signum} -> checkpoint at step {step} saved, exiting for requeue", flush=True)
-                    # launch scripts may name a file to learn of this even when a slower rank is killed before
-                    # the exit code reaches them (srun --kill-on-bad-exit): written before any rank exits
-                    marker = os.environ.get("MER_REQUEUE_MARKER")
-                    if marker:
-                        Path(marker).write_text(f"{step}\n")
+                    _mark_requeue(step)
                 exit_code = EXIT_PREEMPTED
                 break
     finally:
@@ -264,6 +262,14 @@ def _one_writer(out: Path, env: dist.DistEnv) -> OutputLock:
             error = str(e)
     dist.raise_if_any(error, LockError)
     return lock
+
+
+def _mark_requeue(step: int) -> None:
+    """Launch scripts may name a file to learn of a pre-emption exit even when a slower rank is killed before the
+    exit code reaches them (srun --kill-on-bad-exit): rank 0 writes it before any rank exits."""
+    marker = os.environ.get("MER_REQUEUE_MARKER")
+    if marker:
+        Path(marker).write_text(f"{step}\n")
 
 
 class _Window:
