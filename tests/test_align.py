@@ -166,3 +166,65 @@ def test_bf16_export_is_the_fp32_master_weights(shards, teacher, tmp_path):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     ref = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"))
     assert all(torch.equal(sd[k], ref["encoder." + k].float()) for k in sd)
+
+
+def _single(shards, teacher, out, steps, extra):
+    cmd = [sys.executable, "-m", "mer_dist", "align", "--shards", str(shards), "--teacher", str(teacher), "--out",
+           str(out), "--steps", str(steps), *ARGS, *extra]
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=400)
+    return p.returncode, p.stdout + p.stderr
+
+
+@pytest.mark.parametrize("stage,before,after", [(2, 2, 1), (3, 1, 2)])
+def test_resume_on_another_number_of_ranks(shards, teacher, tmp_path, stage, before, after):
+    from mer_dist.train.checkpoint import _to_universal
+    out, S = tmp_path / "run", 24
+    common = [f"train.zero_stage={stage}", "train.ckpt_every=500", "loss=mse", "train.lr=3e-3", "train.eval_every=500",
+              "train.log_every=1"]
+    run = lambda n, steps, batch: align("torchrun", shards, teacher, out, steps, [*common, f"data.batch_size={batch}"]) \
+        if n == 2 else _single(shards, teacher, out, steps, [*common, f"data.batch_size={batch}"])  # noqa: E731
+    # global batch 8: 2 ranks x 4 -> 1 rank x 4 x accumulation 2; global batch 4: 1 x 4 -> 2 ranks x 2
+    rc, log = run(before, S, 4)
+    assert rc == 0, log[-3000:]
+    rc, log = run(after, S + 1, 4 if after == 1 else 2)
+    assert rc == 0, log[-3000:]
+    accum = 2 if after == 1 else 1
+    assert f"at step {S}, written by {before} ranks, now {after} with gradient accumulation {accum}" in log
+    rows = metrics(out)
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, S + 2))
+    s = json.loads((out / "summary.json").read_text())
+    assert s["step"] == S + 1 and s["world_size"] == after and s["samples_seen"] == (S + 1) * 4 * before
+    # the loss right after the resume is where it stopped, not back at the start
+    ev = {r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r}
+    assert abs(ev[S + 1] - ev[S]) < 0.25 * abs(ev[1] - ev[S]), ev
+    # the LR schedule went on (DeepSpeed's own schedule for the resumed run's length)
+    from deepspeed.runtime.lr_schedules import WarmupCosineLR
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=3e-3)
+    sched = WarmupCosineLR(opt, total_num_steps=S + 1, warmup_num_steps=4, warmup_type="linear", cos_min_ratio=0.05)
+    for _ in range(S + 1):
+        opt.step()
+        sched.step()
+    assert abs(next(r["lr"] for r in rows if r.get("step") == S + 1 and "lr" in r) - sched.get_lr()[0]) < 1e-9
+    # Adam's moments came along: one step later v = 0.98 v + 0.02 g^2 >= 0.98 v everywhere (reset: ~0.02 g^2)
+    for tag in (S, S + 1):
+        _to_universal(out / "checkpoints" / f"step{tag:08d}", tmp_path / f"u{tag}" / "x")
+    n_params = 0
+    for f in (tmp_path / f"u{S}" / "x" / "zero").glob("*/exp_avg_sq.pt"):
+        v0, v1 = (o["param"] if isinstance(o, dict) else o for o in (   # ZeRO-3's files wrap the tensor
+            torch.load(f, weights_only=True),
+            torch.load(tmp_path / f"u{S + 1}" / "x" / "zero" / f.parent.name / "exp_avg_sq.pt", weights_only=True)))
+        assert v0.abs().sum() > 0 and bool((v1 >= 0.98 * v0 * (1 - 1e-5)).all()), f.parent.name
+        n_params += 1
+    assert n_params > 10
+
+
+def test_keep_global_batch_adjusts_accumulation_or_says_what_to_set():
+    from mer_dist.config import AlignConfig, ConfigError
+    from mer_dist.train.align import keep_global_batch
+    cfg = AlignConfig()
+    cfg.data.batch_size, cfg.train.grad_accum = 4, 1
+    assert keep_global_batch(cfg, 2, 8, 1) == 2            # 16 GPUs -> 8: twice the accumulation
+    assert keep_global_batch(cfg, 4, 32, 2) == 4
+    assert keep_global_batch(cfg, 1, None, 1) == 1         # an older checkpoint: global batch from the config
+    with pytest.raises(ConfigError, match="global batch of 4 on 1 ranks.*data.batch_size=4 does not divide"):
+        keep_global_batch(cfg, 1, 4, 2)

@@ -20,7 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from mer_dist import dist
-from mer_dist.config import LABELS, AlignConfig, parse_loss, resolve_repo_file, save
+from mer_dist.config import LABELS, AlignConfig, ConfigError, parse_loss, resolve_repo_file, save
 from mer_dist.data.ingest import load_manifest, shard_urls
 from mer_dist.data.stream import SkipTotals, eval_loader, iterate, train_loader
 from mer_dist.io import LockError, OutputLock
@@ -58,6 +58,18 @@ def ds_config(cfg: AlignConfig, width: int, on_gpu: bool, launch_file: str = "")
     walk(ds)
     ds.pop("train_batch_size", None)
     return ds
+
+
+def keep_global_batch(cfg: AlignConfig, old_world: int, old_global: int | None, world: int) -> int:
+    """Gradient accumulation that keeps a checkpoint's global batch on another number of ranks (the LR schedule
+    and the optimizer moments were tuned for it); a ConfigError saying what to set where none does."""
+    old_global = old_global or cfg.data.batch_size * cfg.train.grad_accum * old_world
+    per_step = cfg.data.batch_size * world
+    if old_global % per_step:
+        raise ConfigError(f"train.grad_accum: the checkpoint was trained with a global batch of {old_global} on "
+                          f"{old_world} ranks; on {world} ranks data.batch_size x train.grad_accum x {world} must equal "
+                          f"it (data.batch_size={cfg.data.batch_size} does not divide it: set data.batch_size so it does)")
+    return old_global // per_step
 
 
 class Aligner(nn.Module):
@@ -137,7 +149,13 @@ def run(cfg: AlignConfig) -> int:
     model = Aligner(encoder, objective)
     need = objective.needs
     on_gpu = device.type == "cuda"
+    prev = checkpoint.peek(ckdir)
+    reshard = bool(prev) and int(prev.get("world_size") or env.world_size) != env.world_size
+    if reshard:
+        cfg.train.grad_accum = keep_global_batch(cfg, int(prev["world_size"]), prev.get("global_batch"), env.world_size)
     ds = ds_config(cfg, encoder.width, on_gpu, env.ds_config_file)
+    if reshard:
+        ds["checkpoint"] = {"load_universal": True}
     cfg.train.zero_stage = int(ds.get("zero_optimization", {}).get("stage", 0))   # the stage actually run
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                            config=ds)
@@ -147,7 +165,9 @@ def run(cfg: AlignConfig) -> int:
     if start:
         log.info("resumed from %s at step %d (%d samples seen)", client["tag"], start, samples_seen)
         if env.is_main:
-            print(f"align: resumed from checkpoint {client['tag']} at step {start}", flush=True)
+            was = f", written by {client['resharded_from']} ranks, now {env.world_size} with gradient accumulation " \
+                  f"{cfg.train.grad_accum}" if client.get("resharded_from") else ""
+            print(f"align: resumed from checkpoint {client['tag']} at step {start}{was}", flush=True)
     # a resumed run draws a fresh stream (seed mixes in the step) instead of replaying the first samples
     # (pairing=shuffled, the control: every clip's video meets a fixed other clip's audio, see data/stream.py)
     it = iter(train_loader(urls, cfg.data, env.rank, env.world_size, seed=zlib.crc32(f"{cfg.train.seed}/{start}".encode()),
@@ -184,6 +204,7 @@ def run(cfg: AlignConfig) -> int:
     # every rank saves the same client state: rank 0's run id, once its tracker has connected
     run_id = dist.all_gather_object(tracker.wait_run_id(30.0) if env.is_main else "")[0]
     total, step, exit_code = cfg.train.steps, start, 0
+    global_batch = cfg.data.batch_size * cfg.train.grad_accum * env.world_size
     window, t_window = _Window(), time.perf_counter()
     bar = tqdm(total=total, initial=start, desc="align", unit="step", disable=not env.is_main)
     try:
@@ -215,8 +236,8 @@ def run(cfg: AlignConfig) -> int:
                 tracker.metrics(_evaluate(engine, eval_batches, step_loss), step)
             stopping = stop.should_stop()
             if step % cfg.train.ckpt_every == 0 or step == total or stopping:
-                checkpoint.save(engine, ckdir, step, {"step": step, "samples_seen": samples_seen,
-                                                      "mlflow_run_id": run_id}, cfg.train.keep_checkpoints, env)
+                checkpoint.save(engine, ckdir, step, {"step": step, "samples_seen": samples_seen, "mlflow_run_id": run_id,
+                                                      "global_batch": global_batch}, cfg.train.keep_checkpoints, env)
             if stopping:
                 if env.is_main:
                     print(f"align: signal {stop.signum} -> checkpoint at step {step} saved, exiting for requeue", flush=True)

@@ -6,6 +6,11 @@ directory to `stepN` and then replaces the `latest` file (temp + rename). A kill
 either the previous complete checkpoint or the new one as `latest`, never a torn one. A save that fails on
 any rank (full disk, read-only directory) fails on every rank, with one line naming the path and cause.
 
+Resuming on another number of ranks (16 GPUs today, 8 tomorrow): rank 0 converts the checkpoint with
+DeepSpeed's universal-checkpoint tooling (`ds_to_universal`) into `<out>/checkpoints-universal/`, every rank
+loads that (`checkpoint.load_universal`), and the run keeps its global batch (align adjusts accumulation),
+step, LR schedule, samples seen and optimizer moments. The next save is an ordinary one on the new ranks.
+
 DeepSpeed's `load_checkpoint` unpickles, so a checkpoint directory is *trusted input*: `load` refuses one
 whose manifest this run directory did not sign (a downloaded or hand-edited checkpoint) unless the user
 says `train.trust_checkpoint=true`. Our own per-rank RNG files hold tensors and numbers only.
@@ -114,7 +119,8 @@ def save(engine, ckdir: str | Path, step: int, client_state: dict, keep: int, en
                               f"the previous checkpoint stays latest")
     if env.is_main:
         files = _digest(ckdir / tmp)
-        manifest = {"step": step, "world_size": env.world_size, "files": files,
+        manifest = {"step": step, "world_size": env.world_size, "global_batch": client_state.get("global_batch"),
+                    "files": files,
                     "signature": _sign(files, env.world_size, _key(ckdir.parent))}
         (ckdir / tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         if (ckdir / tag).exists():
@@ -128,7 +134,15 @@ def save(engine, ckdir: str | Path, step: int, client_state: dict, keep: int, en
     return ckdir / tag
 
 
-def verify(ckdir: str | Path, tag: str, world_size: int, trust: bool = False) -> dict:
+def peek(ckdir: str | Path) -> dict:
+    """What the latest checkpoint's manifest says of its run ({} when there is none): planning only, before
+    the engine exists (world size, global batch); `load` verifies it."""
+    tag = latest_tag(ckdir)
+    mf = Path(ckdir) / str(tag) / MANIFEST
+    return json.loads(mf.read_text()) if tag and mf.is_file() else {}
+
+
+def verify(ckdir: str | Path, tag: str, trust: bool = False) -> dict:
     """The manifest of a checkpoint this run directory wrote, checked; CheckpointError (one line) otherwise."""
     folder = Path(ckdir) / tag
     mf = folder / MANIFEST
@@ -147,29 +161,60 @@ def verify(ckdir: str | Path, tag: str, world_size: int, trust: bool = False) ->
                                   f"(train.trust_checkpoint=true if you trust it)")
         if _digest(folder) != manifest["files"]:
             raise CheckpointError(f"{folder}: files differ from its manifest (changed after it was written)")
-    if manifest.get("world_size", world_size) != world_size:
-        raise CheckpointError(f"{folder}: written by {manifest['world_size']} ranks, resuming on {world_size}: "
-                              f"DeepSpeed cannot reshard this checkpoint; resume with "
-                              f"{manifest['world_size']} ranks (or start a new output directory)")
     return manifest
 
 
 def load(engine, ckdir: str | Path, env: dist.DistEnv, trust: bool = False) -> dict | None:
-    """Restore engine (model, optimizer, LR schedule) and this rank's RNG; returns client_state or None."""
+    """Restore engine (model, optimizer, LR schedule) and this rank's RNG; returns client_state or None.
+    A checkpoint of another world size goes through a universal checkpoint (the engine must have been built
+    with `checkpoint.load_universal`: `peek` tells before)."""
+    ckdir = Path(ckdir)
     tag = latest_tag(ckdir)
     if tag is None:
         return None
-    error = ""
+    error, written_by = "", 0
     if env.is_main:       # one rank checks (hashing is I/O); every rank learns the verdict
         try:
-            verify(ckdir, tag, env.world_size, trust)
+            written_by = int(verify(ckdir, tag, trust).get("world_size") or env.world_size)
+            if written_by != env.world_size:
+                _to_universal(ckdir / tag, _universal_dir(ckdir) / tag)
         except CheckpointError as e:
             error = str(e)
     dist.raise_if_any(error, CheckpointError)
-    path, client = engine.load_checkpoint(str(ckdir), tag=tag)
+    written_by = int(dist.all_gather_object(written_by)[0])
+    source = _universal_dir(ckdir) if written_by != env.world_size else ckdir
+    if written_by != env.world_size and not engine.load_universal_checkpoint():
+        raise CheckpointError(f"{ckdir / tag}: written by {written_by} ranks, resuming on {env.world_size}: "
+                              f"the engine must be built with checkpoint.load_universal")
+    path, client = engine.load_checkpoint(str(source), tag=tag)
     if path is None:
-        raise CheckpointError(f"{Path(ckdir) / tag}: DeepSpeed could not load this checkpoint")
-    rng = Path(ckdir) / tag / f"rng-rank{env.rank:05d}.pt"
-    if rng.is_file():
+        raise CheckpointError(f"{ckdir / tag}: DeepSpeed could not load this checkpoint")
+    rng = ckdir / tag / f"rng-rank{env.rank:05d}.pt"
+    if rng.is_file() and written_by == env.world_size:     # another world size: ranks are other processes
         _set_rng_state(torch.load(rng, weights_only=True))
-    return {**(client or {}), "tag": tag}
+    dist.barrier()
+    if source != ckdir and env.is_main:
+        shutil.rmtree(source, ignore_errors=True)
+    return {**(client or {}), "tag": tag, "resharded_from": written_by if written_by != env.world_size else 0}
+
+
+def _universal_dir(ckdir: Path) -> Path:
+    return ckdir.parent / "checkpoints-universal"
+
+
+def _to_universal(src: Path, dst: Path) -> None:
+    """DeepSpeed's ds_to_universal on one verified checkpoint (ZeRO 1-3): every parameter and its optimizer
+    moments consolidated, to be sliced again for any number of ranks."""
+    import argparse
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    shutil.rmtree(dst.parent, ignore_errors=True)
+    dst.parent.mkdir(parents=True)
+    args = argparse.Namespace(input_folder=str(src), output_folder=str(dst), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+    try:
+        ds_to_universal.main(args)
+    except Exception as e:  # noqa: BLE001 - DeepSpeed's tool raises anything; one line, every rank
+        raise CheckpointError(f"{src}: conversion to a universal checkpoint failed: "
+                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e

@@ -1,0 +1,70 @@
+"""Fast unit tests of the pieces under the end-to-end runs: collate, DeepSpeed config filling, checkpoint rotation."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO
+
+from mer_dist.config import AlignConfig
+from mer_dist.data.stream import collate
+from mer_dist.dist import DistEnv
+from mer_dist.train import checkpoint
+from mer_dist.train.align import ds_config
+
+
+def _sample(name, n_audio, n_teacher, label):
+    return {"name": name, "text": {"english": name, "chinese": ""}, "paired_with": name, "label": label,
+            "frames": np.full((2, 3, 4, 4), 7, np.uint8), "frame_times": np.array([0.25, 0.75], np.float32),
+            "duration": 1.0, "audio": np.arange(1, n_audio + 1, dtype=np.float32),
+            "teacher": np.ones((n_teacher, 3), np.float16)}
+
+
+def test_collate_pads_to_the_longest_and_keeps_lengths():
+    b = collate([_sample("a", 3, 2, 1), _sample("b", 5, 4, -1)])
+    assert b["name"] == ["a", "b"] and b["label"].tolist() == [1, -1]
+    assert b["frames"].dtype == torch.uint8 and b["frames"].shape == (2, 2, 3, 4, 4)
+    assert b["audio"].shape == (2, 5) and b["audio_lens"].tolist() == [3, 5]
+    assert b["audio"][0].tolist() == [1, 2, 3, 0, 0] and b["audio"][1].tolist() == [1, 2, 3, 4, 5]
+    assert b["teacher"].shape == (2, 4, 3) and b["teacher"].dtype == torch.float32
+    assert b["teacher_lens"].tolist() == [2, 4] and b["teacher"][0, 2:].abs().sum() == 0
+    no_teacher = _sample("c", 2, 1, 0)
+    del no_teacher["teacher"]
+    assert "teacher" not in collate([_sample("a", 3, 2, 1), no_teacher])   # all or none
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_ds_config_fills_every_auto_and_the_launch_file_chooses_the_stage(stage):
+    cfg = AlignConfig()
+    cfg.data.batch_size, cfg.train.grad_accum, cfg.train.steps, cfg.train.warmup_steps = 6, 3, 50, 80
+    ds = ds_config(cfg, 64, on_gpu=False, launch_file=str(REPO / f"configs/ds/zero{stage}.json"))
+    assert "auto" not in json.dumps(ds)
+    assert ds["zero_optimization"]["stage"] == stage
+    assert ds["train_micro_batch_size_per_gpu"] == 6 and ds["gradient_accumulation_steps"] == 3
+    assert ds["scheduler"]["params"]["total_num_steps"] == 50
+    assert ds["scheduler"]["params"]["warmup_num_steps"] == 49       # never past the end of the run
+    assert ds["optimizer"]["params"]["torch_adam"] is True and ds["bf16"]["enabled"] is False   # CPU
+    assert "train_batch_size" not in ds           # DeepSpeed derives it from world size (elastic resume)
+
+
+class _Engine:
+    """The one call checkpoint.save makes of a DeepSpeed engine (the real ones: test_align, test_hardening)."""
+
+    def save_checkpoint(self, d, tag, client_state, save_latest):
+        torch.save({"step": client_state["step"]}, f"{d}/{tag}/mp_rank_00_model_states.pt")
+
+
+def test_checkpoint_rotation_keeps_the_newest_signed_and_complete(tmp_path):
+    ckdir = tmp_path / "run" / "checkpoints"
+    env = DistEnv()
+    for step in range(1, 6):
+        checkpoint.save(_Engine(), ckdir, step, {"step": step, "global_batch": 8}, keep=2, env=env)
+    assert sorted(p.name for p in ckdir.iterdir()) == ["latest", "step00000004", "step00000005"]
+    assert checkpoint.latest_tag(ckdir) == "step00000005"
+    m = checkpoint.verify(ckdir, "step00000005")
+    assert m["step"] == 5 and m["world_size"] == 1 and m["global_batch"] == 8
+    assert set(m["files"]) == {"mp_rank_00_model_states.pt", "rng-rank00000.pt"}
+    assert checkpoint.peek(ckdir)["step"] == 5
+    for step in range(6, 9):
+        checkpoint.save(_Engine(), ckdir, step, {"step": step}, keep=0, env=env)   # 0: keep all
+    assert len([p for p in ckdir.iterdir() if p.is_dir()]) == 5
