@@ -39,6 +39,11 @@ class DistEnv:
         return self.rank == 0
 
     @property
+    def node_id(self) -> str | None:
+        """'node<k>' when the job spans several nodes (system metrics per node), else None."""
+        return f"node{self.rank // self.local_world_size}" if self.world_size > self.local_world_size else None
+
+    @property
     def device(self) -> torch.device:
         return torch.device("cuda", self.local_rank) if torch.cuda.is_available() else torch.device("cpu")
 

@@ -89,7 +89,8 @@ def _store_lock(uri: str):
 class Tracker:
     def __init__(self, cfg: TrackingConfig, out: str | Path, stage: str, active: bool = True,
                  tags: dict[str, Any] | None = None, retry_s: float = 30.0, run_id: str = "",
-                 resume_keys: tuple[str, ...] = ("loss",)):
+                 resume_keys: tuple[str, ...] = ("loss",), node_id: str | None = None):
+        self.node_id = node_id                     # multi-node jobs: system/<node_id>/* metrics
         self.active = active                       # rank 0: local metrics.jsonl always
         self.mlflow = active and cfg.enabled       # ... and MLflow when enabled
         self.out, self.local = Path(out), Path(out) / "metrics.jsonl"
@@ -154,7 +155,7 @@ class Tracker:
         try:
             self._monitor = self._api.monitor_cls(
                 self.run_id, sampling_interval=self.cfg.system_metrics_interval, tracking_uri=self.uri, resume_logging=True,
-                node_id=os.environ.get("MLFLOW_SYSTEM_METRICS_NODE_ID") or None)
+                node_id=self.node_id)   # MLflow's MLFLOW_SYSTEM_METRICS_NODE_ID overrides it
             self._monitor.start()
         except Exception as e:  # noqa: BLE001
             self._monitor = False
@@ -255,3 +256,30 @@ class Tracker:
         self._thread.join(timeout_s)
         if self.ever_down or self._thread.is_alive():
             log.warning("MLflow was unreachable for part of this run; all metrics are in %s", self.local)
+
+
+class NodeMetrics:
+    """System metrics of a node other than rank 0's, into the job's one run (rank 0 logs everything else).
+    Never raises: a node that cannot reach the store just logs nothing."""
+
+    def __init__(self, cfg: TrackingConfig, out: str | Path, run_id: str, node_id: str):
+        self._monitor = None
+        if not (cfg.enabled and cfg.system_metrics and run_id):
+            return
+        uri = cfg.uri or default_uri(out)
+        try:
+            api = _MlflowApi(uri, system_metrics=True)
+            if api.monitor_cls is not None:
+                self._monitor = api.monitor_cls(run_id, sampling_interval=cfg.system_metrics_interval,
+                                                tracking_uri=uri, resume_logging=True, node_id=node_id)
+                self._monitor.start()
+        except Exception as e:  # noqa: BLE001 - tracking must never stop a stage
+            self._monitor = None
+            log.info("system metrics of %s unavailable: %s", node_id, e)
+
+    def close(self) -> None:
+        try:
+            if self._monitor is not None:
+                self._monitor.finish()
+        except Exception as e:  # noqa: BLE001
+            log.info("system metrics: %s", e)

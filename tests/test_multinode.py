@@ -9,7 +9,7 @@ import pytest
 from conftest import REPO, free_port
 
 ARGS = ["data.height=32", "data.width=32", "data.frames=4", "data.batch_size=4", "data.workers=1",
-        "train.log_every=2", "train.eval_samples=0", "train.ckpt_every=5", "tracking.enabled=false"]
+        "train.log_every=2", "train.eval_samples=0", "train.ckpt_every=5", "tracking.system_metrics_interval=1"]
 
 
 def sh(*cmd):
@@ -48,7 +48,7 @@ def test_two_node_rendezvous_trains_and_checkpoints(two_hosts, shards, teacher, 
         cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "torch.distributed.run", "--nnodes=2",
                f"--node_rank={node_rank}", "--nproc_per_node=1", f"--master_addr={master}", f"--master_port={port}",
                "-m", "mer_dist", "align", "--shards", str(shards), "--teacher", str(teacher), "--out", str(out),
-               "--steps", "10", *ARGS]
+               "--steps", "10", *ARGS, f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
         procs.append(subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                       env={**os.environ, "GLOO_SOCKET_IFNAME": dev}))
     logs = [p.communicate(timeout=400)[0] for p in procs]
@@ -57,3 +57,12 @@ def test_two_node_rendezvous_trains_and_checkpoints(two_hosts, shards, teacher, 
     assert s["world_size"] == 2 and s["step"] == 10 and s["launcher"] == "torchrun"
     assert (out / "checkpoints" / "latest").read_text() == "step00000010"
     assert len(list((out / "checkpoints" / "step00000010").glob("**/*optim_states.pt"))) == 2
+    # one MLflow run (the SQLite store beside the output, on the 'shared file system'), system metrics of each node
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("mer-dist").experiment_id])
+    assert len(runs) == 1
+    keys = set(runs[0].data.metrics)
+    assert "loss" in keys
+    for node in ("node0", "node1"):
+        assert any(k.startswith(f"system/{node}/") for k in keys), sorted(keys)

@@ -26,7 +26,7 @@ from mer_dist.data.stream import SkipTotals, eval_loader, iterate, train_loader
 from mer_dist.io import LockError, OutputLock
 from mer_dist.models.teacher import TargetStats, Teacher, frame_targets, masked_mean
 from mer_dist.models.visual import VisualEncoder, export, read_encoder
-from mer_dist.tracking import Tracker
+from mer_dist.tracking import NodeMetrics, Tracker
 from mer_dist.train import checkpoint
 from mer_dist.train.losses import AlignmentObjective
 
@@ -186,7 +186,7 @@ def run(cfg: AlignConfig) -> int:
         "world_size": env.world_size, "launcher": env.launcher, "slurm_job_id": env.job_id,
         "restart": os.environ.get("SLURM_RESTART_COUNT", "0"), "zero_stage": cfg.train.zero_stage,
         "targets": cfg.targets, "loss": ",".join(cfg.loss), "pairing": cfg.pairing, "acoustic": cfg.acoustic,
-        "resumed_from_step": start})
+        "resumed_from_step": start}, node_id=env.node_id)
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         dropped = tracker.resume_at(start)
@@ -203,6 +203,9 @@ def run(cfg: AlignConfig) -> int:
     skips = SkipTotals()
     # every rank saves the same client state: rank 0's run id, once its tracker has connected
     run_id = dist.all_gather_object(tracker.wait_run_id(30.0) if env.is_main else "")[0]
+    # the other nodes' first ranks add their own system/<node>/* metrics to that run
+    node_metrics = NodeMetrics(cfg.tracking, out, run_id, env.node_id) \
+        if env.node_id and env.local_rank == 0 and not env.is_main else None
     total, step, exit_code = cfg.train.steps, start, 0
     global_batch = cfg.data.batch_size * cfg.train.grad_accum * env.world_size
     window, t_window = _Window(), time.perf_counter()
@@ -267,6 +270,8 @@ def run(cfg: AlignConfig) -> int:
             tracker.artifact(out / "encoder.pt")
             print(f"align: done at step {step} -> {out / 'encoder.pt'}", flush=True)
     tracker.close("FINISHED" if exit_code == 0 else "KILLED")
+    if node_metrics is not None:
+        node_metrics.close()
     dist.barrier()
     lock.release()
     dist.cleanup()
