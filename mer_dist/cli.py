@@ -18,6 +18,7 @@ SHORTCUTS: dict[str, dict[str, str]] = {
     "synth": {"out": "out", "num-labeled": "num_labeled", "num-unlabeled": "num_unlabeled",
               "num-test": "num_test", "seed": "seed", "container": "container", "workers": "workers"},
     "shard": {"corpus": "corpus", "out": "out", "workers": "workers", "shard-mb": "shard_mb", "strict": "strict"},
+    "pretrain-audio": {"shards": "data.shards", "out": "out", "steps": "steps", "clusters": "clusters"},
     "probe-layers": {"shards": "data.shards", "model": "model", "out": "out", "top-k": "top_k"},
     "adapt-audio": {"shards": "data.shards", "model": "model", "out": "out", "layers": "layers", "probe": "probe",
                     "method": "method", "epochs": "epochs"},
@@ -38,6 +39,7 @@ SHORTCUTS: dict[str, dict[str, str]] = {
 # stage -> "module:function", imported only when the stage runs (keeps `mer-dist --help` fast)
 RUNNERS = {
     "synth": "mer_dist.data.synth:generate", "shard": "mer_dist.data.ingest:write_shards",
+    "pretrain-audio": "mer_dist.train.pretrain_audio:run",
     "probe-layers": "mer_dist.train.probe:run", "adapt-audio": "mer_dist.train.adapt:run",
     "extract-targets": "mer_dist.train.extract:run", "align": "mer_dist.train.align:run",
     "finetune": "mer_dist.train.finetune:run", "evaluate": "mer_dist.eval.evaluate:run",

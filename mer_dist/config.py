@@ -147,6 +147,30 @@ class ProbeConfig:
 
 
 @dataclass
+class PretrainAudioConfig:
+    data: DataConfig = field(default_factory=DataConfig)  # which shards, and how clips are decoded
+    model: str = "tiny:hubert"  # the architecture to pretrain from scratch (a tiny preset)
+    out: str = "runs/hubert-it1"  # a save_pretrained directory: use it as `model=` of probe-layers / adapt-audio
+    splits: list[str] = field(default_factory=lambda: ["unlabeled", "train"])  # audio of these splits (labels never read)
+    clusters: int = 50  # k-means clusters of MFCC frames: the masked-prediction targets
+    steps: int = 600  # optimizer steps
+    batch_size: int = 8  # clips per step
+    lr: float = 2e-3  # AdamW learning rate (linear warmup over the first 10%, then cosine)
+    mask_prob: float = 0.5  # share of frames masked (spans, as HuBERT)
+    mask_length: int = 5  # frames per masked span (20 ms each)
+    seed: int = 0  # init, k-means and batch order
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow settings
+
+    def __post_init__(self):
+        _check(self.model.startswith("tiny:"), "model", "a tiny preset (tiny:hubert, ...): pretrained models "
+               "need no first iteration", self.model)
+        _check(self.clusters >= 2, "clusters", "an integer >= 2", self.clusters)
+        _check(self.steps >= 1 and self.batch_size >= 1, "steps/batch_size", "integers >= 1",
+               (self.steps, self.batch_size))
+        _check(0 < self.mask_prob < 1, "mask_prob", "a number in (0, 1)", self.mask_prob)
+
+
+@dataclass
 class AdaptConfig:
     data: DataConfig = field(default_factory=DataConfig)  # which shards, and how clips are decoded
     model: str = "tiny:hubert"  # local HuBERT directory, or tiny:hubert
@@ -346,10 +370,12 @@ class DemoConfig:
     folds: int = 5  # K-fold CV of every fine-tuning row
     self_train_rounds: int = 1     # self-training rounds on the fusion row (0 = none)
     visual_top_k: bool = False     # also the rows that fine-tune the visual encoder's top block end to end
+    audio_pretrain_steps: int = 0  # > 0: HuBERT's first iteration on the corpus audio; the teacher starts from it
 
 
 STAGES: dict[str, type] = {
-    "synth": SynthConfig, "shard": ShardConfig, "probe-layers": ProbeConfig, "adapt-audio": AdaptConfig,
+    "synth": SynthConfig, "shard": ShardConfig, "pretrain-audio": PretrainAudioConfig, "probe-layers": ProbeConfig,
+    "adapt-audio": AdaptConfig,
     "extract-targets": ExtractConfig, "align": AlignConfig, "finetune": FinetuneConfig,
     "evaluate": EvaluateConfig, "pseudo-label": PseudoLabelConfig, "self-train": SelfTrainConfig, "demo": DemoConfig,
 }
@@ -479,7 +505,8 @@ def save(cfg: Any, path: str | Path) -> None:
 
 
 # ----------------------------------------------------------------------------- docs + YAML files
-STAGE_FILES = {"synth": "synth", "shard": "shard", "probe-layers": "probe", "adapt-audio": "adapt",
+STAGE_FILES = {"synth": "synth", "shard": "shard", "pretrain-audio": "pretrain_audio", "probe-layers": "probe",
+               "adapt-audio": "adapt",
                "extract-targets": "extract", "align": "align", "finetune": "finetune", "evaluate": "evaluate",
                "pseudo-label": "pseudo", "self-train": "selftrain", "demo": "demo"}
 

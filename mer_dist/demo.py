@@ -1,6 +1,6 @@
 """`mer-dist demo`: the whole pipeline on a small synthetic corpus, alignment on 2 processes.
 
-synth -> shard -> probe-layers -> adapt-audio -> align (torchrun, DeepSpeed ZeRO-2; one run per alignment
+synth -> shard -> [pretrain-audio] -> probe-layers -> adapt-audio -> align (torchrun, DeepSpeed ZeRO-2; one run per alignment
 variant and seed) -> finetune (the ablation rows) -> self-train (pseudo-labels on the unlabeled pool) ->
 a table of stage times and test WAF per row, mean ± sd over seeds. Every number is computed by this run.
 """
@@ -61,9 +61,16 @@ def run(cfg: C.DemoConfig) -> int:
     stage("synth", lambda: generate(synth))
     stage("shard", lambda: write_shards(C.ShardConfig(corpus=str(out / "corpus"), out=str(out / "shards"))))
     data = {"data.shards": str(out / "shards")}
-    stage("probe-layers", lambda: probe.run(C.load(C.ProbeConfig, overrides={**data, "out": str(out / "probe")})))
+    hubert = "tiny:hubert"
+    if cfg.audio_pretrain_steps > 0:     # HuBERT's first iteration on the corpus audio instead of random weights
+        from mer_dist.train import pretrain_audio
+        hubert = str(out / "hubert-it1")
+        stage("pretrain-audio", lambda: pretrain_audio.run(C.load(C.PretrainAudioConfig, overrides={
+            **data, "out": hubert, "steps": cfg.audio_pretrain_steps})))
+    stage("probe-layers", lambda: probe.run(C.load(C.ProbeConfig, overrides={
+        **data, "out": str(out / "probe"), "model": hubert})))
     stage("adapt-audio", lambda: adapt.run(C.load(C.AdaptConfig, overrides={
-        **data, "out": str(out / "teacher"), "probe": str(out / "probe"), "epochs": 15})))
+        **data, "out": str(out / "teacher"), "probe": str(out / "probe"), "epochs": 15, "model": hubert})))
 
     def align(variant: str, seed: int) -> Path:
         dst = out / "align" / f"{variant}-seed{seed}"

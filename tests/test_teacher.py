@@ -128,3 +128,27 @@ def test_frame_posteriors_average_to_the_utterance_prediction(teacher):
     z = (torch.softmax(h.layer_logits, 0)[None, :, None] * (pooled - h.feat_mean) / h.feat_std).sum(1)
     expected = h.head[1](z)
     assert torch.allclose(masked_mean(frame_logits, mask), expected, atol=1e-4)
+
+
+def test_mfcc_frames_line_up_with_hubert_frames():
+    from mer_dist.train.pretrain_audio import mfcc
+    model = build_hubert("tiny:hubert")
+    for n in (400, 401, 16000, 16123, 33333):
+        f = mfcc(np.random.default_rng(n).normal(0, 0.1, n).astype(np.float32))
+        assert f.shape == (int(model._get_feat_extract_output_lengths(torch.tensor(n))), 39)
+        assert np.isfinite(f).all()
+
+
+def test_pretrain_audio_learns_masked_units_and_loads_like_hubert(shards, tmp_path):
+    out = tmp_path / "hubert-it1"
+    p = subprocess.run([sys.executable, "-m", "mer_dist", "pretrain-audio", "--shards", str(shards), "--out", str(out),
+                        "--steps", "150", "--clusters", "8", "data.workers=0", "tracking.enabled=false"],
+                       cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    s = json.loads((out / "pretrain.json").read_text())
+    # predicting masked frames' clusters from context: above always guessing the largest cluster, and improving
+    assert s["masked_accuracy_last"] > s["largest_cluster_share"] + 0.05 and s["loss_last"] < s["loss_first"], s
+    model = build_hubert(str(out))                     # what probe-layers / adapt-audio load with model=DIR
+    assert model.config.mask_time_prob == 0.0
+    random = build_hubert("tiny:hubert").state_dict()
+    assert any(not torch.equal(v, random[k]) for k, v in model.state_dict().items() if k in random)

@@ -54,13 +54,17 @@ def build_hubert(spec: str, seed: int = 0) -> HubertModel:
         raise ModelError(f"HuBERT model directory {path}: cannot load ({str(e).splitlines()[0]})") from None
 
 
-def hidden_states(model: nn.Module, audio: torch.Tensor, lens: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-    """All hidden states ([0] = encoder input, [i] = layer i) and the valid-frame mask [B, T]."""
+def hidden_states(model: nn.Module, audio: torch.Tensor, lens: torch.Tensor, mask_time_indices: torch.Tensor | None = None
+                  ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """All hidden states ([0] = encoder input, [i] = layer i) and the valid-frame mask [B, T]
+    (`mask_time_indices`: frames replaced by the learned mask embedding, for masked prediction)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     sample_mask = torch.arange(audio.shape[1], device=audio.device)[None] < lens[:, None]
     audio = (audio - _masked_stat(audio, sample_mask, "mean")) / (_masked_stat(audio, sample_mask, "std") + 1e-5)
     audio = audio * sample_mask
     kwargs = {"attention_mask": sample_mask.long()} if base.config.feat_extract_norm == "layer" else {}
+    if mask_time_indices is not None:
+        kwargs["mask_time_indices"] = mask_time_indices
     out = model(input_values=audio, output_hidden_states=True, **kwargs)
     flen = base._get_feat_extract_output_lengths(lens)
     t = out.hidden_states[0].shape[1]
