@@ -9,7 +9,6 @@ setup (audio of the chosen splits, MFCC at HuBERT's 20 ms frames, k-means) -> fi
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
