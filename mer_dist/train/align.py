@@ -307,7 +307,7 @@ class _Window:
 
     def add(self, values: dict, samples: int) -> None:
         for k, v in values.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+            self.sums[k] = self.sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
         self.n += 1
         self.samples += samples
 
