@@ -244,7 +244,7 @@ def test_label_conflicts_are_errors_naming_file_and_line(tmp_path, corpus):
     assert m["unlisted"] == [src[2]] and m["splits"]["train"]["samples"] == 2
 
 
-def test_evaluate_on_other_shards_uses_their_clips(tmp_path, shards, teacher):
+def test_evaluate_on_other_shards_uses_their_clips(tmp_path, shards, teacher, corpus):
     from mer_dist.data.ingest import write_shards
     from mer_dist.data.synth import generate
     other = tmp_path / "c2"      # same clip names as the session corpus, other content, same parent dir
@@ -262,3 +262,12 @@ def test_evaluate_on_other_shards_uses_their_clips(tmp_path, shards, teacher):
     shared = set(p1) & set(p2)
     assert len(p2) == 8 and len(shared) == 8            # same names (sample_00000000 ...) ...
     assert all(p1[n] != p2[n] for n in shared)          # ... but the second corpus's answers
+    # names with dots, spaces and non-ASCII come back in predictions.csv as they were (tar keys are encoded)
+    src = sorted(r["name"] for r in csv.DictReader(open(corpus / "label-disdim.csv")))[:4]
+    odd = ["ok.dot.name", "with space", "émotion_日本", "plain"]
+    write_shards(ShardConfig(corpus=str(_mini_corpus(corpus, tmp_path / "c3", dict(zip(src, odd)))),
+                             out=str(tmp_path / "s3"), workers=1))
+    run_cli("evaluate", "--model", model, "--split", "train", "--shards", tmp_path / "s3", "--out", tmp_path / "e3",
+            "tracking.enabled=false")
+    got = [r["name"] for r in csv.DictReader(open(tmp_path / "e3" / "predictions.csv", encoding="utf-8"))]
+    assert sorted(got) == sorted(odd)
