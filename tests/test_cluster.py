@@ -72,6 +72,22 @@ def test_sbatch_preempt_requeue_resume(slurm, shards, teacher, tmp_path, mlflow_
     assert sorted(logged) == list(range(2, 201, 2)), logged
 
 
+def test_sbatch_torchrun_mode(slurm, shards, teacher, tmp_path):
+    # one torchrun agent per node, its rendezvous from `python -m mer_dist.dist torchrun` inside the job
+    out, log = tmp_path / "run", tmp_path / "job.out"
+    overrides = (f"data.shards={shards} teacher={teacher} out={out} train.steps=12 train.ckpt_every=6 "
+                 "train.log_every=2 train.eval_samples=0 data.height=32 data.width=32 data.frames=4 "
+                 "data.batch_size=4 data.workers=0 tracking.enabled=false")
+    env = {**slurm, "MER_OVERRIDES": overrides, "MER_WORKDIR": str(REPO), "MER_LAUNCH": "torchrun", "GPUS_PER_NODE": "2"}
+    job = subprocess.run(["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=0",
+                          "--cpus-per-task=2", "--time=10", f"--output={log}", "slurm/align.sh"],
+                         cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout.strip()
+    w = subprocess.run(["bash", str(SLURM), "wait", job, "400"], env=slurm, capture_output=True, text=True)
+    assert w.returncode == 0, log.read_text()[-4000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["step"] == 12 and s["world_size"] == 2 and s["launcher"] == "torchrun" and s["exit_code"] == 0
+
+
 def test_slurm_rendezvous_has_one_definition():
     from mer_dist.dist import detect, torchrun_args
     env = {"SLURM_PROCID": "1", "SLURM_NTASKS": "3", "SLURM_JOB_ID": "123456", "SLURM_JOB_NUM_NODES": "3",
