@@ -69,6 +69,16 @@ class _MlflowApi:
         with _store_lock(uri):
             self.client = MlflowClient(uri)
 
+    def start_monitor(self, run_id: str, cfg: TrackingConfig, uri: str, node_id: str | None):
+        """MLflow's system-metrics monitor of this machine, logging into `run_id` (None when unavailable); MLflow's
+        MLFLOW_SYSTEM_METRICS_NODE_ID overrides `node_id`."""
+        if self.monitor_cls is None:
+            return None
+        monitor = self.monitor_cls(run_id, sampling_interval=cfg.system_metrics_interval, tracking_uri=uri,
+                                   resume_logging=True, node_id=node_id)
+        monitor.start()
+        return monitor
+
 
 @contextlib.contextmanager
 def _store_lock(uri: str):
@@ -153,10 +163,7 @@ class Tracker:
 
     def _start_system_metrics(self) -> None:
         try:
-            self._monitor = self._api.monitor_cls(
-                self.run_id, sampling_interval=self.cfg.system_metrics_interval, tracking_uri=self.uri, resume_logging=True,
-                node_id=self.node_id)   # MLflow's MLFLOW_SYSTEM_METRICS_NODE_ID overrides it
-            self._monitor.start()
+            self._monitor = self._api.start_monitor(self.run_id, self.cfg, self.uri, self.node_id)
         except Exception as e:  # noqa: BLE001
             self._monitor = False
             log.info("system metrics unavailable: %s", e)
@@ -268,11 +275,7 @@ class NodeMetrics:
             return
         uri = cfg.uri or default_uri(out)
         try:
-            api = _MlflowApi(uri, system_metrics=True)
-            if api.monitor_cls is not None:
-                self._monitor = api.monitor_cls(run_id, sampling_interval=cfg.system_metrics_interval,
-                                                tracking_uri=uri, resume_logging=True, node_id=node_id)
-                self._monitor.start()
+            self._monitor = _MlflowApi(uri, system_metrics=True).start_monitor(run_id, cfg, uri, node_id)
         except Exception as e:  # noqa: BLE001 - tracking must never stop a stage
             self._monitor = None
             log.info("system metrics of %s unavailable: %s", node_id, e)

@@ -16,7 +16,8 @@ ARGS = ["data.height=32", "data.width=32", "data.frames=4", "data.batch_size=4",
 
 def align(launcher, shards, teacher, out, steps, extra=(), env=None, wait=True, timeout=400):
     port = str(free_port())
-    head = {"torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "-m", "mer_dist"],
+    head = {"single": [sys.executable, "-m", "mer_dist"],
+            "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "-m", "mer_dist"],
             "deepspeed": ["deepspeed", "--num_gpus", "2", "--master_port", port, "--module", "mer_dist"],
             "accelerate": ["accelerate", "launch", "--config_file", "launch/accelerate_zero2.yaml", "--main_process_port", port, "-m", "mer_dist"],
             "accelerate3": ["accelerate", "launch", "--config_file", "launch/accelerate_zero3.yaml", "--main_process_port", port, "-m", "mer_dist"]}[launcher]
@@ -168,21 +169,14 @@ def test_bf16_export_is_the_fp32_master_weights(shards, teacher, tmp_path):
     assert all(torch.equal(sd[k], ref["encoder." + k].float()) for k in sd)
 
 
-def _single(shards, teacher, out, steps, extra):
-    cmd = [sys.executable, "-m", "mer_dist", "align", "--shards", str(shards), "--teacher", str(teacher), "--out",
-           str(out), "--steps", str(steps), *ARGS, *extra]
-    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=400)
-    return p.returncode, p.stdout + p.stderr
-
-
 @pytest.mark.parametrize("stage,before,after", [(2, 2, 1), (3, 1, 2)])
 def test_resume_on_another_number_of_ranks(shards, teacher, tmp_path, stage, before, after):
     from mer_dist.train.checkpoint import _to_universal
     out, S = tmp_path / "run", 24
     common = [f"train.zero_stage={stage}", "train.ckpt_every=500", "loss=mse", "train.lr=3e-3", "train.eval_every=500",
               "train.log_every=1"]
-    run = lambda n, steps, batch: align("torchrun", shards, teacher, out, steps, [*common, f"data.batch_size={batch}"]) \
-        if n == 2 else _single(shards, teacher, out, steps, [*common, f"data.batch_size={batch}"])  # noqa: E731
+    run = lambda n, steps, batch: align("torchrun" if n == 2 else "single", shards, teacher, out, steps,  # noqa: E731
+                                        [*common, f"data.batch_size={batch}"])
     # global batch 8: 2 ranks x 4 -> 1 rank x 4 x accumulation 2; global batch 4: 1 x 4 -> 2 ranks x 2
     rc, log = run(before, S, 4)
     assert rc == 0, log[-3000:]

@@ -116,13 +116,19 @@ def pair_within_shards(stream, skips: "SkipLog"):
         prev = s
 
 
+def pad_audio(waves: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mono float waveforms -> zero-padded [B, T_max] and their lengths [B]."""
+    lens = torch.tensor([w.size for w in waves], dtype=torch.long)
+    audio = torch.zeros(len(waves), int(lens.max()) if waves else 0)
+    for i, w in enumerate(waves):
+        audio[i, : w.size] = torch.from_numpy(w)
+    return audio, lens
+
+
 def collate(samples: list[dict]) -> dict:
     """Pad audio (and teacher features) to the longest in the batch; frames stay uint8."""
     b = len(samples)
-    lens = torch.tensor([s["audio"].size for s in samples], dtype=torch.long)
-    audio = torch.zeros(b, int(lens.max()) if b else 0)
-    for i, s in enumerate(samples):
-        audio[i, : s["audio"].size] = torch.from_numpy(s["audio"])
+    audio, lens = pad_audio([s["audio"] for s in samples])
     batch = {"name": [s["name"] for s in samples], "text": [s["text"] for s in samples],
              "frames": torch.from_numpy(np.stack([s["frames"] for s in samples])),
              "frame_times": torch.from_numpy(np.stack([s["frame_times"] for s in samples])),

@@ -34,15 +34,16 @@ TINY = {
 }
 
 
-def build_hubert(spec: str, seed: int = 0) -> HubertModel:
-    """`tiny:<preset>` (random weights, deterministic in `seed`) or a local HuBERT directory."""
+def build_hubert(spec: str, seed: int = 0, **config) -> HubertModel:
+    """`tiny:<preset>` (random weights, deterministic in `seed`; `config` overrides the preset's HubertConfig)
+    or a local HuBERT directory."""
     if spec.startswith("tiny:"):
         preset = spec.split(":", 1)[1]
         if preset not in TINY:
             raise ModelError(f"unknown tiny HuBERT preset '{preset}' (have {', '.join(TINY)})")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = HubertModel(HubertConfig(**TINY[preset]))
+            model = HubertModel(HubertConfig(**{**TINY[preset], **config}))
         return model.eval()
     path = Path(spec)
     if not (path / "config.json").is_file():

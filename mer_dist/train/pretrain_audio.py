@@ -19,14 +19,14 @@ import torch
 import torch.nn.functional as F
 from sklearn.cluster import KMeans
 from torch import nn
-from transformers import HubertConfig, HubertModel
 from transformers.audio_utils import mel_filter_bank, spectrogram, window_function
 from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices
 
 from mer_dist import dist
 from mer_dist.config import PretrainAudioConfig, save
 from mer_dist.io import write_json_atomic
-from mer_dist.models.teacher import TINY, hidden_states
+from mer_dist.data.stream import pad_audio
+from mer_dist.models.teacher import build_hubert, hidden_states
 from mer_dist.tracking import Tracker
 from mer_dist.train.probe import labeled_audio
 
@@ -44,16 +44,6 @@ def mfcc(wave: np.ndarray, sample_rate: int = 16000) -> np.ndarray:
     d1 = np.gradient(c, axis=0) if len(c) > 1 else np.zeros_like(c)
     d2 = np.gradient(d1, axis=0) if len(c) > 1 else np.zeros_like(c)
     return np.concatenate([c, d1, d2], 1).astype(np.float32)
-
-
-def _model(cfg: PretrainAudioConfig) -> HubertModel:
-    preset = cfg.model.split(":", 1)[1]
-    if preset not in TINY:
-        raise ValueError(f"model: unknown tiny HuBERT preset '{preset}' (have {', '.join(TINY)})")
-    torch.manual_seed(cfg.seed)
-    # mask_time_prob > 0 gives the model its learned mask embedding; the masks themselves are ours (below)
-    return HubertModel(HubertConfig(**{**TINY[preset], "mask_time_prob": cfg.mask_prob,
-                                       "mask_time_length": cfg.mask_length}))
 
 
 def run(cfg: PretrainAudioConfig) -> dict:
@@ -83,7 +73,9 @@ def run(cfg: PretrainAudioConfig) -> dict:
     log.info("pretrain-audio: %d clips, %d frames, %d clusters (largest %.1f%%)", len(clips), len(allf),
              cfg.clusters, 100 * majority)
 
-    model = _model(cfg).train()
+    # mask_time_prob > 0 gives the model its learned mask embedding; the masks themselves are ours (below)
+    model = build_hubert(cfg.model, cfg.seed, mask_time_prob=cfg.mask_prob, mask_time_length=cfg.mask_length).train()
+    torch.manual_seed(cfg.seed)
     head = nn.Linear(model.config.hidden_size, cfg.clusters)
     params = [*model.parameters(), *head.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
@@ -93,10 +85,7 @@ def run(cfg: PretrainAudioConfig) -> dict:
     history = []
     for step in range(1, cfg.steps + 1):
         idx = rng.choice(len(clips), size=min(cfg.batch_size, len(clips)), replace=False)
-        lens = torch.tensor([clips[i].size for i in idx])
-        audio = torch.zeros(len(idx), int(lens.max()))
-        for j, i in enumerate(idx):
-            audio[j, : clips[i].size] = torch.from_numpy(clips[i])
+        audio, lens = pad_audio([clips[i] for i in idx])
         t = int(model._get_feat_extract_output_lengths(torch.tensor(audio.shape[1])))
         flen = model._get_feat_extract_output_lengths(lens)
         valid = torch.arange(t)[None] < flen[:, None]
