@@ -49,6 +49,9 @@ def mfcc(wave: np.ndarray, sample_rate: int = 16000) -> np.ndarray:
 def run(cfg: PretrainAudioConfig) -> dict:
     env = dist.setup()
     out = Path(cfg.out)
+    # built first, so a bad preset fails before any decoding; mask_time_prob > 0 gives the model its learned mask
+    # embedding (the masks themselves are ours, below)
+    model = build_hubert(cfg.model, cfg.seed, mask_time_prob=cfg.mask_prob, mask_time_length=cfg.mask_length)
     clips: list[np.ndarray] = []
     for split in cfg.splits:        # every rank decodes its share; all ranks get all clips
         clips += labeled_audio(cfg.data.shards, split, cfg.data, env, lambda b: [
@@ -73,8 +76,7 @@ def run(cfg: PretrainAudioConfig) -> dict:
     log.info("pretrain-audio: %d clips, %d frames, %d clusters (largest %.1f%%)", len(clips), len(allf),
              cfg.clusters, 100 * majority)
 
-    # mask_time_prob > 0 gives the model its learned mask embedding; the masks themselves are ours (below)
-    model = build_hubert(cfg.model, cfg.seed, mask_time_prob=cfg.mask_prob, mask_time_length=cfg.mask_length).train()
+    model.train()
     torch.manual_seed(cfg.seed)
     head = nn.Linear(model.config.hidden_size, cfg.clusters)
     params = [*model.parameters(), *head.parameters()]
