@@ -11,15 +11,17 @@ ROOT = Path(os.environ.get("MER_BENCH_DIR", "/tmp/mer-dist-bench"))
 REPO = Path(__file__).resolve().parents[1]
 
 
-def setup(quick: bool) -> dict:
-    """Corpus (64x64 @ 10 fps, ~2 s clips), shards and a teacher, built once per size and reused."""
+def setup(quick: bool, size: int = 64, unlabeled: int = 0) -> dict:
+    """Corpus (size x size @ 10 fps, ~2 s clips), shards and a teacher, built once per (mode, size, count) and
+    reused; `unlabeled` = 0 keeps the mode's default count (96 quick, 1000 full)."""
     from mer_dist.config import ShardConfig, SynthConfig
     from mer_dist.data.ingest import write_shards
     from mer_dist.data.synth import generate
-    base = ROOT / ("quick" if quick else "full")
-    n = (48, 96, 0) if quick else (96, 1000, 0)
+    n = (48 if quick else 96, unlabeled or (96 if quick else 1000), 0)
+    base = ROOT / (("quick" if quick else "full") + (f"-{size}px-{n[1]}" if (size, unlabeled) != (64, 0) else ""))
     if not (base / "shards" / "manifest.json").is_file():
-        generate(SynthConfig(out=str(base / "corpus"), num_labeled=n[0], num_unlabeled=n[1], num_test=n[2], workers=2))
+        generate(SynthConfig(out=str(base / "corpus"), num_labeled=n[0], num_unlabeled=n[1], num_test=n[2],
+                             height=size, width=size, workers=min(8, os.cpu_count() or 2)))
         write_shards(ShardConfig(corpus=str(base / "corpus"), out=str(base / "shards"), shard_mb=4.0))
     if not (base / "teacher" / "teacher.json").is_file():
         run([sys.executable, "-m", "mer_dist", "adapt-audio", "--shards", str(base / "shards"),

@@ -30,7 +30,7 @@ def _check(ok: bool, key: str, expected: str, value: Any) -> None:
         raise ConfigError(f"config key '{key}': expected {expected}, got {value!r}")
 
 
-LOSS_KINDS = ("mse", "cosine", "kd", "infonce")
+LOSS_KINDS = ("mse", "cosine", "kd", "infonce", "pseudo")
 
 
 @dataclass
@@ -191,6 +191,12 @@ class AdaptConfig:
     patience: int = 6  # stop after this many epochs without a better validation WAF
     val_fraction: float = 0.25  # held-out part of train for early stopping (the probe's split)
     feature_reduce: Literal["mean", "concat", "sum_last4", "last"] = "mean"  # teacher target from the adapted layers
+    pseudo: str = ""               # a `mer-dist pseudo-label` output: its clips join the training part (never validation)
+    pseudo_split: str = "unlabeled"   # the split the pseudo-labelled clips come from
+    pseudo_weight: float = 0.5     # loss weight of a pseudo-labelled clip (a labeled clip weighs 1)
+    pseudo_soft: bool = True       # train on the pseudo-labels' probabilities instead of their argmax
+    test_split: str = "test"       # pseudo-labelled clips of this split are left out ("" = none)
+    transductive: bool = False     # keep pseudo-labelled test clips (MER2024 hides test in the unlabeled pool)
     seed: int = 0  # split, init and order seed
     tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow settings
 
@@ -252,11 +258,15 @@ class AlignConfig:
     eval_split: str = "train"      # a fixed held-out alignment set (never trained on by align)
     targets: Literal["online", "offline"] = "online"  # online: run the frozen teacher per batch; offline: teacher.npy from extract-targets
     target_space: Literal["features", "logits", "both"] = "features"  # mse/cosine regress onto layer features, frame emotion logits, or both (logits: online)
-    loss: list[str] = field(default_factory=lambda: ["infonce"])  # objectives summed, "name" or "name:weight": mse|cosine|kd|infonce
+    loss: list[str] = field(default_factory=lambda: ["infonce"])  # objectives summed, "name" or "name:weight": mse|cosine|kd|infonce|pseudo
     kd_temperature: float = 2.0    # kd: softmax temperature tau (loss scaled by tau^2)
     kd_confidence: bool = False    # kd: weight frames/clips by the teacher's confidence (1 - normalised entropy)
     infonce_dim: int = 128         # infonce: width of the shared embedding both projection heads map to
     pairing: Literal["matched", "shuffled"] = "matched"   # shuffled: each video meets a fixed other clip's audio (control)
+    pseudo: str = ""               # loss pseudo: a `mer-dist pseudo-label` output whose clips' labels the encoder learns
+    pseudo_soft: bool = True       # loss pseudo: the pseudo-labels' probabilities (true) or their argmax
+    test_split: str = "test"       # loss pseudo: pseudo-labelled clips of this split are left out ("" = none)
+    transductive: bool = False     # loss pseudo: keep pseudo-labelled test clips (MER2024 hides test in the unlabeled pool)
     acoustic: Literal["adapted", "base"] = "adapted"      # base: the teacher without its adapter (control)
     frame_weight: float = 1.0      # weight of the frame-level part of mse/cosine/kd
     utterance_weight: float = 1.0  # weight of the utterance-level part of mse/cosine/kd
@@ -272,6 +282,8 @@ class AlignConfig:
                    "targets", "online for kd and for logits targets (teacher.npy holds layer features only)",
                    self.targets)
         _check(self.kd_temperature > 0, "kd_temperature", "a number > 0", self.kd_temperature)
+        _check(("pseudo" in kinds) == bool(self.pseudo), "pseudo",
+               "a pseudo-label directory exactly when loss has pseudo", self.pseudo or "''")
 
 
 @dataclass

@@ -136,3 +136,32 @@ def test_infonce_gather_across_two_ranks_equals_one_big_batch():
     assert got[0][0] == pytest.approx(ref.item(), rel=1e-5) and got[1][0] == pytest.approx(ref.item(), rel=1e-5)
     assert torch.allclose(torch.from_numpy(np.concatenate([got[0][1], got[1][1]])), v.grad, atol=1e-6)
     assert torch.allclose(torch.from_numpy(np.concatenate([got[0][2], got[1][2]])), a.grad, atol=1e-6)
+
+
+def test_pseudo_term_learns_only_from_clips_with_a_pseudo_label():
+    torch.manual_seed(0)
+    obj = AlignmentObjective([LossTerm("pseudo", 1.0)], width=8, num_classes=6)
+    assert obj.needs == {"pseudo"} and obj.kd_head is None
+    emb = torch.randn(3, 5, 8, requires_grad=True)
+    probs = torch.softmax(torch.randn(3, 6), -1)
+    weight = torch.tensor([1.0, 0.0, 1.0])                 # clip 1 has no pseudo-label
+    loss, stats = obj(emb, {"valid": torch.ones(3, 5, dtype=torch.bool), "pseudo": probs, "pseudo_weight": weight})
+    logits = obj.pseudo_head(emb.mean(1))
+    expected = -(probs[[0, 2]] * logits[[0, 2]].log_softmax(-1)).sum(-1).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert stats["pseudo_agree"].item() == pytest.approx(
+        (logits[[0, 2]].argmax(-1) == probs[[0, 2]].argmax(-1)).float().mean().item())
+    loss.backward()
+    assert emb.grad[1].abs().sum() == 0 and emb.grad[0].abs().sum() > 0      # no label, no gradient
+    none, st = obj(emb, {"valid": torch.ones(3, 5, dtype=torch.bool), "pseudo": probs,
+                         "pseudo_weight": torch.zeros(3)})
+    assert none.item() == 0.0 and st["pseudo_agree"].item() == 0.0          # a batch without any: 0, not NaN
+
+
+def test_pseudo_loss_and_pseudo_dir_come_together():
+    from mer_dist.config import AlignConfig
+    with pytest.raises(ConfigError, match="config key 'pseudo'"):
+        AlignConfig(loss=["infonce", "pseudo"])
+    with pytest.raises(ConfigError, match="config key 'pseudo'"):
+        AlignConfig(loss=["infonce"], pseudo="runs/pseudo")
+    assert AlignConfig(loss=["infonce", "pseudo:0.5"], pseudo="runs/pseudo").pseudo == "runs/pseudo"

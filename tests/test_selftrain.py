@@ -122,3 +122,56 @@ def test_self_train_two_rounds_end_to_end(shards, teacher, tmp_path):
     for k in (1, 2):
         assert by_round[k].data.tags["self_train_previous_run"] == by_round[k - 1].info.run_id
         assert int(by_round[k].data.tags["n_pseudo"]) == rows[k]["n_pseudo_trained"]
+
+
+def _pseudo_csv(path, rows):
+    path.mkdir(parents=True, exist_ok=True)
+    with open(path / "pseudo.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["name", "discrete", "confidence", *C.LABELS])
+        for name, k in rows:
+            w.writerow([name, C.LABELS[k], "0.9", *[0.9 if j == k else 0.02 for j in range(6)]])
+
+
+def test_align_pseudo_targets_leave_out_test_clips(shards, tmp_path):
+    from mer_dist.features import index
+    from mer_dist.train.align import PseudoTargets
+    from mer_dist.train.pseudo import for_training
+    unl, test, train = (index(str(shards), s)[0] for s in ("unlabeled", "test", "train"))
+    _pseudo_csv(tmp_path / "p", [(unl[0], 2), (test[0], 1), (unl[1], 5)])
+    assert for_training(tmp_path / "p", str(shards), "test", False, "x")[0] == [unl[0], unl[1]]
+    assert for_training(tmp_path / "p", str(shards), "test", True, "x")[0] == [unl[0], test[0], unl[1]]
+    cfg = C.AlignConfig(data=C.DataConfig(shards=str(shards)), loss=["infonce", "pseudo"], pseudo=str(tmp_path / "p"),
+                        pseudo_soft=False)
+    b = PseudoTargets(cfg).batch([unl[1], train[0], test[0]], torch.device("cpu"))
+    assert b["pseudo_weight"].tolist() == [1.0, 0.0, 0.0]        # a labeled clip has none; the test clip was left out
+    assert b["pseudo"][0].tolist() == [0.0, 0.0, 0.0, 0.0, 0.0, 1.0]      # pseudo_soft=false: the argmax, one-hot
+
+
+def test_adapt_audio_and_align_learn_from_pseudo_labels(base_model, shards, teacher, tmp_path):
+    """The unlabeled pool's pseudo-labels train the teacher's adapter (adapt-audio) and the visual encoder
+    (align loss=pseudo); a test clip named in pseudo.csv is left out of both."""
+    from mer_dist.features import index
+    run_cli("pseudo-label", "--model", base_model, "--out", tmp_path / "p", "--threshold", "0", "tracking.enabled=false")
+    rows = list(csv.DictReader(open(tmp_path / "p" / "pseudo.csv")))
+    test_name = index(str(shards), "test")[0][0]
+    with open(tmp_path / "p" / "pseudo.csv", "a", newline="") as f:
+        csv.writer(f).writerow([test_name, "happy", "0.9", 0.02, 0.02, 0.9, 0.02, 0.02, 0.02])
+    args = ["adapt-audio", "--shards", shards, "--layers", "1,2", "epochs=2", "patience=2", *DATA]
+    with_p = run_cli(*args, "--out", tmp_path / "tp", f"pseudo={tmp_path / 'p'}")
+    run_cli(*args, "--out", tmp_path / "t0")
+    assert f"{len(rows)} pseudo-labelled clips of 'unlabeled' join the training part" in with_p.stdout
+    assert "1 pseudo-labelled clip(s) are 'test' clips: left out" in with_p.stdout
+    spec = lambda d: json.loads((tmp_path / d / "teacher.json").read_text())   # noqa: E731
+    assert spec("tp")["adapter_hash"] != spec("t0")["adapter_hash"]        # same seed: only the pseudo clips differ
+    out = tmp_path / "al"
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1",
+                        f"--master_port={free_port()}", "-m", "mer_dist", "align", "--shards", shards,
+                        "--teacher", teacher, "--out", out, "--steps", "6", "loss=[infonce,pseudo]",
+                        f"pseudo={tmp_path / 'p'}", "train.log_every=1", "train.eval_samples=0", *DATA],
+                       capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "1 pseudo-labelled clip(s) are 'test' clips: left out" in p.stdout
+    m = [json.loads(x) for x in open(out / "metrics.jsonl") if '"loss_pseudo"' in x]
+    assert len(m) == 6 and all(r["loss_pseudo"] > 0 for r in m)          # every unlabeled clip has a pseudo-label
+    assert all(r["loss"] == pytest.approx(r["loss_infonce"] + r["loss_pseudo"], rel=1e-4) for r in m)

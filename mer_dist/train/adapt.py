@@ -35,7 +35,9 @@ from mer_dist.models.teacher import (
 )
 from mer_dist.timing import FRAME_RATE
 from mer_dist.tracking import Tracker
+from mer_dist.train.losses import soft_cross_entropy
 from mer_dist.train.probe import labeled_audio
+from mer_dist.train.pseudo import for_training
 
 log = logging.getLogger("mer_dist.adapt")
 
@@ -107,6 +109,27 @@ def _predict(clf: AudioClassifier, idx, audio, bs) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros(0, int)
 
 
+def pseudo_audio(cfg: AdaptConfig, labeled: set[str], env: dist.DistEnv) -> tuple[list[np.ndarray], np.ndarray]:
+    """Audio and training targets of the pseudo-labelled clips (`cfg.pseudo`), in pseudo.csv order. Test clips are
+    left out unless `transductive`; a labeled clip or a name missing from the split is an error."""
+    pnames, probs = for_training(cfg.pseudo, cfg.data.shards, cfg.test_split, cfg.transductive, "adapt-audio")
+    leaked = sorted(set(pnames) & labeled)
+    if leaked:
+        raise ValueError(f"{cfg.pseudo}: {len(leaked)} pseudo-labelled clip(s) are labeled training clips "
+                         f"(first: {leaked[0]}); pseudo-labels must come from another split")
+    wanted = set(pnames)
+    names, audio, _ = labeled_audio(cfg.data.shards, cfg.pseudo_split, cfg.data, env, lambda b: [
+        a[:n].numpy().copy() if nm in wanted else None for nm, a, n in zip(b["name"], b["audio"], b["audio_lens"])],
+        "adapt: load pseudo-labelled audio")
+    where = {n: a for n, a in zip(names, audio) if a is not None}
+    lost = [n for n in pnames if n not in where]
+    if lost:
+        raise ValueError(f"{cfg.pseudo}: {len(lost)} clip(s) not in split '{cfg.pseudo_split}' of {cfg.data.shards} "
+                         f"(first: {lost[0]})")
+    target = probs if cfg.pseudo_soft else np.eye(len(LABELS))[probs.argmax(1)]
+    return [where[n] for n in pnames], target.astype(np.float32)
+
+
 def run(cfg: AdaptConfig) -> dict:
     env = dist.setup()
     if env.world_size > 1 and not env.is_main:   # the labeled split is small: rank 0 adapts, others wait
@@ -122,6 +145,18 @@ def run(cfg: AdaptConfig) -> dict:
         a[:n].numpy().copy() for a, n in zip(b["audio"], b["audio_lens"])], "adapt: load audio")
     y = np.asarray(labels)
     tr, va = holdout(names, y, cfg.val_fraction, cfg.seed)
+    # targets and weights of every clip the adapter may train on: the labeled ones, then the pseudo-labelled ones
+    target, weight = np.eye(len(LABELS), dtype=np.float32)[y], np.ones(len(y), np.float32)
+    if cfg.pseudo:
+        p_audio, p_target = pseudo_audio(cfg, set(names), single)
+        audio = [*audio, *p_audio]
+        target = np.concatenate([target, p_target])
+        weight = np.concatenate([weight, np.full(len(p_audio), cfg.pseudo_weight, np.float32)])
+        train_idx = np.concatenate([tr, np.arange(len(y), len(audio))])
+        print(f"adapt-audio: {len(p_audio)} pseudo-labelled clips of '{cfg.pseudo_split}' join the training part "
+              f"(weight {cfg.pseudo_weight}, {'soft' if cfg.pseudo_soft else 'hard'})")
+    else:
+        train_idx = tr
     base = build_hubert(cfg.model)
     if not 1 <= min(layers) <= max(layers) <= base.config.num_hidden_layers:
         raise ValueError(f"adapt-audio: layers {layers} outside 1..{base.config.num_hidden_layers}")
@@ -140,7 +175,9 @@ def run(cfg: AdaptConfig) -> dict:
           f"{n_total - n_adapter:,} head parameters trainable "
           f"({100 * n_total / sum(p.numel() for p in clf.parameters()):.2f}% of the model)")
     tracker = Tracker(cfg.tracking, out, "adapt-audio", tags={"method": cfg.method, "layers": layers,
-                                                               "world_size": env.world_size, "launcher": env.launcher})
+                                                               "world_size": env.world_size, "launcher": env.launcher,
+                                                               "pseudo": cfg.pseudo or "none",
+                                                               "n_pseudo": len(train_idx) - len(tr)})
     tracker.params(cfg)
     tracker.metrics({"trainable_params": n_total, "adapter_params": n_adapter}, step=0)
     opt = torch.optim.AdamW([p for p in clf.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.01)
@@ -151,8 +188,8 @@ def run(cfg: AdaptConfig) -> dict:
     for epoch in bar:
         clf.train()
         losses = []
-        for part, x, lens in _batches(tr, audio, cfg.batch_size, rng):
-            loss = nn.functional.cross_entropy(clf(x, lens), torch.from_numpy(y[part]))
+        for part, x, lens in _batches(train_idx, audio, cfg.batch_size, rng):
+            loss = soft_cross_entropy(clf(x, lens), torch.from_numpy(target[part]), torch.from_numpy(weight[part]))
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -15,6 +15,7 @@ import time
 import zlib
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -173,6 +174,7 @@ def run(cfg: AlignConfig) -> int:
     it = iter(train_loader(urls, cfg.data, env.rank, env.world_size, seed=zlib.crc32(f"{cfg.train.seed}/{start}".encode()),
                            pairing=cfg.pairing))
 
+    pseudo = PseudoTargets(cfg) if cfg.pseudo else None
     eval_batches = _eval_set(cfg)
     if eval_batches:   # eval targets computed once (offline runs load the teacher just for this)
         eval_teacher = teacher or load_teacher()
@@ -186,6 +188,7 @@ def run(cfg: AlignConfig) -> int:
         "world_size": env.world_size, "launcher": env.launcher, "slurm_job_id": env.job_id,
         "restart": os.environ.get("SLURM_RESTART_COUNT", "0"), "zero_stage": cfg.train.zero_stage,
         "targets": cfg.targets, "loss": ",".join(cfg.loss), "pairing": cfg.pairing, "acoustic": cfg.acoustic,
+        "pseudo": cfg.pseudo or "none",
         "resumed_from_step": start}, node_id=env.node_id)
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -198,6 +201,8 @@ def run(cfg: AlignConfig) -> int:
 
     def step_loss(batch) -> tuple[torch.Tensor, dict]:
         target = batch["target"] if "target" in batch else batch_targets(batch, teacher, stats, need, cfg.target_space, device)
+        if pseudo is not None:
+            target |= pseudo.batch(batch["name"], device)
         return engine(batch["frames"].to(device, non_blocking=True), target)
 
     skips = SkipTotals()
@@ -276,6 +281,24 @@ def run(cfg: AlignConfig) -> int:
     lock.release()
     dist.cleanup()
     return exit_code
+
+
+class PseudoTargets:
+    """Loss `pseudo`: the pseudo-label distribution of each clip that has one (soft, or one-hot with
+    `pseudo_soft=false`); a clip without one weighs 0 (the held-out set, clips the selection left out)."""
+
+    def __init__(self, cfg: AlignConfig):
+        from mer_dist.train.pseudo import for_training
+        names, probs = for_training(cfg.pseudo, cfg.data.shards, cfg.test_split, cfg.transductive, "align")
+        if not cfg.pseudo_soft:
+            probs = np.eye(len(LABELS))[probs.argmax(1)]
+        self.table = {n: torch.from_numpy(p).float() for n, p in zip(names, probs)}
+        self.none = torch.zeros(len(LABELS))
+
+    def batch(self, names: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+        rows = [self.table.get(n, self.none) for n in names]
+        return {"pseudo": torch.stack(rows).to(device),
+                "pseudo_weight": torch.tensor([float(n in self.table) for n in names], device=device)}
 
 
 def _one_writer(out: Path, env: dist.DistEnv) -> OutputLock:

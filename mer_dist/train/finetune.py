@@ -9,7 +9,6 @@ the test split (unless `transductive=true`, which is tagged on the run).
 from __future__ import annotations
 
 import copy
-import csv
 import json
 from pathlib import Path
 
@@ -19,7 +18,6 @@ from tqdm import tqdm
 
 from mer_dist import dist
 from mer_dist.config import (
-    LABEL_TO_ID,
     LABELS,
     EvaluateConfig,
     FinetuneConfig,
@@ -35,29 +33,13 @@ from mer_dist.io import write_json_atomic
 from mer_dist.models.fusion import FusionModel, VisualFusion
 from mer_dist.tracking import Tracker
 from mer_dist.train.losses import soft_cross_entropy
-from mer_dist.train.pseudo import select
+from mer_dist.train.pseudo import read_pseudo, select
 
 VALID_MODALITIES = ("a", "v", "t")
 
 
 def cache_dir(cfg: FinetuneConfig) -> Path:
     return Path(cfg.cache) if cfg.cache else Path(cfg.data.shards).resolve().parent / "feature-cache"
-
-
-def read_pseudo(folder: str | Path) -> tuple[list[str], np.ndarray]:
-    """pseudo.csv of `mer-dist pseudo-label` -> (names, probabilities [N, 6])."""
-    f = Path(folder) / "pseudo.csv" if Path(folder).is_dir() else Path(folder)
-    if not f.is_file():
-        raise FileNotFoundError(f"{f}: pseudo-labels not found (run `mer-dist pseudo-label`)")
-    with open(f, newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
-    missing = {"name", "discrete", *LABELS} - set(rows[0] if rows else {"name", "discrete", *LABELS})
-    if missing:
-        raise ValueError(f"{f}: missing column(s) {sorted(missing)}")
-    for i, r in enumerate(rows, start=2):
-        if r["discrete"] not in LABEL_TO_ID:
-            raise ValueError(f"{f}:{i} ({r['name']}): unknown label {r['discrete']!r}")
-    return [r["name"] for r in rows], np.array([[float(r[c]) for c in LABELS] for r in rows]).reshape(-1, len(LABELS))
 
 
 def pseudo_sets(cfg: FinetuneConfig, n_folds: int) -> tuple[list[str], list[tuple[np.ndarray, np.ndarray]], bool]:

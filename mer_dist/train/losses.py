@@ -9,7 +9,10 @@ for `infonce`), a small module. `create_objective` builds the weighted sum that 
 * `kd`: soft distillation of the teacher's frame and utterance emotion posteriors,
   KL(teacher || student) at temperature tau, tau^2-scaled, optionally weighted by the teacher's confidence;
 * `infonce`: symmetric contrastive loss between clip-level video and audio embeddings, negatives
-  gathered across ranks with a differentiable all-gather (the number of negatives grows with the world).
+  gathered across ranks with a differentiable all-gather (the number of negatives grows with the world);
+* `pseudo`: self-training inside alignment -- cross-entropy of a clip-level emotion head onto the
+  pseudo-labels (`mer-dist pseudo-label`) of the clips that have one (`align.pseudo`), so the unlabeled
+  pool teaches the encoder what the fusion model already knows of emotion from all three modalities.
 """
 from __future__ import annotations
 
@@ -105,7 +108,8 @@ class AlignmentObjective(nn.Module):
     encoder alone is what `finetune` uses).
 
     Inputs: frame embeddings [B,F,W] of the encoder and a target dict from the teacher, all at the video's
-    frame times: "regress" [B,F,D] (mse/cosine), "logits" [B,F,C] (kd), "clip" [B,Da] (infonce), "valid" [B,F].
+    frame times: "regress" [B,F,D] (mse/cosine), "logits" [B,F,C] (kd), "clip" [B,Da] (infonce), "valid" [B,F];
+    and for `pseudo` the clips' pseudo-label distributions "pseudo" [B,C] with "pseudo_weight" [B] (0: none).
     """
 
     def __init__(self, terms: list[LossTerm], width: int, regress_dim: int = 0, num_classes: int = 6,
@@ -117,6 +121,7 @@ class AlignmentObjective(nn.Module):
         kinds = {t.kind for t in terms}
         self.regress = nn.Linear(width, regress_dim) if kinds & {"mse", "cosine"} else None
         self.kd_head = nn.Linear(width, num_classes) if "kd" in kinds else None
+        self.pseudo_head = nn.Linear(width, num_classes) if "pseudo" in kinds else None
         if "infonce" in kinds:
             self.video_proj = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, embed_dim))
             self.audio_proj = nn.Sequential(nn.LayerNorm(audio_dim), nn.Linear(audio_dim, width), nn.GELU(),
@@ -127,7 +132,8 @@ class AlignmentObjective(nn.Module):
     @property
     def needs(self) -> set[str]:
         """Which teacher outputs the terms read: "regress", "logits", "clip"."""
-        return {{"mse": "regress", "cosine": "regress", "kd": "logits", "infonce": "clip"}[t.kind] for t in self.terms}
+        return {{"mse": "regress", "cosine": "regress", "kd": "logits", "infonce": "clip", "pseudo": "pseudo"}[t.kind]
+                for t in self.terms}
 
     def forward(self, emb: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         valid = target["valid"]
@@ -139,6 +145,12 @@ class AlignmentObjective(nn.Module):
             elif t.kind == "kd":
                 loss, stats["kd_agree"] = kd_loss(self.kd_head(emb).float(), target["logits"], valid, self.tau,
                                                   self.frame_weight, self.utterance_weight, self.conf)
+            elif t.kind == "pseudo":
+                logits = self.pseudo_head(emb.mean(1)).float()
+                loss = soft_cross_entropy(logits, target["pseudo"].float(), target["pseudo_weight"].float())
+                has = target["pseudo_weight"] > 0
+                stats["pseudo_agree"] = (logits.argmax(-1) == target["pseudo"].argmax(-1))[has].float().mean() \
+                    if has.any() else logits.new_zeros(())
             else:
                 # heads run in the engine's precision (bf16 on GPUs); the loss in fp32
                 v = self.video_proj(emb.mean(1)).float()      # the clip embedding `finetune` uses, projected

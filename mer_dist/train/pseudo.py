@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from mer_dist import dist
-from mer_dist.config import LABELS, PseudoLabelConfig
+from mer_dist.config import LABEL_TO_ID, LABELS, PseudoLabelConfig
+from mer_dist.data.ingest import load_manifest
 from mer_dist.eval.evaluate import load_model, predict
 from mer_dist.io import write_json_atomic
 
@@ -34,6 +35,38 @@ def select(probs: np.ndarray, threshold: float, top_per_class: int = 0,
                 drop = idx[np.argsort(-conf[idx], kind="stable")[top_per_class:]]
                 keep[drop] = False
     return np.flatnonzero(keep)
+
+
+def read_pseudo(folder: str | Path) -> tuple[list[str], np.ndarray]:
+    """pseudo.csv of `mer-dist pseudo-label` -> (names, probabilities [N, 6])."""
+    f = Path(folder) / "pseudo.csv" if Path(folder).is_dir() else Path(folder)
+    if not f.is_file():
+        raise FileNotFoundError(f"{f}: pseudo-labels not found (run `mer-dist pseudo-label`)")
+    with open(f, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    missing = {"name", "discrete", *LABELS} - set(rows[0] if rows else {"name", "discrete", *LABELS})
+    if missing:
+        raise ValueError(f"{f}: missing column(s) {sorted(missing)}")
+    for i, r in enumerate(rows, start=2):
+        if r["discrete"] not in LABEL_TO_ID:
+            raise ValueError(f"{f}:{i} ({r['name']}): unknown label {r['discrete']!r}")
+    return [r["name"] for r in rows], np.array([[float(r[c]) for c in LABELS] for r in rows]).reshape(-1, len(LABELS))
+
+
+def for_training(folder: str | Path, shards: str, test_split: str, transductive: bool,
+                 stage: str) -> tuple[list[str], np.ndarray]:
+    """The pseudo-labelled clips a training stage may learn from: pseudo.csv less the clips of `test_split` (MER2024
+    hides test clips in the unlabeled pool), which only `transductive` keeps; the stage says how many it left out."""
+    names, probs = read_pseudo(folder)
+    if test_split and not transductive and test_split in load_manifest(shards)["splits"]:
+        from mer_dist.features import index
+        test = set(index(shards, test_split)[0])
+        kept = [i for i, n in enumerate(names) if n not in test]
+        if len(kept) < len(names):
+            print(f"{stage}: {len(names) - len(kept)} pseudo-labelled clip(s) are '{test_split}' clips: left out "
+                  f"(transductive=true uses them)")
+        names, probs = [names[i] for i in kept], probs[kept]
+    return names, probs
 
 
 def write(out: Path, names: list[str], probs: np.ndarray, kept: np.ndarray, summary: dict) -> None:
