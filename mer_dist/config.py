@@ -338,10 +338,13 @@ class PseudoLabelConfig:
     threshold: float = 0.6         # keep a clip when the ensemble's top probability is at least this
     top_per_class: int = 0         # then keep at most N most confident clips per predicted class (0 = no cap)
     agree_with: str = ""           # a second finetune output; keep a clip only where both predict the same class
+    student_modalities: list[str] = field(default_factory=list)  # what a student sees of these clips (co-training: what the model did not); [] = all
     tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow settings
 
     def __post_init__(self):
         _check(0.0 <= self.threshold <= 1.0, "threshold", "a probability in [0, 1]", self.threshold)
+        _check(set(self.student_modalities) <= {"a", "v", "t"}, "student_modalities", "a subset of [a, v, t]",
+               self.student_modalities)
         _check(self.top_per_class >= 0, "top_per_class", "an integer >= 0", self.top_per_class)
 
 
@@ -354,10 +357,13 @@ class SelfTrainConfig:
     thresholds: list[float] = field(default_factory=lambda: [0.7, 0.6])   # per round; the last one repeats
     top_per_class: int = 0         # per round: at most N pseudo-labels per predicted class (0 = no cap)
     agree_with: str = ""           # a second finetune output that must agree (see pseudo-label)
+    views: Literal["fusion", "cross"] = "fusion"   # fusion: the fusion model labels clips for the whole student; cross: co-training, for each modality a model without it labels the clips for that modality alone
     truth: str = ""                # truth CSV (name,discrete) for pseudo-label precision; "" -> corpus/.truth-unlabeled.csv
 
     def __post_init__(self):
         _check(self.rounds >= 0, "rounds", "an integer >= 0", self.rounds)
+        _check(self.views == "fusion" or len(self.finetune.modalities) > 1, "views",
+               "fusion when finetune.modalities has one modality (cross labels each with the others)", self.views)
         _check(bool(self.thresholds) and all(0 <= t <= 1 for t in self.thresholds), "thresholds",
                "a non-empty list of probabilities", self.thresholds)
 

@@ -175,3 +175,52 @@ def test_adapt_audio_and_align_learn_from_pseudo_labels(base_model, shards, teac
     m = [json.loads(x) for x in open(out / "metrics.jsonl") if '"loss_pseudo"' in x]
     assert len(m) == 6 and all(r["loss_pseudo"] > 0 for r in m)          # every unlabeled clip has a pseudo-label
     assert all(r["loss"] == pytest.approx(r["loss_infonce"] + r["loss_pseudo"], rel=1e-4) for r in m)
+
+
+def test_views_mask_rows_and_combine_keeps_each_view(tmp_path):
+    from mer_dist.train.finetune import view_mask
+    from mer_dist.train.pseudo import combine, for_training, read_pseudo, write
+    assert view_mask(["", "v", "at"], ["a", "v", "t"]).tolist() == [[True, True, True], [False, True, False],
+                                                                  [True, False, True]]
+    assert view_mask(["v"], ["a", "t"]).tolist() == [[False, False]]       # a view this run lacks: no row
+    names = ["u1", "u2", "u3"]
+    folds = np.stack([P[:3], P[3:]])                                         # 2 fold models, 3 candidates
+    summary = lambda view, kept: {"source_model": f"m-{view}", "split": "unlabeled", "threshold": 0.5,  # noqa: E731
+                                  "top_per_class": 0, "agree_with": "", "folds": {"seed": 0, "folds": 2},
+                                  "student_modalities": view, "kept": len(kept),
+                                  "per_class": {lab: int(sum(folds.mean(0)[kept].argmax(1) == c))
+                                                for c, lab in enumerate(C.LABELS)}}
+    write(tmp_path / "pa", names, folds.mean(0), ["a"] * 3, np.array([0, 2]), summary("a", [0, 2]), folds)
+    write(tmp_path / "pv", names, folds.mean(0), ["v"] * 3, np.array([1]), summary("v", [1]), folds)
+    s = combine([tmp_path / "pa", tmp_path / "pv"], tmp_path / "both")
+    got_names, _, got_views = read_pseudo(tmp_path / "both")
+    assert list(zip(got_names, got_views)) == [("u1", "a"), ("u3", "a"), ("u2", "v")]
+    assert s["kept"] == 3 and s["views"] == {"a": 2, "v": 1} and s["folds"] == {"seed": 0, "folds": 2}
+    z = np.load(tmp_path / "both" / "folds.npz")
+    assert z["probs"].shape == (2, 6, 6) and z["views"].tolist() == ["a"] * 3 + ["v"] * 3
+    # a one-modality stage takes the rows of its view only
+    corpus_free = str(tmp_path)           # no manifest lookup needed: test_split="" keeps every row
+    assert for_training(tmp_path / "both", corpus_free, "", False, "x", "v")[0] == ["u2"]
+    assert for_training(tmp_path / "both", corpus_free, "", False, "x", "a")[0] == ["u1", "u3"]
+
+
+def test_self_train_cross_views_co_training(shards, teacher, tmp_path):
+    """views=cross: for each modality a model without it labels the pool for that modality alone."""
+    out = tmp_path / "co"
+    run_cli("self-train", "--shards", shards, "--teacher", teacher, "--visual", "random", "--out", out,
+            "--rounds", "1", "thresholds=[0.0]", "views=cross", "finetune.modalities=a,t", "finetune.folds=2",
+            "finetune.epochs=10", "finetune.pseudo_soft=true", *[f"finetune.{d}" for d in DATA if not d.startswith("tracking")])
+    from mer_dist.features import index
+    from mer_dist.train.pseudo import read_pseudo
+    unl = index(str(shards), "unlabeled")[0]
+    for m, other in (("a", ["t"]), ("t", ["a"])):     # the labeller of view m never saw m
+        assert json.loads((out / f"round0-without-{m}" / "metrics.json").read_text())["folds"] == 2
+        cfg = __import__("yaml").safe_load(open(out / f"round0-without-{m}" / "config.yaml"))
+        assert cfg["modalities"] == other
+        assert json.loads((out / f"pseudo1-{m}" / "summary.json").read_text())["student_modalities"] == m
+    names, _, views = read_pseudo(out / "pseudo1")
+    assert sorted(zip(names, views)) == sorted([(n, v) for v in "at" for n in unl])    # threshold 0: every clip, per view
+    rows = json.loads((out / "rounds.json").read_text())
+    assert rows[1]["n_pseudo_trained"] == 2 * len(unl) and rows[1]["kept"] == 2 * len(unl)
+    assert 0 <= rows[1]["precision_view_a"] <= 1 and 0 <= rows[1]["precision_view_t"] <= 1
+    assert json.loads((out / "round1" / "metrics.json").read_text())["pseudo_crossfit"] is True

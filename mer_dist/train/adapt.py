@@ -112,7 +112,8 @@ def _predict(clf: AudioClassifier, idx, audio, bs) -> np.ndarray:
 def pseudo_audio(cfg: AdaptConfig, labeled: set[str], env: dist.DistEnv) -> tuple[list[np.ndarray], np.ndarray]:
     """Audio and training targets of the pseudo-labelled clips (`cfg.pseudo`), in pseudo.csv order. Test clips are
     left out unless `transductive`; a labeled clip or a name missing from the split is an error."""
-    pnames, probs = for_training(cfg.pseudo, cfg.data.shards, cfg.test_split, cfg.transductive, "adapt-audio")
+    pnames, probs = for_training(cfg.pseudo, cfg.data.shards, cfg.test_split, cfg.transductive, "adapt-audio",
+                                  "a")
     leaked = sorted(set(pnames) & labeled)
     if leaked:
         raise ValueError(f"{cfg.pseudo}: {len(leaked)} pseudo-labelled clip(s) are labeled training clips "

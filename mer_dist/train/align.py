@@ -289,7 +289,7 @@ class PseudoTargets:
 
     def __init__(self, cfg: AlignConfig):
         from mer_dist.train.pseudo import for_training
-        names, probs = for_training(cfg.pseudo, cfg.data.shards, cfg.test_split, cfg.transductive, "align")
+        names, probs = for_training(cfg.pseudo, cfg.data.shards, cfg.test_split, cfg.transductive, "align", "v")
         if not cfg.pseudo_soft:
             probs = np.eye(len(LABELS))[probs.argmax(1)]
         self.table = {n: torch.from_numpy(p).float() for n, p in zip(names, probs)}

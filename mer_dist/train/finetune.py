@@ -42,30 +42,39 @@ def cache_dir(cfg: FinetuneConfig) -> Path:
     return Path(cfg.cache) if cfg.cache else Path(cfg.data.shards).resolve().parent / "feature-cache"
 
 
-def pseudo_sets(cfg: FinetuneConfig, n_folds: int) -> tuple[list[str], list[tuple[np.ndarray, np.ndarray]], bool]:
-    """(candidate clip names, per fold (indices into them, probabilities), cross-fitted?).
+def pseudo_sets(cfg: FinetuneConfig, n_folds: int
+                ) -> tuple[list[str], list[str], list[tuple[np.ndarray, np.ndarray]], bool]:
+    """(candidate clip names, their views, per fold (indices into them, probabilities), cross-fitted?).
 
     Cross-fitting: when the pseudo-labels came from a model with the same folds (same seed and K), fold k
     takes the clips that *its own* previous-round model selects, with that model's probabilities. That model
     never saw fold k's validation clips, so no validation label leaks into fold k's training through the
     pseudo-labels (the ensemble saw every labeled clip). Otherwise every fold gets the ensemble's pseudo.csv."""
-    pnames, pprobs = read_pseudo(cfg.pseudo)
+    pnames, pprobs, pviews = read_pseudo(cfg.pseudo)
     folder = Path(cfg.pseudo)
     summary = json.loads((folder / "summary.json").read_text()) if (folder / "summary.json").is_file() else {}
     if (folder / "folds.npz").is_file() and summary.get("folds") == {"seed": cfg.seed, "folds": n_folds}:
         z = np.load(folder / "folds.npz", allow_pickle=False)
         cand, probs = [str(n) for n in z["names"]], z["probs"]
-        allowed = np.isin(cand, pnames) if summary.get("agree_with") else np.ones(len(cand), bool)
+        views = [str(v) for v in z["views"]] if "views" in z else [""] * len(cand)
+        kept = set(zip(pnames, pviews))     # agree_with filtered the ensemble's selection: keep only those clips
+        allowed = np.array([key in kept for key in zip(cand, views)]) if summary.get("agree_with") \
+            else np.ones(len(cand), bool)
         sets = []
         for k in range(n_folds):
             idx = np.array([i for i in select(probs[k], summary["threshold"], summary["top_per_class"]) if allowed[i]],
                            dtype=int)
             sets.append((idx, probs[k][idx]))
-        return cand, sets, True
+        return cand, views, sets, True
     if cfg.folds > 1:
         print(f"finetune: {cfg.pseudo} comes from other folds than this run's (seed {cfg.seed}, {n_folds} folds): "
               f"every fold uses the ensemble's pseudo-labels, so CV WAF is optimistic; test WAF is not affected")
-    return pnames, [(np.arange(len(pnames)), pprobs)] * n_folds, False
+    return pnames, pviews, [(np.arange(len(pnames)), pprobs)] * n_folds, False
+
+
+def view_mask(views: list[str], modalities: list[str]) -> np.ndarray:
+    """[N, M] bool: which of the run's modalities a pseudo-labelled row may show ("" = all of them)."""
+    return np.array([[not v or m in v for m in modalities] for v in views], bool).reshape(len(views), len(modalities))
 
 
 def training_set(cfg: FinetuneConfig, names, y, feats, present, n_folds: int, rank: int, world: int) -> dict:
@@ -79,7 +88,7 @@ def training_set(cfg: FinetuneConfig, names, y, feats, present, n_folds: int, ra
     if cfg.visual_train != "frozen":      # decoded frames of every training clip, for the encoder that trains
         clips = _frames(cfg, "train", names, rank)
     if cfg.pseudo:
-        cand, sets, crossfit = pseudo_sets(cfg, n_folds)
+        cand, views, sets, crossfit = pseudo_sets(cfg, n_folds)
         leaked = sorted(set(cand) & set(names))
         if leaked:
             raise ValueError(f"{cfg.pseudo}: {len(leaked)} pseudo-labelled clip(s) are labeled training clips "
@@ -99,8 +108,13 @@ def training_set(cfg: FinetuneConfig, names, y, feats, present, n_folds: int, ra
             raise ValueError(f"{cfg.pseudo}: {len(lost)} clip(s) not in split '{cfg.pseudo_split}' of "
                              f"{cfg.data.shards} (first: {lost[0]})")
         sel = np.array([where[nm] for nm in cand], dtype=int)
+        # co-training rows show only their view's modalities; a row left with none (its view is a modality this
+        # run lacks, or the clip lacks it) is not trained on
+        cand_present = un_present[sel] & view_mask(views, cfg.modalities)
+        usable = cand_present.any(1)
+        sets = [(idx[usable[idx]], pr[usable[idx]]) for idx, pr in sets]
         feats = {m: np.concatenate([f, un_feats[m][sel]]) for m, f in feats.items()}
-        present = np.concatenate([present, un_present[sel]])
+        present = np.concatenate([present, cand_present])
         target = np.concatenate([target, np.zeros((len(sel), len(LABELS)))])
         weight = np.concatenate([weight, np.full(len(sel), cfg.pseudo_weight)])
         hard = lambda pr: np.eye(len(LABELS))[pr.argmax(1)] if len(pr) else pr   # noqa: E731

@@ -9,6 +9,7 @@ model agrees. Writes `pseudo.csv` (name, discrete, confidence, the 6 probabiliti
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -37,8 +38,10 @@ def select(probs: np.ndarray, threshold: float, top_per_class: int = 0,
     return np.flatnonzero(keep)
 
 
-def read_pseudo(folder: str | Path) -> tuple[list[str], np.ndarray]:
-    """pseudo.csv of `mer-dist pseudo-label` -> (names, probabilities [N, 6])."""
+def read_pseudo(folder: str | Path) -> tuple[list[str], np.ndarray, list[str]]:
+    """pseudo.csv of `mer-dist pseudo-label` -> (names, probabilities [N, 6], views). A row's view names the
+    modalities a student sees on that clip ("v"; "" = all): co-training labels a clip for one modality with a model
+    that never saw it, so a name may appear once per view."""
     f = Path(folder) / "pseudo.csv" if Path(folder).is_dir() else Path(folder)
     if not f.is_file():
         raise FileNotFoundError(f"{f}: pseudo-labels not found (run `mer-dist pseudo-label`)")
@@ -50,36 +53,65 @@ def read_pseudo(folder: str | Path) -> tuple[list[str], np.ndarray]:
     for i, r in enumerate(rows, start=2):
         if r["discrete"] not in LABEL_TO_ID:
             raise ValueError(f"{f}:{i} ({r['name']}): unknown label {r['discrete']!r}")
-    return [r["name"] for r in rows], np.array([[float(r[c]) for c in LABELS] for r in rows]).reshape(-1, len(LABELS))
+    return ([r["name"] for r in rows], np.array([[float(r[c]) for c in LABELS] for r in rows]).reshape(-1, len(LABELS)),
+            [r.get("modalities") or "" for r in rows])
 
 
-def for_training(folder: str | Path, shards: str, test_split: str, transductive: bool,
-                 stage: str) -> tuple[list[str], np.ndarray]:
-    """The pseudo-labelled clips a training stage may learn from: pseudo.csv less the clips of `test_split` (MER2024
-    hides test clips in the unlabeled pool), which only `transductive` keeps; the stage says how many it left out."""
-    names, probs = read_pseudo(folder)
+def for_training(folder: str | Path, shards: str, test_split: str, transductive: bool, stage: str,
+                 modality: str) -> tuple[list[str], np.ndarray]:
+    """The pseudo-labelled clips a one-modality training stage may learn from: the rows of pseudo.csv whose view
+    includes `modality` (once per clip), less the clips of `test_split` (MER2024 hides test clips in the
+    unlabeled pool), which only `transductive` keeps; the stage says how many it left out."""
+    names, probs, views = read_pseudo(folder)
+    seen: set[str] = set()
+    rows = [i for i, (n, v) in enumerate(zip(names, views)) if (not v or modality in v) and not (n in seen or seen.add(n))]
     if test_split and not transductive and test_split in load_manifest(shards)["splits"]:
         from mer_dist.features import index
         test = set(index(shards, test_split)[0])
-        kept = [i for i, n in enumerate(names) if n not in test]
-        if len(kept) < len(names):
-            print(f"{stage}: {len(names) - len(kept)} pseudo-labelled clip(s) are '{test_split}' clips: left out "
+        kept = [i for i in rows if names[i] not in test]
+        if len(kept) < len(rows):
+            print(f"{stage}: {len(rows) - len(kept)} pseudo-labelled clip(s) are '{test_split}' clips: left out "
                   f"(transductive=true uses them)")
-        names, probs = [names[i] for i in kept], probs[kept]
-    return names, probs
+        rows = kept
+    return [names[i] for i in rows], probs[rows]
 
 
-def write(out: Path, names: list[str], probs: np.ndarray, kept: np.ndarray, summary: dict) -> None:
+def write(out: Path, names: list[str], probs: np.ndarray, views: list[str], kept: np.ndarray, summary: dict,
+          fold_probs: np.ndarray) -> None:
+    """pseudo.csv (the kept rows), summary.json, and folds.npz: every candidate's probabilities under each fold
+    model, which `finetune` cross-fits with (fold k learns from its own model's selection)."""
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "pseudo.csv.tmp"
     with open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(["name", "discrete", "confidence", *LABELS])
+        w.writerow(["name", "discrete", "confidence", *LABELS, "modalities"])
         for i in kept:
             w.writerow([names[i], LABELS[int(probs[i].argmax())], f"{probs[i].max():.6f}",
-                        *(f"{v:.6f}" for v in probs[i])])
+                        *(f"{v:.6f}" for v in probs[i]), views[i]])
     tmp.replace(out / "pseudo.csv")
+    np.savez(out / "folds.npz", names=np.asarray(names), probs=fold_probs.astype(np.float32), views=np.asarray(views))
     write_json_atomic(out / "summary.json", summary)
+
+
+def combine(parts: list[Path], out: Path) -> dict:
+    """One pseudo-label directory from several (co-training: one per student view), for `finetune pseudo=out`."""
+    rows, summaries = [], [json.loads((Path(p) / "summary.json").read_text()) for p in parts]
+    for p in parts:
+        rows.append((read_pseudo(p), np.load(Path(p) / "folds.npz", allow_pickle=False)))
+    names = [n for (_, _, _), z in rows for n in z["names"].tolist()]
+    views = [str(v) for (_, _, _), z in rows for v in z["views"].tolist()]
+    fold_probs = np.concatenate([z["probs"] for _, z in rows], 1)
+    kept_keys = {(n, v) for (pn, _, pv), _ in rows for n, v in zip(pn, pv)}
+    kept = np.array([i for i, key in enumerate(zip(names, views)) if key in kept_keys], dtype=int)
+    probs = fold_probs.mean(0)
+    folds = {json.dumps(s.get("folds"), sort_keys=True) for s in summaries}
+    summary = {**summaries[0], "source_model": [s["source_model"] for s in summaries], "candidates": len(names),
+               "kept": int(len(kept)), "folds": summaries[0].get("folds") if len(folds) == 1 else None,
+               "views": {s["student_modalities"] or "all": s["kept"] for s in summaries},
+               "per_class": {lab: sum(s["per_class"][lab] for s in summaries) for lab in LABELS},
+               "mean_confidence": float(probs[kept].max(1).mean()) if len(kept) else 0.0}
+    write(out, names, probs, views, kept, summary, fold_probs)
+    return summary
 
 
 def run(cfg: PseudoLabelConfig) -> dict:
@@ -99,14 +131,13 @@ def run(cfg: PseudoLabelConfig) -> dict:
     if env.is_main:
         kept = select(probs, cfg.threshold, cfg.top_per_class, agree)
         pred = probs.argmax(1)
+        view = "".join(cfg.student_modalities)
         summary = {"source_model": str(Path(cfg.model).resolve()), "split": cfg.split, "candidates": len(names),
                    "kept": int(len(kept)), "threshold": cfg.threshold, "top_per_class": cfg.top_per_class,
-                   "agree_with": cfg.agree_with, "folds": ck.get("split"),
+                   "agree_with": cfg.agree_with, "folds": ck.get("split"), "student_modalities": view,
                    "per_class": {lab: int((pred[kept] == c).sum()) for c, lab in enumerate(LABELS)},
                    "mean_confidence": float(probs[kept].max(1).mean()) if len(kept) else 0.0}
-        write(Path(cfg.out), names, probs, kept, summary)
-        # each fold model's own probabilities: `finetune` cross-fits with them (fold k learns from its own model)
-        np.savez(Path(cfg.out) / "folds.npz", names=np.asarray(names), probs=per_fold.astype(np.float32))
+        write(Path(cfg.out), names, probs, [view] * len(names), kept, summary, per_fold)
         tracker = Tracker(cfg.tracking, cfg.out, "pseudo-label", tags={"model": cfg.model, "split": cfg.split})
         tracker.params(cfg)
         tracker.metrics({"kept": len(kept), **{f"kept_{k}": v for k, v in summary["per_class"].items()}}, 0)

@@ -47,7 +47,7 @@ def precision(pseudo_dir: Path, truth: dict[str, str]) -> dict[str, float]:
 def run(cfg: SelfTrainConfig) -> dict:
     out = Path(cfg.out)
     truth = read_truth(cfg)
-    rows, prev_model, prev_run = [], "", ""
+    rows, prev_model, prev_run, prev_pseudo = [], "", "", ""
     for r in range(cfg.rounds + 1):
         row: dict = {"round": r}
         pseudo_dir = ""
@@ -58,10 +58,18 @@ def run(cfg: SelfTrainConfig) -> dict:
         if r > 0:
             threshold = cfg.thresholds[min(r - 1, len(cfg.thresholds) - 1)]
             pseudo_dir = out / f"pseudo{r}"
-            summary = pseudo.run(PseudoLabelConfig(model=prev_model, shards=cfg.finetune.data.shards,
-                                                   split=cfg.finetune.pseudo_split, out=str(pseudo_dir),
-                                                   threshold=threshold, top_per_class=cfg.top_per_class,
-                                                   agree_with=cfg.agree_with, tracking=tracking))
+            label = lambda model, dst, view=(): pseudo.run(PseudoLabelConfig(  # noqa: E731
+                model=model, shards=cfg.finetune.data.shards, split=cfg.finetune.pseudo_split, out=str(dst),
+                threshold=threshold, top_per_class=cfg.top_per_class, agree_with=cfg.agree_with,
+                student_modalities=list(view), tracking=tracking))
+            if cfg.views == "fusion":
+                summary = label(prev_model, pseudo_dir)
+            else:
+                parts = [co_label(cfg, r, m, prev_pseudo, tracking, label) for m in cfg.finetune.modalities]
+                summary = pseudo.combine(parts, pseudo_dir) if dist.detect().is_main else {}
+                dist.barrier()
+                if truth:
+                    row |= {f"precision_view_{p.name.rsplit('-', 1)[1]}": precision(p, truth)["precision"] for p in parts}
             row |= {"threshold": threshold, "kept": summary.get("kept", 0),
                     **{f"kept_{k}": v for k, v in summary.get("per_class", {}).items()}}
             if truth and summary:
@@ -77,11 +85,25 @@ def run(cfg: SelfTrainConfig) -> dict:
         if rows:
             row["test_waf_change"] = row[f"{ft.test_split}_waf"] - rows[-1][f"{ft.test_split}_waf"]
         rows.append(row)
-        prev_model, prev_run = ft.out, m.get("mlflow_run_id", "")
+        prev_model, prev_run, prev_pseudo = ft.out, m.get("mlflow_run_id", ""), pseudo_dir
     env = dist.detect()
     if env.is_main:
         _report(cfg, out, rows)
     return {"rounds": rows}
+
+
+def co_label(cfg: SelfTrainConfig, r: int, m: str, prev_pseudo, tracking, label) -> Path:
+    """Co-training, one view: a fusion model of the other modalities (fine-tuned on the labeled clips and on the
+    previous round's pseudo-labels of its own views) labels the pool for a student that sees `m` alone. Its
+    errors come from faces, voices or words the student never sees, so they do not confirm the student's own."""
+    others = [x for x in cfg.finetune.modalities if x != m]
+    tags = [*tracking.tags, f"self_train_view={m}"]
+    ft = dataclasses.replace(cfg.finetune, modalities=others, out=str(Path(cfg.out) / f"round{r - 1}-without-{m}"),
+                             pseudo=str(prev_pseudo), tracking=dataclasses.replace(tracking, tags=tags))
+    finetune.run(ft)
+    dst = Path(cfg.out) / f"pseudo{r}-{m}"
+    label(ft.out, dst, (m,))
+    return dst
 
 
 def _report(cfg: SelfTrainConfig, out: Path, rows: list[dict]) -> None:
