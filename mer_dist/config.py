@@ -387,6 +387,7 @@ class DemoConfig:
     seeds: int = 1                 # seeds per ablation row (3 for the RESULTS.md table)
     folds: int = 5  # K-fold CV of every fine-tuning row
     self_train_rounds: int = 1     # self-training rounds on the fusion row (0 = none)
+    self_train_views: list[str] = field(default_factory=lambda: ["fusion"])  # self-training variants (mer_dist/demo.py SELF_TRAIN): fusion, cross
     visual_top_k: bool = False     # also the rows that fine-tune the visual encoder's top block end to end
     audio_pretrain_steps: int = 0  # > 0: HuBERT's first iteration on the corpus audio; the teacher starts from it
 

@@ -29,6 +29,12 @@ VARIANTS = {
     "kd": ("KD of frame + utterance posteriors", ["loss=kd"]),
     "kd+infonce": ("KD + InfoNCE", ["loss=kd,infonce"]),
 }
+# self-training variants: name -> (what it is, self-train overrides)
+SELF_TRAIN = {
+    "fusion": ("the fusion model labels the pool (threshold 0.7, hard)", {"views": "fusion"}),
+    "cross": ("co-training: a model without each modality labels the pool for it (all clips, soft)",
+              {"views": "cross", "thresholds": "[0.0]", "finetune.pseudo_soft": "true"}),
+}
 TOP_K_EPOCHS = 20      # end-to-end visual fine-tuning costs a forward+backward of the encoder per clip
 SINGLE = [  # (row, description, modalities, acoustic)
     ("audio-base", "audio only, base teacher", ["a"], "base"),
@@ -39,9 +45,10 @@ SINGLE = [  # (row, description, modalities, acoustic)
 
 def run(cfg: C.DemoConfig) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    unknown = [v for v in cfg.align_variants if v not in VARIANTS]
-    if unknown:
-        raise C.ConfigError(f"config key 'align_variants': unknown {unknown} (have {', '.join(VARIANTS)})")
+    for key, known in (("align_variants", VARIANTS), ("self_train_views", SELF_TRAIN)):
+        unknown = [v for v in getattr(cfg, key) if v not in known]
+        if unknown:
+            raise C.ConfigError(f"config key '{key}': unknown {unknown} (have {', '.join(known)})")
     out = Path(cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MLFLOW_TRACKING_URI", default_uri(out / "x"))
@@ -104,15 +111,17 @@ def run(cfg: C.DemoConfig) -> int:
                     results.setdefault(row, []).append(ft(row.replace("/", "-"), seed, ["v"], visual, visual_train="top_k",
                                                           epochs=TOP_K_EPOCHS)["test_waf"])
         stage("finetune+evaluate", ablation)
-        if cfg.self_train_rounds > 0:
+        for view in cfg.self_train_views if cfg.self_train_rounds > 0 else []:
             st = C.load(C.SelfTrainConfig, overrides={
                 **{f"finetune.{k}": v for k, v in data.items()}, "finetune.teacher": str(out / "teacher"),
                 "finetune.visual": encoders[cfg.align_variants[0]], "finetune.seed": seed,
-                "finetune.folds": cfg.folds, "rounds": cfg.self_train_rounds, "out": str(out / f"self-train-seed{seed}"),
-                "start": str(out / "models" / f"fusion-{cfg.align_variants[0]}-seed{seed}")})   # round 0 = that row
+                "finetune.folds": cfg.folds, "rounds": cfg.self_train_rounds,
+                "out": str(out / f"self-train-{view}-seed{seed}"),
+                "start": str(out / "models" / f"fusion-{cfg.align_variants[0]}-seed{seed}"),   # round 0 = that row
+                **SELF_TRAIN[view][1]})
             rows = stage("self-train", lambda st=st: selftrain.run(st))["rounds"]
-            rounds.append(rows)
-            results.setdefault("self-train", []).append(rows[-1]["test_waf"])
+            rounds.append({"view": view, "seed": seed, "rows": rows})
+            results.setdefault(f"self-train/{view}", []).append(rows[-1]["test_waf"])
     table = _table(results, times, rounds, cfg)
     print("\n" + table)
     (out / "RESULTS.md").write_text(table + "\n")
@@ -141,10 +150,14 @@ def _table(results: dict[str, list[float]], times: dict[str, float], rounds: lis
     if rounds:
         lines += ["", f"Self-training on the unlabeled pool ({cfg.self_train_rounds} round(s)) on top of fusion with the "
                   f"{cfg.align_variants[0]} encoder", "", *head,
-                  _row(f"fusion a+v+t, aligned ({cfg.align_variants[0]}), after self-training", results["self-train"]),
-                  "", "| seed | round | pseudo-labels kept | precision | CV WAF | test WAF |", "|---|---|---|---|---|---|"]
-        for seed, rows in enumerate(rounds):
-            for r in rows:
+                  _row(f"fusion a+v+t, aligned ({cfg.align_variants[0]}), no self-training (round 0)",
+                       results[f"fusion/{cfg.align_variants[0]}"])]
+        lines += [_row(f"after self-training: {SELF_TRAIN[v][0]}", results[f"self-train/{v}"]) for v in cfg.self_train_views]
+        lines += ["", "| views | seed | round | pseudo-labels kept | precision | CV WAF | test WAF |",
+                  "|---|---|---|---|---|---|---|"]
+        for run in rounds:
+            for r in run["rows"]:
                 prec = f"{r['precision']:.3f}" if r.get("precision", -1) >= 0 else "-"
-                lines.append(f"| {seed} | {r['round']} | {r.get('kept', 0)} | {prec} | {r['cv_waf']:.3f} | {r['test_waf']:.3f} |")
+                lines.append(f"| {run['view']} | {run['seed']} | {r['round']} | {r.get('kept', 0)} | {prec} | "
+                             f"{r['cv_waf']:.3f} | {r['test_waf']:.3f} |")
     return "\n".join(lines)

@@ -12,7 +12,7 @@ def test_demo_small(tmp_path):
     table = (tmp_path / "demo" / "RESULTS.md").read_text()
     res = json.loads((tmp_path / "demo" / "results.json").read_text())
     rows = ["audio-base", "audio", "text", "visual/random", "visual/infonce", "visual/shuffled", "fusion/random",
-            "fusion/infonce", "fusion/shuffled", "self-train"]
+            "fusion/infonce", "fusion/shuffled", "self-train/fusion"]
     assert sorted(res["test_waf"]) == sorted(rows)
     values = np.array([res["test_waf"][r] for r in rows])             # [rows, seeds]: computed, not copied
     assert values.shape == (len(rows), 2) and np.isfinite(values).all() and ((values >= 0) & (values <= 1)).all()
@@ -24,5 +24,7 @@ def test_demo_small(tmp_path):
     for seed in (0, 1):
         cfg = (tmp_path / "demo" / "align" / f"shuffled-seed{seed}" / "config.yaml").read_text()
         assert "pairing: shuffled" in cfg and f"seed: {seed}" in cfg
-    assert [r["round"] for r in res["self_train"][0]] == [0, 1] and res["self_train"][0][1]["kept"] > 0
+    st = res["self_train"][0]
+    assert (st["view"], st["seed"]) == ("fusion", 0) and [r["round"] for r in st["rows"]] == [0, 1]
+    assert st["rows"][1]["kept"] > 0 and st["rows"][0]["test_waf"] == res["test_waf"]["fusion/infonce"][0]
     assert "mlflow ui --backend-store-uri sqlite:///" in p.stdout and (tmp_path / "demo" / "mlflow.db").is_file()
