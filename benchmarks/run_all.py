@@ -1,6 +1,6 @@
 """Every CPU benchmark figure in one run: `python benchmarks/run_all.py [--quick]` (full: < 10 min on 2 cores).
 
-Figure #8 (GPU MFU at ViT-B/16, F=16, 224x224, bf16) needs a lent GPU machine; see BENCHMARKS.md.
+Figure #8 (GPU MFU at ViT-B/16, F=16, 224x224, bf16) is `bench_gpu.py`, run on a GPU machine; see BENCHMARKS.md.
 """
 from __future__ import annotations
 

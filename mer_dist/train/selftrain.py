@@ -6,6 +6,9 @@ Each round is its own MLflow run, tagged with its round and the previous round's
 table (pseudo-labels kept per class, their precision where a truth file exists, CV and test WAF and
 the change from the round before) is printed, written to `rounds.csv`/`rounds.json` and logged.
 
+`views=cross` is co-training across modalities (`co_label`): each modality's view of the pool is labelled by a
+model of the other modalities, and the student sees only that modality on those rows.
+
 Precision needs the truth of unlabeled clips, which a real corpus does not have; the synthetic
 generator writes it to a hidden `.truth-unlabeled.csv` that only this report reads.
 """
