@@ -1,4 +1,5 @@
-"""Fast unit tests of the pieces under the end-to-end runs: collate, DeepSpeed config filling, checkpoint rotation."""
+"""Fast unit tests of the pieces under the end-to-end runs: collate, DeepSpeed config filling, checkpoint rotation,
+the synthetic corpus's Bayes ceiling."""
 import json
 
 import numpy as np
@@ -68,3 +69,16 @@ def test_checkpoint_rotation_keeps_the_newest_signed_and_complete(tmp_path):
     for step in range(6, 9):
         checkpoint.save(_Engine(), ckdir, step, {"step": step}, keep=0, env=env)   # 0: keep all
     assert len([p for p in ckdir.iterdir() if p.is_dir()]) == 5
+
+
+def test_synthetic_ceiling_is_bayes_optimal_reading(corpus, tmp_path):
+    """`synth.ceiling`: with no confusable expressions a perfect reader of any modality is always right; with the
+    defaults, reading all three beats reading any one (the gap fusion can close)."""
+    from mer_dist.config import SynthConfig
+    from mer_dist.data.synth import ceiling, generate
+    clean = generate(SynthConfig(out=str(tmp_path / "c"), num_labeled=8, num_unlabeled=4, num_test=4, seconds=0.8,
+                                 seconds_jitter=0.0, height=16, width=16, visual_noise=0.0, audio_noise=0.0,
+                                 text_noise=0.0, workers=1))
+    assert all(v == 1.0 for v in ceiling(clean).values())
+    c = ceiling(corpus)
+    assert c["avt"] > max(c["a"], c["v"], c["t"]) and all(0 < v < 1 for v in c.values())
