@@ -95,13 +95,12 @@ def write(out: Path, names: list[str], probs: np.ndarray, views: list[str], kept
 
 def combine(parts: list[Path], out: Path) -> dict:
     """One pseudo-label directory from several (co-training: one per student view), for `finetune pseudo=out`."""
-    rows, summaries = [], [json.loads((Path(p) / "summary.json").read_text()) for p in parts]
-    for p in parts:
-        rows.append((read_pseudo(p), np.load(Path(p) / "folds.npz", allow_pickle=False)))
-    names = [n for (_, _, _), z in rows for n in z["names"].tolist()]
-    views = [str(v) for (_, _, _), z in rows for v in z["views"].tolist()]
-    fold_probs = np.concatenate([z["probs"] for _, z in rows], 1)
-    kept_keys = {(n, v) for (pn, _, pv), _ in rows for n, v in zip(pn, pv)}
+    summaries = [json.loads((Path(p) / "summary.json").read_text()) for p in parts]
+    read = [(read_pseudo(p), np.load(Path(p) / "folds.npz", allow_pickle=False)) for p in parts]
+    names = [n for _, z in read for n in z["names"].tolist()]
+    views = [str(v) for _, z in read for v in z["views"].tolist()]
+    fold_probs = np.concatenate([z["probs"] for _, z in read], 1)       # [K, candidates of every part, 6]
+    kept_keys = {(n, v) for (pn, _, pv), _ in read for n, v in zip(pn, pv)}
     kept = np.array([i for i, key in enumerate(zip(names, views)) if key in kept_keys], dtype=int)
     probs = fold_probs.mean(0)
     folds = {json.dumps(s.get("folds"), sort_keys=True) for s in summaries}

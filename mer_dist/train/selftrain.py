@@ -124,6 +124,8 @@ def _report(cfg: SelfTrainConfig, out: Path, rows: list[dict]) -> None:
     for r in rows:
         per = " ".join(f"{lab[:3]} {r.get(f'kept_{lab}', 0)}" for lab in LABELS)
         prec = f"{r['precision']:.3f}" if r.get("precision", -1) >= 0 else "n/a"
+        views = [f"{k[len('precision_view_'):]} {v:.3f}" for k, v in sorted(r.items()) if k.startswith("precision_view_")]
+        prec += f" ({', '.join(views)})" if views else ""
         lines.append(f"| {r['round']} | {r.get('threshold', '-')} | {r.get('kept', 0)} ({per}) | {prec} | "
                      f"{r['cv_waf']:.3f} | {r[test]:.3f} | {r.get('test_waf_change', 0.0):+.3f} |")
     table = "\n".join(lines)
