@@ -223,4 +223,19 @@ def test_self_train_cross_views_co_training(shards, teacher, tmp_path):
     rows = json.loads((out / "rounds.json").read_text())
     assert rows[1]["n_pseudo_trained"] == 2 * len(unl) and rows[1]["kept"] == 2 * len(unl)
     assert 0 <= rows[1]["precision_view_a"] <= 1 and 0 <= rows[1]["precision_view_t"] <= 1
+    assert __import__("re").search(r"\(a \d\.\d{3}, t \d\.\d{3}\)", (out / "rounds.md").read_text())
     assert json.loads((out / "round1" / "metrics.json").read_text())["pseudo_crossfit"] is True
+
+
+def test_finetune_pseudo_left_out_test_clip_is_not_an_error_unknown_clip_is(shards, teacher, tmp_path):
+    from mer_dist.features import index
+    unl, test = (index(str(shards), s)[0] for s in ("unlabeled", "test"))
+    args = ["finetune", "--shards", shards, "--teacher", teacher, "--visual", "random", "--modalities", "a,t",
+            "folds=2", "epochs=2", *DATA]
+    _pseudo_csv(tmp_path / "p", [(unl[0], 2), (test[0], 1)])       # test clips are not in the unlabeled split here
+    r = run_cli(*args, "--out", tmp_path / "ok", f"pseudo={tmp_path / 'p'}")
+    assert "1 pseudo-labelled clip(s) are test clips: left out" in r.stdout
+    assert json.loads((tmp_path / "ok" / "metrics.json").read_text())["n_pseudo"] == 1
+    _pseudo_csv(tmp_path / "q", [(unl[0], 2), ("no_such_clip", 1)])
+    bad = run_cli(*args, "--out", tmp_path / "bad", f"pseudo={tmp_path / 'q'}", check=False)
+    assert bad.returncode == 2 and "not in split 'unlabeled'" in bad.stderr and "no_such_clip" in bad.stderr

@@ -103,11 +103,12 @@ def training_set(cfg: FinetuneConfig, names, y, feats, present, n_folds: int, ra
                                                     cfg.data.shards, cfg.pseudo_split, cfg.data, cache_dir(cfg),
                                                     rank, world)
         where = {nm: k for k, nm in enumerate(un_names)}
-        lost = [nm for nm in cand if nm not in where]
+        used = np.unique(np.concatenate([idx for idx, _ in sets])).astype(int)     # test clips left out are not
+        lost = [cand[i] for i in used if cand[i] not in where]
         if lost:
             raise ValueError(f"{cfg.pseudo}: {len(lost)} clip(s) not in split '{cfg.pseudo_split}' of "
                              f"{cfg.data.shards} (first: {lost[0]})")
-        sel = np.array([where[nm] for nm in cand], dtype=int)
+        sel = np.array([where.get(nm, 0) for nm in cand], dtype=int)     # an unused row's features are never read
         # co-training rows show only their view's modalities; a row left with none (its view is a modality this
         # run lacks, or the clip lacks it) is not trained on
         cand_present = un_present[sel] & view_mask(views, cfg.modalities)
