@@ -139,8 +139,8 @@ def test_align_pseudo_targets_leave_out_test_clips(shards, tmp_path):
     from mer_dist.train.pseudo import for_training
     unl, test, train = (index(str(shards), s)[0] for s in ("unlabeled", "test", "train"))
     _pseudo_csv(tmp_path / "p", [(unl[0], 2), (test[0], 1), (unl[1], 5)])
-    assert for_training(tmp_path / "p", str(shards), "test", False, "x")[0] == [unl[0], unl[1]]
-    assert for_training(tmp_path / "p", str(shards), "test", True, "x")[0] == [unl[0], test[0], unl[1]]
+    assert for_training(tmp_path / "p", str(shards), "test", False, "x", "v")[0] == [unl[0], unl[1]]
+    assert for_training(tmp_path / "p", str(shards), "test", True, "x", "v")[0] == [unl[0], test[0], unl[1]]
     cfg = C.AlignConfig(data=C.DataConfig(shards=str(shards)), loss=["infonce", "pseudo"], pseudo=str(tmp_path / "p"),
                         pseudo_soft=False)
     b = PseudoTargets(cfg).batch([unl[1], train[0], test[0]], torch.device("cpu"))
