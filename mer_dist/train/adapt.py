@@ -37,7 +37,7 @@ from mer_dist.timing import FRAME_RATE
 from mer_dist.tracking import Tracker
 from mer_dist.train.losses import soft_cross_entropy
 from mer_dist.train.probe import labeled_audio
-from mer_dist.train.pseudo import for_training
+from mer_dist.train.pseudo import as_targets, for_training, refuse_labeled
 
 log = logging.getLogger("mer_dist.adapt")
 
@@ -114,10 +114,7 @@ def pseudo_audio(cfg: AdaptConfig, labeled: set[str], env: dist.DistEnv) -> tupl
     left out unless `transductive`; a labeled clip or a name missing from the split is an error."""
     pnames, probs = for_training(cfg.pseudo, cfg.data.shards, cfg.test_split, cfg.transductive, "adapt-audio",
                                   "a")
-    leaked = sorted(set(pnames) & labeled)
-    if leaked:
-        raise ValueError(f"{cfg.pseudo}: {len(leaked)} pseudo-labelled clip(s) are labeled training clips "
-                         f"(first: {leaked[0]}); pseudo-labels must come from another split")
+    refuse_labeled(cfg.pseudo, pnames, labeled)
     wanted = set(pnames)
     names, audio, _ = labeled_audio(cfg.data.shards, cfg.pseudo_split, cfg.data, env, lambda b: [
         a[:n].numpy().copy() if nm in wanted else None for nm, a, n in zip(b["name"], b["audio"], b["audio_lens"])],
@@ -127,8 +124,7 @@ def pseudo_audio(cfg: AdaptConfig, labeled: set[str], env: dist.DistEnv) -> tupl
     if lost:
         raise ValueError(f"{cfg.pseudo}: {len(lost)} clip(s) not in split '{cfg.pseudo_split}' of {cfg.data.shards} "
                          f"(first: {lost[0]})")
-    target = probs if cfg.pseudo_soft else np.eye(len(LABELS))[probs.argmax(1)]
-    return [where[n] for n in pnames], target.astype(np.float32)
+    return [where[n] for n in pnames], as_targets(probs, cfg.pseudo_soft)
 
 
 def run(cfg: AdaptConfig) -> dict:

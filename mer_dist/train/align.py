@@ -15,7 +15,6 @@ import time
 import zlib
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -30,6 +29,7 @@ from mer_dist.models.visual import VisualEncoder, export, read_encoder
 from mer_dist.tracking import NodeMetrics, Tracker
 from mer_dist.train import checkpoint
 from mer_dist.train.losses import AlignmentObjective
+from mer_dist.train.pseudo import as_targets, for_training
 
 log = logging.getLogger("mer_dist.align")
 EXIT_PREEMPTED = 75
@@ -288,11 +288,8 @@ class PseudoTargets:
     `pseudo_soft=false`); a clip without one weighs 0 (the held-out set, clips the selection left out)."""
 
     def __init__(self, cfg: AlignConfig):
-        from mer_dist.train.pseudo import for_training
         names, probs = for_training(cfg.pseudo, cfg.data.shards, cfg.test_split, cfg.transductive, "align", "v")
-        if not cfg.pseudo_soft:
-            probs = np.eye(len(LABELS))[probs.argmax(1)]
-        self.table = {n: torch.from_numpy(p).float() for n, p in zip(names, probs)}
+        self.table = {n: torch.from_numpy(p) for n, p in zip(names, as_targets(probs, cfg.pseudo_soft))}
         self.none = torch.zeros(len(LABELS))
 
     def batch(self, names: list[str], device: torch.device) -> dict[str, torch.Tensor]:

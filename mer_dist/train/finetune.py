@@ -33,7 +33,7 @@ from mer_dist.io import write_json_atomic
 from mer_dist.models.fusion import FusionModel, VisualFusion
 from mer_dist.tracking import Tracker
 from mer_dist.train.losses import soft_cross_entropy
-from mer_dist.train.pseudo import read_pseudo, select
+from mer_dist.train.pseudo import as_targets, read_pseudo, refuse_labeled, select
 
 VALID_MODALITIES = ("a", "v", "t")
 
@@ -89,10 +89,7 @@ def training_set(cfg: FinetuneConfig, names, y, feats, present, n_folds: int, ra
         clips = _frames(cfg, "train", names, rank)
     if cfg.pseudo:
         cand, views, sets, crossfit = pseudo_sets(cfg, n_folds)
-        leaked = sorted(set(cand) & set(names))
-        if leaked:
-            raise ValueError(f"{cfg.pseudo}: {len(leaked)} pseudo-labelled clip(s) are labeled training clips "
-                             f"(first: {leaked[0]}); pseudo-labels must come from another split")
+        refuse_labeled(cfg.pseudo, cand, names)
         test = set(index(cfg.data.shards, cfg.test_split)[0]) if cfg.test_split else set()
         is_test = np.array([nm in test for nm in cand], bool)
         used_test = is_test[np.unique(np.concatenate([idx for idx, _ in sets]))].sum() if len(cand) else 0
@@ -118,8 +115,7 @@ def training_set(cfg: FinetuneConfig, names, y, feats, present, n_folds: int, ra
         present = np.concatenate([present, cand_present])
         target = np.concatenate([target, np.zeros((len(sel), len(LABELS)))])
         weight = np.concatenate([weight, np.full(len(sel), cfg.pseudo_weight)])
-        hard = lambda pr: np.eye(len(LABELS))[pr.argmax(1)] if len(pr) else pr   # noqa: E731
-        info = {"pseudo": [(n + idx, pr if cfg.pseudo_soft else hard(pr)) for idx, pr in sets],
+        info = {"pseudo": [(n + idx, as_targets(pr, cfg.pseudo_soft)) for idx, pr in sets],
                 "n_pseudo": int(np.mean([len(idx) for idx, _ in sets])), "pseudo_crossfit": crossfit,
                 "pseudo_test_clips": int(used_test) if cfg.transductive else 0}
         if clips is not None:

@@ -76,6 +76,19 @@ def for_training(folder: str | Path, shards: str, test_split: str, transductive:
     return [names[i] for i in rows], probs[rows]
 
 
+def as_targets(probs: np.ndarray, soft: bool) -> np.ndarray:
+    """Training targets of pseudo-labelled clips: their probabilities (soft) or the one-hot argmax (hard)."""
+    return (probs if soft else np.eye(len(LABELS))[probs.argmax(1)]).astype(np.float32)
+
+
+def refuse_labeled(folder: str | Path, pseudo_names: list[str], labeled: list[str] | set[str]) -> None:
+    """A pseudo-label naming a labeled training clip is leakage: one line naming the file and the first clip."""
+    leaked = sorted(set(pseudo_names) & set(labeled))
+    if leaked:
+        raise ValueError(f"{folder}: {len(leaked)} pseudo-labelled clip(s) are labeled training clips "
+                         f"(first: {leaked[0]}); pseudo-labels must come from another split")
+
+
 def write(out: Path, names: list[str], probs: np.ndarray, views: list[str], kept: np.ndarray, summary: dict,
           fold_probs: np.ndarray) -> None:
     """pseudo.csv (the kept rows), summary.json, and folds.npz: every candidate's probabilities under each fold
