@@ -198,14 +198,15 @@ class StopFlag:
 
     def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1), grace_s: float = 60.0, exit_code: int = 1,
                  on_give_up=None):
-        self.signum = 0
+        self.signum = 0         # the signal all ranks agreed on at the last `should_stop` (0: none)
+        self._received = 0      # the signal this rank received; only the handler writes it
         self.grace_s, self.exit_code, self.on_give_up = grace_s, exit_code, on_give_up
         self._waiting = False
         for s in signals:
             signal.signal(s, self._handler)
 
     def _handler(self, signum, frame) -> None:
-        self.signum = signum
+        self._received = signum
         if self._waiting:
             self._arm()
 
@@ -218,7 +219,7 @@ class StopFlag:
     def waiting_for_data(self):
         """Around the wait for a batch: the one place where a signal cannot wait for the step to end."""
         self._waiting = True
-        if self.signum:
+        if self._received:
             self._arm()
         try:
             yield
@@ -228,7 +229,7 @@ class StopFlag:
     def _give_up(self) -> None:
         if not self._waiting:
             return
-        print(f"signal {self.signum}: no batch came within stop_grace_s={self.grace_s:g}s, exiting "
+        print(f"signal {self._received}: no batch came within stop_grace_s={self.grace_s:g}s, exiting "
               f"{self.exit_code} without a checkpoint (a resumed job starts from the last one)",
               file=sys.stderr, flush=True)
         if self.on_give_up is not None:
@@ -236,7 +237,9 @@ class StopFlag:
         os._exit(self.exit_code)     # the main thread is blocked in the loader: no other way out
 
     def should_stop(self) -> bool:
-        self.signum = max_across_ranks(self.signum)
+        # the handler may run inside the all-reduce (Python runs it when the collective returns): it writes
+        # `_received` only, so a signal that lands there is agreed on at the next step instead of being lost
+        self.signum = max_across_ranks(self._received)
         return self.signum != 0
 
 

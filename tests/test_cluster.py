@@ -51,7 +51,7 @@ def test_sbatch_preempt_requeue_resume(slurm, shards, teacher, tmp_path, mlflow_
     w = subprocess.run(["bash", str(SLURM), "wait", job, "600"], env=slurm, capture_output=True, text=True)
     text = log.read_text()
     assert w.returncode == 0, text[-4000:]
-    assert "requeueing job" in text and "restart 1" in text, text[-3000:]
+    assert "requeueing job" in text and "restart 1" in text, text[:1500] + "\n...\n" + text[-3000:]
     stop = int(text.split("align: signal 10 -> checkpoint at step ")[1].split()[0])
     assert 24 <= stop < 200
     assert f"resumed from checkpoint step{stop:08d} at step {stop}" in text

@@ -1,6 +1,8 @@
 """Fast unit tests of the pieces under the end-to-end runs: collate, DeepSpeed config filling, checkpoint rotation,
 the synthetic corpus's Bayes ceiling."""
 import json
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ from conftest import REPO
 
 from mer_dist.config import AlignConfig
 from mer_dist.data.stream import collate
+from mer_dist import dist
 from mer_dist.dist import DistEnv
 from mer_dist.train import checkpoint
 from mer_dist.train.align import ds_config
@@ -82,3 +85,26 @@ def test_synthetic_ceiling_is_bayes_optimal_reading(corpus, tmp_path):
     assert all(v == 1.0 for v in ceiling(clean).values())
     c = ceiling(corpus)
     assert c["avt"] > max(c["a"], c["v"], c["t"]) and all(0 < v < 1 for v in c.values())
+
+
+def test_stop_flag_keeps_a_signal_that_lands_inside_the_agreement(monkeypatch):
+    # Slurm's USR1 may arrive while a rank waits in `should_stop`'s all-reduce (under load, most of a fast
+    # step): Python runs the handler when the collective returns, before its result is stored
+    real, calls = dist.max_across_ranks, []
+
+    def reduce_then_signal(value):
+        out = real(value)
+        if not calls:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        calls.append(value)
+        return out
+
+    monkeypatch.setattr(dist, "max_across_ranks", reduce_then_signal)
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        stop = dist.StopFlag()
+        assert not stop.should_stop()           # this step's agreement was taken before the signal
+        assert stop.should_stop() and stop.signum == signal.SIGUSR1 and calls == [0, signal.SIGUSR1]
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
