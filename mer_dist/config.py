@@ -359,9 +359,21 @@ class SelfTrainConfig:
     agree_with: str = ""           # a second finetune output that must agree (see pseudo-label)
     views: Literal["fusion", "cross"] = "fusion"   # fusion: the fusion model labels clips for the whole student; cross: co-training, for each modality a model without it labels the clips for that modality alone
     truth: str = ""                # truth CSV (name,discrete) for pseudo-label precision; "" -> corpus/.truth-unlabeled.csv
+    encoders: list[str] = field(default_factory=list)   # where each round's pseudo-labels also go, before the head: visual (align continues from the round's encoder with loss + pseudo), audio (adapt-audio re-adapts the teacher with them); each rerun from its run's config.yaml
+    encoder_threshold: float = 0.0  # encoders: their pseudo-labels keep clips this confident (soft targets: 0 = every clip, weighted by its probabilities)
+    align_steps: int = 240         # encoders visual: alignment steps per round (a fresh schedule from the round's encoder)
+    align_procs: int = 2           # encoders visual: alignment ranks (torchrun on this machine)
+    control: bool = False          # encoders: the same rounds without pseudo-labels (align without pseudo, adapter and head on labeled clips): what the compute alone gives
 
     def __post_init__(self):
         _check(self.rounds >= 0, "rounds", "an integer >= 0", self.rounds)
+        _check(set(self.encoders) <= {"visual", "audio"}, "encoders", "a subset of [visual, audio]", self.encoders)
+        _check(not self.encoders or self.views == "fusion", "views", "fusion when encoders are set", self.views)
+        _check(not self.control or bool(self.encoders), "control", "false unless encoders are set (without them a "
+               "round without pseudo-labels repeats round 0)", self.control)
+        _check(0.0 <= self.encoder_threshold <= 1.0, "encoder_threshold", "a probability in [0, 1]", self.encoder_threshold)
+        _check(self.align_steps >= 1 and self.align_procs >= 1, "align_steps/align_procs", "integers >= 1",
+               (self.align_steps, self.align_procs))
         _check(self.views == "fusion" or len(self.finetune.modalities) > 1, "views",
                "fusion when finetune.modalities has one modality (cross labels each with the others)", self.views)
         _check(bool(self.thresholds) and all(0 <= t <= 1 for t in self.thresholds), "thresholds",
@@ -387,7 +399,7 @@ class DemoConfig:
     seeds: int = 1                 # seeds per ablation row (3 for the RESULTS.md table)
     folds: int = 5  # K-fold CV of every fine-tuning row
     self_train_rounds: int = 1     # self-training rounds on the fusion row (0 = none)
-    self_train_views: list[str] = field(default_factory=lambda: ["fusion"])  # self-training variants (mer_dist/demo.py SELF_TRAIN): fusion, cross
+    self_train_views: list[str] = field(default_factory=lambda: ["fusion"])  # self-training variants (mer_dist/demo.py SELF_TRAIN): fusion, cross, encoders, encoders-control
     visual_top_k: bool = False     # also the rows that fine-tune the visual encoder's top block end to end
     audio_pretrain_steps: int = 0  # > 0: HuBERT's first iteration on the corpus audio; the teacher starts from it
 

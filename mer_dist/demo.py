@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 from mer_dist import config as C
-from mer_dist.dist import free_port
+from mer_dist.dist import launch_local
 from mer_dist.tracking import default_uri
 
 # alignment variants: name -> (what it is, align overrides). The first one is the product's default objective.
@@ -34,6 +32,10 @@ SELF_TRAIN = {
     "fusion": ("the fusion model labels the pool (threshold 0.7, hard)", {"views": "fusion"}),
     "cross": ("co-training: a model without each modality labels the pool for it (all clips, soft)",
               {"views": "cross", "thresholds": "[0.0]", "finetune.pseudo_soft": "true"}),
+    "encoders": ("pseudo-labels into the visual encoder, the adapter and the head",
+                 {"encoders": "[visual,audio]"}),
+    "encoders-control": ("control: that round's extra alignment and re-adaptation without pseudo-labels",
+                         {"encoders": "[visual,audio]", "control": "true"}),
 }
 TOP_K_EPOCHS = 20      # end-to-end visual fine-tuning costs a forward+backward of the encoder per clip
 SINGLE = [  # (row, description, modalities, acoustic)
@@ -81,11 +83,9 @@ def run(cfg: C.DemoConfig) -> int:
 
     def align(variant: str, seed: int) -> Path:
         dst = out / "align" / f"{variant}-seed{seed}"
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={cfg.align_procs}",
-               f"--master_port={free_port()}", "-m", "mer_dist", "align", "--shards", str(out / "shards"),
-               "--teacher", str(out / "teacher"), "--out", str(dst), "--steps", str(cfg.align_steps),
-               "data.workers=1", "train.eval_every=40", f"train.seed={seed}", *VARIANTS[variant][1]]
-        subprocess.run(cmd, check=True)
+        launch_local(["align", "--shards", str(out / "shards"), "--teacher", str(out / "teacher"), "--out", str(dst),
+                      "--steps", str(cfg.align_steps), "data.workers=1", "train.eval_every=40", f"train.seed={seed}",
+                      *VARIANTS[variant][1]], cfg.align_procs)
         return dst / "encoder.pt"
 
     def ft(row: str, seed: int, mods: list[str], visual: str, acoustic: str = "adapted", **extra) -> dict:
@@ -118,6 +118,7 @@ def run(cfg: C.DemoConfig) -> int:
                 "finetune.folds": cfg.folds, "rounds": cfg.self_train_rounds,
                 "out": str(out / f"self-train-{view}-seed{seed}"),
                 "start": str(out / "models" / f"fusion-{cfg.align_variants[0]}-seed{seed}"),   # round 0 = that row
+                "align_steps": cfg.align_steps, "align_procs": cfg.align_procs,
                 **SELF_TRAIN[view][1]})
             rows = stage("self-train", lambda st=st: selftrain.run(st))["rounds"]
             rounds.append({"view": view, "seed": seed, "rows": rows})

@@ -117,6 +117,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def launch_local(args: list[str], procs: int) -> None:
+    """`python -m mer_dist ARGS` under torchrun on this machine, `procs` ranks (the demo's and self-train's alignment
+    runs); raises CalledProcessError when it fails."""
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}",
+                    f"--master_port={free_port()}", "-m", "mer_dist", *args], check=True)
+
+
 def setup(threads: int = 0, always_group: bool = False) -> DistEnv:
     """Detect, export env:// variables, pin CPU threads, and init the process group (gloo/nccl).
 

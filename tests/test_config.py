@@ -22,6 +22,16 @@ def test_bad_keys(override, needle):
         C.load(C.AlignConfig, None, [override])
 
 
+@pytest.mark.parametrize("overrides,needle", [
+    (["encoders=[visual,lips]"], "config key 'encoders': expected a subset of [visual, audio]"),
+    (["encoders=[visual]", "views=cross"], "config key 'views': expected fusion when encoders are set"),
+    (["control=true"], "config key 'control': expected false unless encoders are set"),
+])
+def test_bad_self_train_encoders(overrides, needle):
+    with pytest.raises(C.ConfigError, match=needle.replace("(", r"\(").replace("[", r"\[")):
+        C.load(C.SelfTrainConfig, None, overrides)
+
+
 def test_cli_errors_are_one_line_exit_2(tmp_path):
     p = run_cli("align", "train.stepz=3", check=False)
     assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "train.stepz" in p.stderr

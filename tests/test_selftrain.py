@@ -239,3 +239,50 @@ def test_finetune_pseudo_left_out_test_clip_is_not_an_error_unknown_clip_is(shar
     _pseudo_csv(tmp_path / "q", [(unl[0], 2), ("no_such_clip", 1)])
     bad = run_cli(*args, "--out", tmp_path / "bad", f"pseudo={tmp_path / 'q'}", check=False)
     assert bad.returncode == 2 and "not in split 'unlabeled'" in bad.stderr and "no_such_clip" in bad.stderr
+
+
+def test_self_train_encoders_round_and_its_control(shards, teacher, tmp_path):
+    """encoders=[visual,audio]: the round's pseudo-labels (every clip, soft) continue the visual encoder's
+    alignment with a pseudo-label head and re-adapt the teacher, each from its run's config.yaml; a fusion model
+    on the new encoders labels the pool for the head. control=true: the same round, no pseudo-label anywhere."""
+    import yaml
+
+    from mer_dist.features import index
+    enc = tmp_path / "align0"
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1",
+                        f"--master_port={free_port()}", "-m", "mer_dist", "align", "--shards", shards,
+                        "--teacher", teacher, "--out", enc, "--steps", "4", "train.eval_samples=0", *DATA],
+                       capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    ft = [f"finetune.{d}" for d in DATA if not d.startswith("tracking")] + [
+        "finetune.folds=2", "finetune.epochs=10", "finetune.modalities=a,v", "align_steps=3", "align_procs=1"]
+    out = tmp_path / "st"
+    run_cli("self-train", "--shards", shards, "--teacher", teacher, "--visual", enc / "encoder.pt", "--out", out,
+            "--rounds", "1", "encoders=[visual,audio]", "thresholds=[0.3]", *ft)
+    rows = json.loads((out / "rounds.json").read_text())
+    n_unlabeled = len(index(str(shards), "unlabeled")[0])
+    assert rows[1]["kept_encoders"] == n_unlabeled and 0 <= rows[1]["precision_encoders"] <= 1
+    assert 0 <= rows[1]["encoders_test_waf"] <= 1 and rows[1]["kept"] > 0 and rows[1]["n_pseudo_trained"] > 0
+    a = yaml.safe_load((out / "align1.yaml").read_text())
+    assert a["loss"] == ["infonce", "pseudo"] and a["pseudo"] == str(out / "pseudo1-encoders")
+    assert a["model"]["init"] == str(enc / "encoder.pt") and a["train"]["steps"] == 3 and a["data"]["height"] == 32
+    m = [json.loads(x) for x in open(out / "align1" / "metrics.jsonl") if '"loss_pseudo"' in x]
+    assert m and all(r["loss_pseudo"] > 0 for r in m)
+    t1 = yaml.safe_load((out / "teacher1" / "config.yaml").read_text())
+    assert t1["pseudo"] == str(out / "pseudo1-encoders") and t1["epochs"] == 8     # the teacher's own recipe
+    spec = lambda d: json.loads((d / "teacher.json").read_text())   # noqa: E731
+    assert spec(out / "teacher1")["adapter_hash"] != spec(teacher)["adapter_hash"]
+    # the labeller and the round's model both stand on the new encoders; only the round's model sees pseudo-labels
+    for d, pl in (("round1-encoders", ""), ("round1", str(out / "pseudo1"))):
+        c = yaml.safe_load((out / d / "config.yaml").read_text())
+        assert (c["visual"], c["teacher"], c["pseudo"]) == (str(out / "align1" / "encoder.pt"), str(out / "teacher1"), pl)
+    assert "encoders: test WAF before the head's pseudo-labels" in (out / "rounds.md").read_text()
+
+    ctl = tmp_path / "ctl"
+    run_cli("self-train", "--shards", shards, "--teacher", teacher, "--visual", enc / "encoder.pt", "--out", ctl,
+            "--rounds", "1", "encoders=[audio]", "control=true", f"start={out / 'round0'}", *ft)
+    rows = json.loads((ctl / "rounds.json").read_text())
+    assert rows[1]["n_pseudo_trained"] == 0 and "kept_encoders" not in rows[1] and "kept" not in rows[1]
+    assert yaml.safe_load((ctl / "teacher1" / "config.yaml").read_text())["pseudo"] == ""
+    assert not list(ctl.glob("pseudo*")) and not (ctl / "align1").exists()
+    assert yaml.safe_load((ctl / "round1" / "config.yaml").read_text())["teacher"] == str(ctl / "teacher1")

@@ -9,6 +9,11 @@ the change from the round before) is printed, written to `rounds.csv`/`rounds.js
 `views=cross` is co-training across modalities (`co_label`): each modality's view of the pool is labelled by a
 model of the other modalities, and the student sees only that modality on those rows.
 
+`encoders=[visual,audio]` takes each round's pseudo-labels into the encoders as well (`encoder_round`): the
+labels of the whole pool train the visual encoder (alignment continues with a pseudo-label head) and the
+adapter; a fusion model on the new encoders then labels the pool for the head. Labels for the head alone
+cannot move what the frozen encoders see. `control=true` runs the same round without pseudo-labels.
+
 Precision needs the truth of unlabeled clips, which a real corpus does not have; the synthetic
 generator writes it to a hidden `.truth-unlabeled.csv` that only this report reads.
 """
@@ -20,10 +25,11 @@ import json
 from pathlib import Path
 
 from mer_dist import dist
-from mer_dist.config import LABELS, TRUTH_FILE, PseudoLabelConfig, SelfTrainConfig, save
+from mer_dist.config import (LABELS, TRUTH_FILE, AdaptConfig, AlignConfig, ConfigError, PseudoLabelConfig,
+                             SelfTrainConfig, load, save)
 from mer_dist.data.ingest import load_manifest
 from mer_dist.io import write_json_atomic
-from mer_dist.train import finetune, pseudo
+from mer_dist.train import adapt, finetune, pseudo
 
 
 def read_truth(cfg: SelfTrainConfig) -> dict[str, str]:
@@ -50,7 +56,11 @@ def precision(pseudo_dir: Path, truth: dict[str, str]) -> dict[str, float]:
 def run(cfg: SelfTrainConfig) -> dict:
     out = Path(cfg.out)
     truth = read_truth(cfg)
+    if cfg.encoders and dist.detect().world_size > 1:
+        raise ConfigError(f"config key 'encoders': expected a single-process self-train (it launches align under "
+                          f"torchrun itself), got {dist.detect().world_size} ranks")
     rows, prev_model, prev_run, prev_pseudo = [], "", "", ""
+    base = cfg.finetune         # its encoders change from round to round when `encoders` is set
     for r in range(cfg.rounds + 1):
         row: dict = {"round": r}
         pseudo_dir = ""
@@ -61,11 +71,21 @@ def run(cfg: SelfTrainConfig) -> dict:
         if r > 0:
             threshold = cfg.thresholds[min(r - 1, len(cfg.thresholds) - 1)]
             pseudo_dir = out / f"pseudo{r}"
-            label = lambda model, dst, view=(): pseudo.run(PseudoLabelConfig(  # noqa: E731
+            label = lambda model, dst, view=(), thr=threshold: pseudo.run(PseudoLabelConfig(  # noqa: E731
                 model=model, shards=cfg.finetune.data.shards, split=cfg.finetune.pseudo_split, out=str(dst),
-                threshold=threshold, top_per_class=cfg.top_per_class, agree_with=cfg.agree_with,
+                threshold=thr, top_per_class=cfg.top_per_class, agree_with=cfg.agree_with,
                 student_modalities=list(view), tracking=tracking))
-            if cfg.views == "fusion":
+            if cfg.encoders:
+                base, enc_row = encoder_round(cfg, r, base, prev_model, tracking, label, truth)
+                row |= enc_row
+                if not cfg.control:     # the head's pseudo-labels come from a fusion model on the new encoders
+                    labeller = dataclasses.replace(base, out=str(out / f"round{r}-encoders"), pseudo="",
+                                                   tracking=tracking)
+                    row["encoders_test_waf"] = finetune.run(labeller).get(f"{base.test_split}_waf", -1.0)
+                    prev_model = labeller.out
+            if cfg.control:
+                pseudo_dir = ""
+            elif cfg.views == "fusion":
                 summary = label(prev_model, pseudo_dir)
             else:
                 parts = [co_label(cfg, r, m, prev_pseudo, tracking, label) for m in cfg.finetune.modalities]
@@ -73,11 +93,12 @@ def run(cfg: SelfTrainConfig) -> dict:
                 dist.barrier()
                 if truth:
                     row |= {f"precision_view_{p.name.rsplit('-', 1)[1]}": precision(p, truth)["precision"] for p in parts}
-            row |= {"threshold": threshold, "kept": summary.get("kept", 0),
-                    **{f"kept_{k}": v for k, v in summary.get("per_class", {}).items()}}
-            if truth and summary:
-                row |= precision(pseudo_dir, truth)
-        ft = dataclasses.replace(cfg.finetune, out=str(out / f"round{r}"), pseudo=str(pseudo_dir), tracking=tracking)
+            if pseudo_dir:
+                row |= {"threshold": threshold, "kept": summary.get("kept", 0),
+                        **{f"kept_{k}": v for k, v in summary.get("per_class", {}).items()}}
+                if truth and summary:
+                    row |= precision(pseudo_dir, truth)
+        ft = dataclasses.replace(base, out=str(out / f"round{r}"), pseudo=str(pseudo_dir), tracking=tracking)
         if r == 0 and cfg.start:
             ft = dataclasses.replace(ft, out=cfg.start)
             m = json.loads((Path(cfg.start) / "metrics.json").read_text())
@@ -93,6 +114,45 @@ def run(cfg: SelfTrainConfig) -> dict:
     if env.is_main:
         _report(cfg, out, rows)
     return {"rounds": rows}
+
+
+def encoder_round(cfg: SelfTrainConfig, r: int, ft, prev_model: str, tracking, label, truth: dict) -> tuple:
+    """Round r's pseudo-labels (soft, every clip from `encoder_threshold` up, from round r-1's model) train the
+    visual encoder (alignment continues from it: its own objectives plus the pseudo-label head) and re-adapt the
+    teacher, each from its run's saved config.yaml. Returns the fine-tuning config on the new encoders and the
+    row's entries. Under `control` neither sees a pseudo-label: the same compute, nothing learnt from the pool."""
+    out, row = Path(cfg.out), {"align_steps": 0}
+    pl = ""
+    if not cfg.control:
+        pl = str(out / f"pseudo{r}-encoders")
+        row["kept_encoders"] = label(prev_model, pl, thr=cfg.encoder_threshold).get("kept", 0)
+        if truth:
+            row["precision_encoders"] = precision(Path(pl), truth)["precision"]
+    common = {"test_split": ft.test_split, "transductive": ft.transductive, "pseudo": pl, "tracking": tracking}
+    if "visual" in cfg.encoders:
+        src = Path(ft.visual).parent / "config.yaml"
+        if ft.visual == "random" or not src.is_file():
+            raise ConfigError(f"config key 'encoders': visual needs finetune.visual to be an align run's encoder.pt "
+                              f"(its config.yaml beside it), got {ft.visual!r}")
+        a = load(AlignConfig, src)
+        loss = [x for x in a.loss if x.split(":")[0] != "pseudo"] + ([] if cfg.control else ["pseudo"])
+        a = dataclasses.replace(a, out=str(out / f"align{r}"), loss=loss, **common,
+                                model=dataclasses.replace(a.model, init=str(ft.visual)),
+                                train=dataclasses.replace(a.train, steps=cfg.align_steps, seed=ft.seed))
+        out.mkdir(parents=True, exist_ok=True)
+        save(a, out / f"align{r}.yaml")
+        dist.launch_local(["align", "--config", str(out / f"align{r}.yaml")], cfg.align_procs)
+        ft, row["align_steps"] = dataclasses.replace(ft, visual=str(Path(a.out) / "encoder.pt")), cfg.align_steps
+    if "audio" in cfg.encoders:
+        src = Path(ft.teacher) / "config.yaml"
+        if not src.is_file():
+            raise ConfigError(f"config key 'encoders': audio needs finetune.teacher to be an adapt-audio output "
+                              f"(its config.yaml in it), not found: {src}")
+        ad = dataclasses.replace(load(AdaptConfig, src), out=str(out / f"teacher{r}"), seed=ft.seed,
+                                 pseudo_split=ft.pseudo_split, **common)
+        adapt.run(ad)
+        ft = dataclasses.replace(ft, teacher=ad.out)
+    return ft, row
 
 
 def co_label(cfg: SelfTrainConfig, r: int, m: str, prev_pseudo, tracking, label) -> Path:
@@ -119,20 +179,25 @@ def _report(cfg: SelfTrainConfig, out: Path, rows: list[dict]) -> None:
     write_json_atomic(out / "rounds.json", rows)
     save(cfg, out / "config.yaml")
     test = f"{cfg.finetune.test_split}_waf"
-    lines = ["| round | threshold | pseudo-labels kept (per class) | precision | CV WAF | test WAF | change |",
-             "|---|---|---|---|---|---|---|"]
+    enc = bool(cfg.encoders)
+    lines = ["| round | threshold | pseudo-labels kept (per class) | precision | CV WAF | test WAF | change |"
+             + (" encoders: pseudo-labels (precision) | encoders: test WAF before the head's pseudo-labels |" if enc else ""),
+             "|---|---|---|---|---|---|---|" + ("---|---|" if enc else "")]
     for r in rows:
         per = " ".join(f"{lab[:3]} {r.get(f'kept_{lab}', 0)}" for lab in LABELS)
         prec = f"{r['precision']:.3f}" if r.get("precision", -1) >= 0 else "n/a"
         views = [f"{k[len('precision_view_'):]} {v:.3f}" for k, v in sorted(r.items()) if k.startswith("precision_view_")]
         prec += f" ({', '.join(views)})" if views else ""
         lines.append(f"| {r['round']} | {r.get('threshold', '-')} | {r.get('kept', 0)} ({per}) | {prec} | "
-                     f"{r['cv_waf']:.3f} | {r[test]:.3f} | {r.get('test_waf_change', 0.0):+.3f} |")
+                     f"{r['cv_waf']:.3f} | {r[test]:.3f} | {r.get('test_waf_change', 0.0):+.3f} |"
+                     + (f" {r.get('kept_encoders', '-')} ({r.get('precision_encoders', -1):.3f}) | "
+                        f"{r.get('encoders_test_waf', -1):.3f} |" if enc else ""))
     table = "\n".join(lines)
     (out / "rounds.md").write_text(table + "\n")
     print("\nself-train rounds\n" + table, flush=True)
     tracker = Tracker(cfg.finetune.tracking, out, "self-train", tags={"rounds": cfg.rounds})
-    tracker.params({"rounds": cfg.rounds, "thresholds": cfg.thresholds, "top_per_class": cfg.top_per_class})
+    tracker.params({"rounds": cfg.rounds, "thresholds": cfg.thresholds, "top_per_class": cfg.top_per_class,
+                    "views": cfg.views, "encoders": cfg.encoders, "control": cfg.control})
     for r in rows:
         tracker.metrics({k: v for k, v in r.items() if isinstance(v, (int, float)) and k != "round"}, r["round"])
     for f in ("rounds.csv", "rounds.md"):
