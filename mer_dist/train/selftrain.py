@@ -169,6 +169,12 @@ def co_label(cfg: SelfTrainConfig, r: int, m: str, prev_pseudo, tracking, label)
     return dst
 
 
+def _encoder_cells(r: dict) -> str:
+    kept = f"{r['kept_encoders']}" if "kept_encoders" in r else "-"
+    kept += f" ({r['precision_encoders']:.3f})" if "precision_encoders" in r else ""
+    return f"{kept} | " + (f"{r['encoders_test_waf']:.3f}" if "encoders_test_waf" in r else "-")
+
+
 def _report(cfg: SelfTrainConfig, out: Path, rows: list[dict]) -> None:
     from mer_dist.tracking import Tracker
     keys = sorted({k for r in rows for k in r}, key=lambda k: (k != "round", k))
@@ -190,8 +196,7 @@ def _report(cfg: SelfTrainConfig, out: Path, rows: list[dict]) -> None:
         prec += f" ({', '.join(views)})" if views else ""
         lines.append(f"| {r['round']} | {r.get('threshold', '-')} | {r.get('kept', 0)} ({per}) | {prec} | "
                      f"{r['cv_waf']:.3f} | {r[test]:.3f} | {r.get('test_waf_change', 0.0):+.3f} |"
-                     + (f" {r.get('kept_encoders', '-')} ({r.get('precision_encoders', -1):.3f}) | "
-                        f"{r.get('encoders_test_waf', -1):.3f} |" if enc else ""))
+                     + (f" {_encoder_cells(r)} |" if enc else ""))
     table = "\n".join(lines)
     (out / "rounds.md").write_text(table + "\n")
     print("\nself-train rounds\n" + table, flush=True)
