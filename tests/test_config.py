@@ -32,6 +32,13 @@ def test_bad_self_train_encoders(overrides, needle):
         C.load(C.SelfTrainConfig, None, overrides)
 
 
+def test_self_train_encoders_need_runs_to_rerun(tmp_path):
+    r = run_cli("self-train", "--visual", "random", "--out", tmp_path / "st", "encoders=[visual]", check=False)
+    assert r.returncode == 2 and "visual needs finetune.visual to be an align run's encoder.pt" in r.stderr
+    r = run_cli("self-train", "--teacher", tmp_path, "--out", tmp_path / "st", "encoders=[audio]", check=False)
+    assert r.returncode == 2 and f"not found: {tmp_path / 'config.yaml'}" in r.stderr and not (tmp_path / "st").exists()
+
+
 def test_cli_errors_are_one_line_exit_2(tmp_path):
     p = run_cli("align", "train.stepz=3", check=False)
     assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "train.stepz" in p.stderr

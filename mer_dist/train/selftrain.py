@@ -55,10 +55,9 @@ def precision(pseudo_dir: Path, truth: dict[str, str]) -> dict[str, float]:
 
 def run(cfg: SelfTrainConfig) -> dict:
     out = Path(cfg.out)
+    if cfg.encoders:
+        _check_encoder_sources(cfg)
     truth = read_truth(cfg)
-    if cfg.encoders and dist.detect().world_size > 1:
-        raise ConfigError(f"config key 'encoders': expected a single-process self-train (it launches align under "
-                          f"torchrun itself), got {dist.detect().world_size} ranks")
     rows, prev_model, prev_run, prev_pseudo = [], "", "", ""
     base = cfg.finetune         # its encoders change from round to round when `encoders` is set
     for r in range(cfg.rounds + 1):
@@ -130,11 +129,7 @@ def encoder_round(cfg: SelfTrainConfig, r: int, ft, prev_model: str, tracking, l
             row["precision_encoders"] = precision(Path(pl), truth)["precision"]
     common = {"test_split": ft.test_split, "transductive": ft.transductive, "pseudo": pl, "tracking": tracking}
     if "visual" in cfg.encoders:
-        src = Path(ft.visual).parent / "config.yaml"
-        if ft.visual == "random" or not src.is_file():
-            raise ConfigError(f"config key 'encoders': visual needs finetune.visual to be an align run's encoder.pt "
-                              f"(its config.yaml beside it), got {ft.visual!r}")
-        a = load(AlignConfig, src)
+        a = load(AlignConfig, Path(ft.visual).parent / "config.yaml")
         loss = [x for x in a.loss if x.split(":")[0] != "pseudo"] + ([] if cfg.control else ["pseudo"])
         a = dataclasses.replace(a, out=str(out / f"align{r}"), loss=loss, **common,
                                 model=dataclasses.replace(a.model, init=str(ft.visual)),
@@ -144,15 +139,26 @@ def encoder_round(cfg: SelfTrainConfig, r: int, ft, prev_model: str, tracking, l
         dist.launch_local(["align", "--config", str(out / f"align{r}.yaml")], cfg.align_procs)
         ft, row["align_steps"] = dataclasses.replace(ft, visual=str(Path(a.out) / "encoder.pt")), cfg.align_steps
     if "audio" in cfg.encoders:
-        src = Path(ft.teacher) / "config.yaml"
-        if not src.is_file():
-            raise ConfigError(f"config key 'encoders': audio needs finetune.teacher to be an adapt-audio output "
-                              f"(its config.yaml in it), not found: {src}")
-        ad = dataclasses.replace(load(AdaptConfig, src), out=str(out / f"teacher{r}"), seed=ft.seed,
-                                 pseudo_split=ft.pseudo_split, **common)
+        ad = dataclasses.replace(load(AdaptConfig, Path(ft.teacher) / "config.yaml"), out=str(out / f"teacher{r}"),
+                                 seed=ft.seed, pseudo_split=ft.pseudo_split, **common)
         adapt.run(ad)
         ft = dataclasses.replace(ft, teacher=ad.out)
     return ft, row
+
+
+def _check_encoder_sources(cfg: SelfTrainConfig) -> None:
+    """Before any round: the runs `encoder_round` reruns exist, and nothing else launches this process's ranks."""
+    world = dist.detect().world_size
+    if world > 1:
+        raise ConfigError(f"config key 'encoders': expected a single-process self-train (it launches align under "
+                          f"torchrun itself), got {world} ranks")
+    ft = cfg.finetune
+    if "visual" in cfg.encoders and (ft.visual == "random" or not (Path(ft.visual).parent / "config.yaml").is_file()):
+        raise ConfigError(f"config key 'encoders': visual needs finetune.visual to be an align run's encoder.pt "
+                          f"(its config.yaml beside it), got {ft.visual!r}")
+    if "audio" in cfg.encoders and not (Path(ft.teacher) / "config.yaml").is_file():
+        raise ConfigError(f"config key 'encoders': audio needs finetune.teacher to be an adapt-audio output (its "
+                          f"config.yaml in it), not found: {Path(ft.teacher) / 'config.yaml'}")
 
 
 def co_label(cfg: SelfTrainConfig, r: int, m: str, prev_pseudo, tracking, label) -> Path:
