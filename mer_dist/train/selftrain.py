@@ -69,7 +69,7 @@ def run(cfg: SelfTrainConfig) -> dict:
         tracking = dataclasses.replace(cfg.finetune.tracking, tags=tags)
         if r > 0:
             threshold = cfg.thresholds[min(r - 1, len(cfg.thresholds) - 1)]
-            pseudo_dir = out / f"pseudo{r}"
+            pseudo_dir = "" if cfg.control else out / f"pseudo{r}"     # control: no pseudo-label reaches the head
             label = lambda model, dst, view=(), thr=threshold: pseudo.run(PseudoLabelConfig(  # noqa: E731
                 model=model, shards=cfg.finetune.data.shards, split=cfg.finetune.pseudo_split, out=str(dst),
                 threshold=thr, top_per_class=cfg.top_per_class, agree_with=cfg.agree_with,
@@ -82,17 +82,16 @@ def run(cfg: SelfTrainConfig) -> dict:
                                                    tracking=tracking)
                     row["encoders_test_waf"] = finetune.run(labeller).get(f"{base.test_split}_waf", -1.0)
                     prev_model = labeller.out
-            if cfg.control:
-                pseudo_dir = ""
-            elif cfg.views == "fusion":
-                summary = label(prev_model, pseudo_dir)
-            else:
-                parts = [co_label(cfg, r, m, prev_pseudo, tracking, label) for m in cfg.finetune.modalities]
-                summary = pseudo.combine(parts, pseudo_dir) if dist.detect().is_main else {}
-                dist.barrier()
-                if truth:
-                    row |= {f"precision_view_{p.name.rsplit('-', 1)[1]}": precision(p, truth)["precision"] for p in parts}
             if pseudo_dir:
+                if cfg.views == "fusion":
+                    summary = label(prev_model, pseudo_dir)
+                else:
+                    parts = [co_label(cfg, r, m, prev_pseudo, tracking, label) for m in cfg.finetune.modalities]
+                    summary = pseudo.combine(parts, pseudo_dir) if dist.detect().is_main else {}
+                    dist.barrier()
+                    if truth:
+                        row |= {f"precision_view_{p.name.rsplit('-', 1)[1]}": precision(p, truth)["precision"]
+                                for p in parts}
                 row |= {"threshold": threshold, "kept": summary.get("kept", 0),
                         **{f"kept_{k}": v for k, v in summary.get("per_class", {}).items()}}
                 if truth and summary:
