@@ -17,6 +17,7 @@ from mer_dist import config as C
 SHORTCUTS: dict[str, dict[str, str]] = {
     "synth": {"out": "out", "num-labeled": "num_labeled", "num-unlabeled": "num_unlabeled",
               "num-test": "num_test", "seed": "seed", "container": "container", "workers": "workers"},
+    "init-models": {"out": "out", "preset": "preset", "seed": "seed"},
     "shard": {"corpus": "corpus", "out": "out", "workers": "workers", "shard-mb": "shard_mb", "strict": "strict"},
     "pretrain-audio": {"shards": "data.shards", "out": "out", "steps": "steps", "clusters": "clusters"},
     "probe-layers": {"shards": "data.shards", "model": "model", "out": "out", "top-k": "top_k"},
@@ -38,7 +39,7 @@ SHORTCUTS: dict[str, dict[str, str]] = {
 
 # stage -> "module:function", imported only when the stage runs (keeps `mer-dist --help` fast)
 RUNNERS = {
-    "synth": "mer_dist.data.synth:generate", "shard": "mer_dist.data.ingest:write_shards",
+    "synth": "mer_dist.data.synth:generate", "init-models": "mer_dist.models.presets:run", "shard": "mer_dist.data.ingest:write_shards",
     "pretrain-audio": "mer_dist.train.pretrain_audio:run",
     "probe-layers": "mer_dist.train.probe:run", "adapt-audio": "mer_dist.train.adapt:run",
     "extract-targets": "mer_dist.train.extract:run", "align": "mer_dist.train.align:run",
@@ -109,7 +110,19 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"mer-dist: error: {e}".splitlines()[0] + "\n")
         sys.stderr.flush()
         return 2
+    finally:
+        _stop_loader_workers()
     return int(result) if isinstance(result, int) else 0
+
+
+def _stop_loader_workers() -> None:
+    """Loader workers ignore SIGTERM (the trainer checkpoints first), so at exit multiprocessing's terminate + join
+    would wait for ever on one blocked on a full queue: a stage that ends, however it ends, kills its own."""
+    import multiprocessing
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join(5)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ fails in a second with a message naming the key instead of an hour later.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -77,7 +78,8 @@ class DataConfig:
         for key in ("frames", "height", "width", "sample_rate", "batch_size", "max_consecutive_failures"):
             _check(getattr(self, key) >= 1, f"data.{key}", "an integer >= 1", getattr(self, key))
         _check(self.workers >= 0, "data.workers", "an integer >= 0", self.workers)
-        _check(self.max_seconds > 0, "data.max_seconds", "a number > 0", self.max_seconds)
+        _check(math.isfinite(self.max_seconds) and self.max_seconds > 0, "data.max_seconds", "a finite number > 0",
+               self.max_seconds)
 
 
 @dataclass
@@ -113,6 +115,14 @@ class SynthConfig:
     label_balance: list[float] = field(default_factory=lambda: [0.22, 0.16, 0.2, 0.16, 0.14, 0.12])  # relative frequency of each emotion, in LABELS order
     workers: int = 2  # encoder processes (the corpus is identical for any number)
     seed: int = 0  # everything the generator draws follows from it
+
+
+@dataclass
+class InitModelsConfig:
+    out: str = "runs/models"  # one save_pretrained directory per model is written below it
+    preset: Literal["mer2024", "backbones", "all"] = "mer2024"  # mer2024 (HuBERT-large, CLIP ViT-L/14, Chinese RoBERTa-large), backbones (SigLIP, DINOv2), all
+    seed: int = 0  # seed of the random weights
+    overwrite: bool = False  # write a model directory again when it exists
 
 
 @dataclass
@@ -328,6 +338,19 @@ class FinetuneConfig:
     seed: int = 0  # folds, init and order seed
     tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow settings
 
+    def __post_init__(self):
+        _check(bool(self.modalities) and set(self.modalities) <= {"a", "v", "t"}, "modalities",
+               "a non-empty subset of [a, v, t]", self.modalities)
+        _check(self.visual_train == "frozen" or "v" in self.modalities, "visual_train",
+               "frozen unless modalities has v", self.visual_train)
+        for key in ("epochs", "folds", "batch_size", "visual_top_k"):
+            _check(getattr(self, key) >= 1, key, "an integer >= 1", getattr(self, key))
+        for key in ("lr", "visual_lr"):
+            _check(math.isfinite(getattr(self, key)) and getattr(self, key) > 0, key, "a number > 0", getattr(self, key))
+        _check(0 < self.val_fraction < 1, "val_fraction", "a number in (0, 1)", self.val_fraction)
+        _check(math.isfinite(self.pseudo_weight) and self.pseudo_weight >= 0, "pseudo_weight", "a number >= 0",
+               self.pseudo_weight)
+
 
 @dataclass
 class PseudoLabelConfig:
@@ -403,9 +426,15 @@ class DemoConfig:
     visual_top_k: bool = False     # also the rows that fine-tune the visual encoder's top block end to end
     audio_pretrain_steps: int = 0  # > 0: HuBERT's first iteration on the corpus audio; the teacher starts from it
 
+    def __post_init__(self):
+        for key in ("align_steps", "align_procs", "seeds", "folds"):
+            _check(getattr(self, key) >= 1, key, "an integer >= 1", getattr(self, key))
+        for key in ("self_train_rounds", "audio_pretrain_steps"):
+            _check(getattr(self, key) >= 0, key, "an integer >= 0", getattr(self, key))
+
 
 STAGES: dict[str, type] = {
-    "synth": SynthConfig, "shard": ShardConfig, "pretrain-audio": PretrainAudioConfig, "probe-layers": ProbeConfig,
+    "synth": SynthConfig, "init-models": InitModelsConfig, "shard": ShardConfig, "pretrain-audio": PretrainAudioConfig, "probe-layers": ProbeConfig,
     "adapt-audio": AdaptConfig,
     "extract-targets": ExtractConfig, "align": AlignConfig, "finetune": FinetuneConfig,
     "evaluate": EvaluateConfig, "pseudo-label": PseudoLabelConfig, "self-train": SelfTrainConfig, "demo": DemoConfig,
@@ -536,7 +565,7 @@ def save(cfg: Any, path: str | Path) -> None:
 
 
 # ----------------------------------------------------------------------------- docs + YAML files
-STAGE_FILES = {"synth": "synth", "shard": "shard", "pretrain-audio": "pretrain_audio", "probe-layers": "probe",
+STAGE_FILES = {"synth": "synth", "init-models": "init_models", "shard": "shard", "pretrain-audio": "pretrain_audio", "probe-layers": "probe",
                "adapt-audio": "adapt",
                "extract-targets": "extract", "align": "align", "finetune": "finetune", "evaluate": "evaluate",
                "pseudo-label": "pseudo", "self-train": "selftrain", "demo": "demo"}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import zipfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from mer_dist import dist
 from mer_dist.config import LABEL_TO_ID, DataConfig, VisualConfig
 from mer_dist.data.ingest import shard_urls
 from mer_dist.data.stream import SkipTotals, eval_loader, iterate
+from mer_dist.io import atomic_target
 
 log = logging.getLogger("mer_dist.features")
 
@@ -51,10 +53,18 @@ class Cache:
     def __init__(self, folder: str | Path, modality: str, fingerprint: str):
         key = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
         self.path = Path(folder) / f"{modality}-{key}.npz"
-        self.data: dict[str, np.ndarray] = {}
-        if self.path.is_file():
+        self.data: dict[str, np.ndarray] = self._read()
+
+    def _read(self) -> dict[str, np.ndarray]:
+        """The saved entries; an unreadable file (torn by an older version) is recomputed, with one warning."""
+        if not self.path.is_file():
+            return {}
+        try:
             z = np.load(self.path, allow_pickle=False)
-            self.data = dict(zip(z["names"].tolist(), z["feats"]))
+            return dict(zip(z["names"].tolist(), z["feats"]))
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+            log.warning("%s: unreadable feature cache, recomputed (%s)", self.path, type(e).__name__)
+            return {}
 
     def missing(self, names: list[str]) -> list[str]:
         return [n for n in names if n not in self.data]
@@ -63,11 +73,13 @@ class Cache:
         self.data.update(zip(names, feats))
 
     def save(self) -> None:
+        """Written through a unique temp file and merged with what another run (a seed sweep on the same cache)
+        saved meanwhile: concurrent runs never tear the file, and at worst recompute an entry later."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.data = {**self._read(), **self.data}
         names = sorted(self.data)
-        tmp = self.path.with_name(self.path.name + ".tmp.npz")
-        np.savez(tmp, names=np.asarray(names), feats=np.stack([self.data[n] for n in names]))
-        tmp.replace(self.path)
+        with atomic_target(self.path, ".npz") as tmp:
+            np.savez(tmp, names=np.asarray(names), feats=np.stack([self.data[n] for n in names]))
 
 
 class Encoders:
@@ -190,17 +202,16 @@ def frames(shards: str, split: str, data: DataConfig, cache_dir: str | Path,
     path = Path(cache_dir) / f"frames-{key}.npy"
     if rank == 0 and not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp.npy")
-        out = np.lib.format.open_memmap(tmp, "w+", np.uint8, (len(names), data.frames, 3, data.height, data.width))
-        out[:] = 0
-        where = {n: i for i, n in enumerate(names)}
-        totals = SkipTotals()
-        for batch in iterate(eval_loader(shard_urls(shards, split), data, 0, 1), totals):
-            for n, f in zip(batch["name"], batch["frames"].numpy()):
-                out[where[n]] = f
-        out.flush()
-        del out
-        tmp.replace(path)
+        with atomic_target(path, ".npy") as tmp:
+            out = np.lib.format.open_memmap(tmp, "w+", np.uint8, (len(names), data.frames, 3, data.height, data.width))
+            out[:] = 0
+            where = {n: i for i, n in enumerate(names)}
+            totals = SkipTotals()
+            for batch in iterate(eval_loader(shard_urls(shards, split), data, 0, 1), totals):
+                for n, f in zip(batch["name"], batch["frames"].numpy()):
+                    out[where[n]] = f
+            out.flush()
+            del out
         if totals.samples:
             log.warning("%s: %d clip(s) could not be decoded; their frames are blank", split, totals.samples)
     dist.barrier()

@@ -1,21 +1,37 @@
 """Small file helpers every stage shares: atomic writes and the one-writer lock of an output directory."""
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import socket
+import tempfile
 from pathlib import Path
 
 from mer_dist.errors import LockError, ModelError
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Temp file + rename: a reader sees the old file or the new one, never half of one."""
+@contextlib.contextmanager
+def atomic_target(path: str | Path, suffix: str = ".tmp"):
+    """A fresh temp file beside `path` (unpredictable name, created exclusively, 0600), renamed onto `path` when
+    the block succeeds and removed when it fails: a reader sees the old file or the new one, never half of one,
+    and two writers of the same file (a seed sweep sharing a cache) never write into one temp file.
+    `suffix`: what numpy insists a name ends with (".npy", ".npz")."""
     path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    with atomic_target(path) as tmp:
+        tmp.write_text(text)
 
 
 def write_json_atomic(path: str | Path, obj) -> None:
@@ -44,7 +60,10 @@ class OutputLock:
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(self.path, "a+")
+        try:   # never through a symlink (`ln -s ~/.bashrc RUN/.lock` must not truncate ~/.bashrc)
+            fh = os.fdopen(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), "r+")
+        except OSError as e:
+            raise LockError(f"{self.path}: cannot open the run's lock file ({e.strerror}; a symlink is refused)") from None
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -51,9 +51,9 @@ class _MlflowApi:
     """The mlflow names the worker thread uses, imported once on the constructing thread."""
 
     def __init__(self, uri: str, system_metrics: bool):
-        from mlflow.entities import Metric, Param
+        from mlflow.entities import Metric, Param, RunTag
         from mlflow.tracking import MlflowClient
-        self.Metric, self.Param = Metric, Param
+        self.Metric, self.Param, self.RunTag = Metric, Param, RunTag
         self.monitor_cls = None
         if system_metrics:
             try:
@@ -179,7 +179,13 @@ class Tracker:
         """Plain record -> MLflow call (entities built here, from classes imported before the thread)."""
         c, run, api = self._api.client, self.run_id, self._api
         if kind == "params":
-            c.log_batch(run, params=[api.Param(k, v) for k, v in payload.items()])
+            # a resumed run may change a setting (train.steps raised to train on): MLflow params are immutable, so
+            # those already logged keep their first value and the new one goes to a `resumed.<key>` tag
+            had = c.get_run(run).data.params
+            new = [api.Param(k, v) for k, v in payload.items() if k not in had]
+            changed = [api.RunTag(f"resumed.{k}", f"{had[k]} -> {v}") for k, v in payload.items() if k in had and had[k] != v]
+            if new or changed:
+                c.log_batch(run, params=new, tags=changed)
         elif kind == "metrics":
             fresh = [api.Metric(k, v, ts, step) for k, v, ts, step in payload if step > self._logged_until]
             if fresh:
@@ -242,9 +248,16 @@ class Tracker:
         once in metrics.jsonl (returns how many were dropped)."""
         if not self.active or not self.local.is_file():
             return 0
-        rows = self.local.read_text().splitlines()
-        keep = [r for r in rows if json.loads(r).get("step", 0) <= step]
-        if len(keep) != len(rows):
+        rows, torn = [], 0
+        for line in self.local.read_text().splitlines():
+            try:
+                rows.append((line, json.loads(line).get("step", 0)))
+            except ValueError:        # a write cut short by a kill: that row is redone anyway
+                torn += 1
+        if torn:
+            log.warning("%s: dropped %d unreadable row(s) (a write cut short)", self.local, torn)
+        keep = [line for line, s in rows if s <= step]
+        if len(keep) != len(rows) or torn:
             write_text_atomic(self.local, "".join(r + "\n" for r in keep))
         return len(rows) - len(keep)
 

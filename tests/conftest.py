@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from mer_dist.dist import free_port  # noqa: F401  (tests import it from here)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the checkpoint signing key of the test user: outside the home directory, one per test session
+os.environ.setdefault("MER_DIST_KEY_FILE", os.path.join(tempfile.mkdtemp(prefix="mer-dist-key-"), "checkpoint-key"))
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -46,6 +46,8 @@ def test_torchrun_zero2_mlflow_loss_falls_and_export(shards, teacher, tmp_path, 
     assert ev[-1]["eval_loss"] < ev[0]["eval_loss"]
     s = json.loads((out / "summary.json").read_text())
     assert s["world_size"] == 2 and s["launcher"] == "torchrun" and s["step"] == 40
+    # each rank's peak RSS: a real process's (hundreds of MiB with torch + DeepSpeed), one entry per rank
+    assert len(s["peak_rss_bytes_per_rank"]) == 2 and all(100 * 2**20 < b < 16 * 2**30 for b in s["peak_rss_bytes_per_rank"])
     # MLflow: rank 0 logged params, per-step metrics and tags to the real server
     from mlflow.tracking import MlflowClient
     c = MlflowClient(mlflow_server["uri"])

@@ -32,6 +32,27 @@ def test_bad_self_train_encoders(overrides, needle):
         C.load(C.SelfTrainConfig, None, overrides)
 
 
+@pytest.mark.parametrize("cls,override,needle", [
+    (C.FinetuneConfig, "epochs=0", "config key 'epochs': expected an integer >= 1"),
+    (C.FinetuneConfig, "data.max_seconds=inf", "config key 'data.max_seconds': expected a finite number > 0"),
+    (C.FinetuneConfig, "modalities=[a,x]", "config key 'modalities': expected a non-empty subset of [a, v, t]"),
+    (C.FinetuneConfig, "lr=nan", "config key 'lr': expected a number > 0"),
+    (C.DemoConfig, "seeds=0", "config key 'seeds': expected an integer >= 1"),
+    (C.DemoConfig, "self_train_rounds=-1", "config key 'self_train_rounds': expected an integer >= 0"),
+])
+def test_range_checks_at_load(cls, override, needle):
+    with pytest.raises(C.ConfigError, match=needle.replace("(", r"\(").replace("[", r"\[")):
+        C.load(cls, None, [override])
+
+
+def test_pseudo_labels_with_nan_probabilities_are_refused(tmp_path):
+    from mer_dist.train.pseudo import read_pseudo
+    rows = "name,discrete,confidence," + ",".join(C.LABELS) + ",modalities\n"
+    (tmp_path / "pseudo.csv").write_text(rows + "clip_1,happy,0.9,nan,0,0.9,0,0,0.1,\n")
+    with pytest.raises(ValueError, match=r"pseudo.csv:2 \(clip_1\): probabilities must be numbers in \[0, 1\]"):
+        read_pseudo(tmp_path)
+
+
 def test_self_train_encoders_need_runs_to_rerun(tmp_path):
     r = run_cli("self-train", "--visual", "random", "--out", tmp_path / "st", "encoders=[visual]", check=False)
     assert r.returncode == 2 and "visual needs finetune.visual to be an align run's encoder.pt" in r.stderr

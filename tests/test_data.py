@@ -5,6 +5,7 @@ import tarfile
 
 import numpy as np
 import pytest
+from conftest import run_cli
 
 from mer_dist.config import LABELS, DataConfig, ShardConfig, SynthConfig
 from mer_dist.data.decode import DecodeError, decode, write_av
@@ -121,6 +122,19 @@ def test_wrong_label_names_the_row(tmp_path, corpus):
         read_corpus(root)
 
 
+def test_a_clip_in_both_train_and_test_labels_is_refused(tmp_path, corpus):
+    root = tmp_path / "c"
+    shutil.copytree(corpus, root)
+    test_row = (root / "label-test.csv").read_text().splitlines()[1]
+    with open(root / "label-disdim.csv", "a") as f:
+        f.write(test_row + "\n")                  # the same clip, now also a training row
+    p = run_cli("shard", "--corpus", root, "--out", tmp_path / "s", check=False)
+    assert p.returncode == 2 and not (tmp_path / "s" / "manifest.json").exists()
+    line = [ln for ln in p.stderr.splitlines() if ln.startswith("mer-dist: error:")]
+    assert len(line) == 1 and "1 clip(s) listed in both label-disdim.csv and label-test.csv" in line[0]
+    assert test_row.split(",")[0] in line[0]
+
+
 def test_missing_shard_and_corrupt_sample_skipped(tmp_path, shards):
     s = tmp_path / "s"
     shutil.copytree(shards, s)
@@ -188,3 +202,25 @@ def test_shuffled_pairing_is_a_fixed_clip_to_clip_permutation(shards, corpus):
     assert len(set(pairs.values())) == len(pairs)        # a permutation: no clip's audio serves two videos
     matched = next(iter(train_loader(urls, cfg, seed=0)))
     assert matched["paired_with"] == matched["name"]
+
+
+def test_manifest_shard_names_with_path_components_are_refused(tmp_path, shards):
+    s = tmp_path / "s"
+    shutil.copytree(shards, s)
+    man = json.loads((s / "manifest.json").read_text())
+    man["splits"]["train"]["shards"][0]["name"] = "../../etc/passwd"
+    (s / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(DataError, match="shard name '../../etc/passwd' is not a plain file name"):
+        shard_urls(s, "train")
+
+
+def test_lock_file_is_never_opened_through_a_symlink(tmp_path):
+    from mer_dist.errors import LockError
+    from mer_dist.io import OutputLock
+    victim = tmp_path / "bashrc"
+    victim.write_text("keep me\n")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".lock").symlink_to(victim)
+    with pytest.raises(LockError, match="symlink is refused"):
+        OutputLock(tmp_path / "run").acquire()
+    assert victim.read_text() == "keep me\n"

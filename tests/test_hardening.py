@@ -65,14 +65,14 @@ def test_crafted_model_files_are_refused_and_never_run(tmp_path, shards, teacher
     assert "weights_only=True" in open(checkpoint.__file__).read()
 
 
-def _align(out, shards, teacher, steps, *extra, nproc=1, wait=True):
+def _align(out, shards, teacher, steps, *extra, nproc=1, wait=True, env=None):
     head = [sys.executable, "-m", "mer_dist"] if nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
          "-m", "mer_dist"]
     cmd = [*head, "align", "--shards", str(shards), "--teacher", str(teacher), "--out", str(out), "--steps",
            str(steps), *ALIGN, *extra]
     p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True)
+                         start_new_session=True, env={**os.environ, **(env or {})})
     if not wait:
         return p
     o, e = p.communicate(timeout=400)
@@ -123,6 +123,116 @@ def test_checkpoints_signed_one_writer_no_duplicate_rows_and_world_size(tmp_path
     assert rc == 2 and "refusing to unpickle" in error_line(e)
     rc, o, e = _align(out, shards, teacher, 18, "train.trust_checkpoint=true")
     assert rc == 0 and "resumed from checkpoint" in o, e[-2000:]
+
+
+@pytest.mark.slow
+def test_a_received_run_directory_never_unpickles_on_resume(tmp_path, shards, teacher):
+    """A colleague's run directory, its model states replaced by a pickle that runs a command and its manifest
+    re-signed with whatever key the directory carries (or the colleague's own): resuming from it is refused."""
+    colleague, mine = tmp_path / "colleague-key", tmp_path / "my-key"
+    rc, _, e = _align(tmp_path / "theirs", shards, teacher, 2, env={"MER_DIST_KEY_FILE": str(colleague)})
+    assert rc == 0, e[-2000:]
+    received = tmp_path / "received"
+    shutil.copytree(tmp_path / "theirs", received)
+    from mer_dist.train import checkpoint
+    folder = received / "checkpoints" / (received / "checkpoints" / "latest").read_text().strip()
+    marker = tmp_path / "pwned"
+    torch.save({"module": Evil(marker)}, folder / "mp_rank_00_model_states.pt")
+    key = received / ".mer-dist-key" if (received / ".mer-dist-key").is_file() else colleague
+    mf = folder / checkpoint.MANIFEST
+    m = json.loads(mf.read_text())
+    m["files"] = checkpoint._digest(folder)
+    m["signature"] = checkpoint._sign(m["files"], m["world_size"], key.read_text().strip().encode())
+    mf.write_text(json.dumps(m))
+    rc, _, e = _align(received, shards, teacher, 4, env={"MER_DIST_KEY_FILE": str(mine)})
+    assert rc == 2 and "not signed by your key" in error_line(e) and "refusing to unpickle" in error_line(e)
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_one_ranks_damaged_manifest_ends_every_rank_promptly(tmp_path, shards, teacher):
+    out = tmp_path / "run"
+    rc, _, e = _align(out, shards, teacher, 2, nproc=2)
+    assert rc == 0, e[-2000:]
+    mf = out / "checkpoints" / "step00000002" / "mer-dist-manifest.json"
+    mf.write_text(json.dumps({**json.loads(mf.read_text()), "signature": "é" * 64}))   # compare_digest: TypeError
+    t0 = time.time()
+    rc, _, e = _align(out, shards, teacher, 4, nproc=2)
+    lines = [ln[ln.index("mer-dist: error:"):] for ln in e.splitlines() if "mer-dist: error:" in ln]
+    assert rc != 0 and len(lines) == 2 and all("not signed by your key" in ln for ln in lines), e[-3000:]
+    assert "TypeError" not in e and time.time() - t0 < 120
+    mf.write_text("{")                                                                  # JSONDecodeError
+    rc, _, e = _align(out, shards, teacher, 4, nproc=2)
+    lines = [ln for ln in e.splitlines() if "mer-dist: error:" in ln]
+    assert rc != 0 and len(lines) == 2 and all("damaged manifest" in ln for ln in lines) and "JSONDecodeError:" not in e
+
+
+@pytest.mark.slow
+def test_a_deleted_latest_checkpoint_resumes_from_the_one_before_and_keeps_history(tmp_path, shards, teacher):
+    out = tmp_path / "run"
+    rc, _, e = _align(out, shards, teacher, 6, "train.ckpt_every=2", "train.keep_checkpoints=3")
+    assert rc == 0, e[-2000:]
+    shutil.rmtree(out / "checkpoints" / "step00000006")      # "files differ from its manifest" -> deleted
+    (out / "checkpoints" / ".tmp-step00000007").mkdir()       # a save killed before its rename
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "lo')                            # a row cut short by the same kill
+    rc, o, e = _align(out, shards, teacher, 8, "train.ckpt_every=2", "train.keep_checkpoints=3")
+    assert rc == 0, e[-2000:]
+    assert "align: resumed from checkpoint step00000004 at step 4 (latest step00000006 is missing)" in o
+    assert [r["step"] for r in _rows(out) if "loss" in r] == list(range(1, 9))     # steps 1-4 kept, 5-8 redone
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step00000004", "step00000006",
+                                                                        "step00000008"]
+
+
+def _rewrite_shards(src, dst, split, damage):
+    """A copy of the shards whose `split` members pass through `damage(i, member_name, bytes) -> bytes`."""
+    shutil.copytree(src, dst)
+    from mer_dist.data.ingest import shard_urls
+    i = 0
+    for url in shard_urls(dst, split):
+        with tarfile.open(url) as t:
+            members = [(m, t.extractfile(m).read()) for m in t.getmembers()]
+        with tarfile.open(url, "w") as t:
+            for m, data in members:
+                if m.name.endswith(".json"):
+                    i += 1
+                data = damage(i, m.name, data)
+                m.size = len(data)
+                t.addfile(m, io.BytesIO(data))
+
+
+@pytest.mark.slow
+def test_sample_faults_are_skipped_counted_and_named_and_a_failing_worker_never_hangs(tmp_path, shards, teacher):
+    bad = tmp_path / "bad"          # every third sample's .json cut to "{"
+    _rewrite_shards(shards, bad, "unlabeled", lambda i, n, d: b"{" if n.endswith(".json") and i % 3 == 0 else d)
+    out = tmp_path / "run"
+    rc, o, e = _align(out, bad, teacher, 3, "data.workers=1", "train.log_every=1")
+    assert rc == 0, e[-3000:]
+    assert "malformed .json member" in e
+    assert max(r.get("skipped_samples", 0) for r in _rows(out)) > 0
+    # extract-targets skips the sample and keeps the rest of its shard
+    p = run_cli("extract-targets", "--shards", bad, "--teacher", teacher, "--out", tmp_path / "ext", *DATA)
+    man = json.loads((tmp_path / "ext" / "manifest.json").read_text())
+    assert "malformed .json member" in p.stdout and man["splits"]["unlabeled"]["samples"] == 64 - 64 // 3
+    # offline targets: a truncated teacher.npy and one of another width are skipped like a bad video
+    import numpy as np
+    def teacher_damage(i, name, data):
+        if name.endswith(".teacher.npy") and i % 5 == 1:
+            return data[: len(data) // 2]
+        if name.endswith(".teacher.npy") and i % 5 == 2:
+            buf = io.BytesIO()
+            np.save(buf, np.zeros((4, 3), np.float16))
+            return buf.getvalue()
+        return data
+    _rewrite_shards(tmp_path / "ext", tmp_path / "ext-bad", "unlabeled", teacher_damage)
+    rc, o, e = _align(tmp_path / "run2", tmp_path / "ext-bad", teacher, 3, "targets=offline", "data.workers=1")
+    assert rc == 0 and "unreadable teacher.npy" in e and "dims, this stream's have" in e, e[-3000:]
+    # a loader worker that gives up (nothing decodes) ends the job with one line, promptly: no wait on the worker
+    allbad = tmp_path / "allbad"
+    _rewrite_shards(shards, allbad, "unlabeled", lambda i, n, d: b"{" if n.endswith(".json") else d)
+    t0 = time.time()
+    rc, o, e = _align(tmp_path / "run3", allbad, teacher, 3, "data.workers=1", "data.max_consecutive_failures=3")
+    assert rc == 2 and "3 consecutive samples failed" in error_line(e) and time.time() - t0 < 120
 
 
 def test_checkpoint_on_a_full_disk_fails_every_rank_with_one_line(tmp_path, shards, teacher):

@@ -85,3 +85,27 @@ def test_system_metrics_and_artifacts_beside_the_store(tmp_path):
     exp = c.get_experiment(r.info.experiment_id)
     assert exp.artifact_location == (tmp_path / "mlartifacts").as_uri()
     assert sorted(os.listdir(tmp_path / "cwd")) == []          # no ./mlflow.db, no ./mlruns
+
+
+def test_a_resumed_run_that_changes_a_setting_keeps_logging(tmp_path):
+    """`align ... train.steps=N` raised to train on: MLflow params are immutable, so the first value stays, the change
+    is a `resumed.<key>` tag, and tracking is not turned off for the rest of the run."""
+    from mlflow.tracking import MlflowClient
+
+    from mer_dist.config import TrackingConfig
+    from mer_dist.tracking import Tracker
+    cfg = TrackingConfig(system_metrics=False, uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    t = Tracker(cfg, tmp_path, "align")
+    t.params({"train": {"steps": 1}})
+    t.metrics({"loss": 1.0}, 1)
+    run_id = t.wait_run_id()
+    t.close()
+    t = Tracker(cfg, tmp_path, "align", run_id=run_id)
+    t.params({"train": {"steps": 2, "lr": 0.1}})
+    t.metrics({"loss": 0.5}, 2)
+    t.close()
+    assert not t.ever_down
+    run = MlflowClient(cfg.uri).get_run(run_id)
+    assert run.data.params == {"train.steps": "1", "train.lr": "0.1"}
+    assert run.data.tags["resumed.train.steps"] == "1 -> 2"
+    assert [m.step for m in MlflowClient(cfg.uri).get_metric_history(run_id, "loss")] == [1, 2]

@@ -51,6 +51,17 @@ def test_ds_config_fills_every_auto_and_the_launch_file_chooses_the_stage(stage)
     assert "train_batch_size" not in ds           # DeepSpeed derives it from world size (elastic resume)
 
 
+@pytest.mark.parametrize("steps,warmup", [(1, 30), (5, 0)])
+def test_ds_config_warmup_is_one_step_at_least(steps, warmup):
+    """DeepSpeed's WarmupCosineLR refuses 0 warm-up steps: a 1-step run (a rehearsal) or warmup_steps=0 must start."""
+    from deepspeed.runtime.lr_schedules import WarmupCosineLR
+    cfg = AlignConfig()
+    cfg.train.steps, cfg.train.warmup_steps = steps, warmup
+    params = ds_config(cfg, 64, on_gpu=False)["scheduler"]["params"]
+    assert params["warmup_num_steps"] == 1
+    WarmupCosineLR(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), **params)
+
+
 class _Engine:
     """The one call checkpoint.save makes of a DeepSpeed engine (the real ones: test_align, test_hardening)."""
 
@@ -72,6 +83,79 @@ def test_checkpoint_rotation_keeps_the_newest_signed_and_complete(tmp_path):
     for step in range(6, 9):
         checkpoint.save(_Engine(), ckdir, step, {"step": step}, keep=0, env=env)   # 0: keep all
     assert len([p for p in ckdir.iterdir() if p.is_dir()]) == 5
+
+
+def _saved(tmp_path, steps, keep=0):
+    ckdir = tmp_path / "run" / "checkpoints"
+    for step in steps:
+        checkpoint.save(_Engine(), ckdir, step, {"step": step}, keep=keep, env=DistEnv())
+    return ckdir
+
+
+def test_resume_falls_back_to_the_newest_checkpoint_that_verifies(tmp_path):
+    ckdir = _saved(tmp_path, [1, 2, 3])
+    (ckdir / ".tmp-step00000004").mkdir()                     # a save killed before its rename
+    assert checkpoint._choose(ckdir, False)[::2] == ("step00000003", "")
+    assert not (ckdir / ".tmp-step00000004").exists()
+    with open(ckdir / "step00000003" / "mp_rank_00_model_states.pt", "ab") as f:
+        f.write(b"x")                                          # damaged: files differ from the manifest
+    assert checkpoint._choose(ckdir, False)[::2] == ("step00000002", "latest step00000003 is damaged")
+    import shutil
+    shutil.rmtree(ckdir / "step00000003")                      # what a user does with a damaged checkpoint
+    tag, manifest, why = checkpoint._choose(ckdir, False)
+    assert (tag, manifest["step"], why) == ("step00000002", 2, "latest step00000003 is missing")
+    assert checkpoint.peek(ckdir)["step"] == 2
+    # the next save after falling back from a later step: later (stale) checkpoints go, rotation is by step
+    (ckdir / "step00000009").mkdir()
+    checkpoint.save(_Engine(), ckdir, 3, {"step": 3}, keep=2, env=DistEnv())
+    assert sorted(p.name for p in ckdir.iterdir()) == ["latest", "step00000002", "step00000003"]
+    # nothing verifies: one line, never a fresh start over the run's history
+    for tag in ("step00000002", "step00000003"):
+        mf = ckdir / tag / checkpoint.MANIFEST
+        mf.write_text(json.dumps({**json.loads(mf.read_text()), "signature": "é" * 64}))   # non-ASCII: no TypeError
+    with pytest.raises(checkpoint.CheckpointError, match="not signed by your key.*no checkpoint in .* verifies"):
+        checkpoint._choose(ckdir, False)
+    (ckdir / "step00000003" / checkpoint.MANIFEST).write_text("{")
+    with pytest.raises(checkpoint.CheckpointError, match="damaged manifest"):
+        checkpoint.verify(ckdir, "step00000003")
+
+
+def test_signing_key_lives_outside_the_run_and_is_refused_when_unsafe(tmp_path, monkeypatch):
+    key = tmp_path / "cfg" / "mer-dist" / "checkpoint-key"
+    monkeypatch.setenv("MER_DIST_KEY_FILE", str(key))
+    ckdir = _saved(tmp_path, [1])
+    assert key.is_file() and (key.stat().st_mode & 0o777) == 0o600 and not (tmp_path / "run" / ".mer-dist-key").exists()
+    checkpoint.verify(ckdir, "step00000001")
+    monkeypatch.setenv("MER_DIST_KEY_FILE", str(tmp_path / "colleague-key"))     # another user's key
+    with pytest.raises(checkpoint.CheckpointError, match="not signed by your key"):
+        checkpoint.verify(ckdir, "step00000001")
+    assert checkpoint.verify(ckdir, "step00000001", trust=True)["step"] == 1
+    monkeypatch.setenv("MER_DIST_KEY_FILE", str(key))
+    key.chmod(0o644)
+    with pytest.raises(checkpoint.CheckpointError, match="readable by others"):
+        checkpoint.verify(ckdir, "step00000001")
+    key.chmod(0o600)
+    if os.getuid() == 0:
+        os.chown(key, 65534, 65534)
+        with pytest.raises(checkpoint.CheckpointError, match="belongs to uid 65534"):
+            checkpoint.verify(ckdir, "step00000001")
+        os.chown(key, 0, 0)
+    link = tmp_path / "link-key"
+    link.symlink_to(key)
+    monkeypatch.setenv("MER_DIST_KEY_FILE", str(link))
+    with pytest.raises(checkpoint.CheckpointError, match="symlink"):
+        checkpoint.verify(ckdir, "step00000001")
+
+
+def test_resume_drops_a_torn_metrics_row_and_the_rows_after_the_checkpoint(tmp_path, caplog):
+    from mer_dist.config import TrackingConfig
+    from mer_dist.tracking import Tracker
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 6))
+                                            + '{"step": 6, "lo')
+    t = Tracker(TrackingConfig(enabled=False), tmp_path, "align")
+    assert t.resume_at(3) == 2
+    assert [json.loads(x)["step"] for x in open(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+    assert "dropped 1 unreadable row" in caplog.text
 
 
 def test_synthetic_ceiling_is_bayes_optimal_reading(corpus, tmp_path):
@@ -108,3 +192,16 @@ def test_stop_flag_keeps_a_signal_that_lands_inside_the_agreement(monkeypatch):
     finally:
         for s, h in before.items():
             signal.signal(s, h)
+
+
+def test_feature_cache_survives_a_torn_file_and_merges_concurrent_writers(tmp_path, caplog):
+    from mer_dist.features import Cache
+    a, b = Cache(tmp_path, "a", "enc"), Cache(tmp_path, "a", "enc")    # two runs of a seed sweep, one cache file
+    a.put(["x"], np.ones((1, 3), np.float32))
+    b.put(["y"], np.zeros((1, 3), np.float32))
+    a.save()
+    b.save()                                     # does not drop what `a` saved meanwhile
+    assert sorted(Cache(tmp_path, "a", "enc").data) == ["x", "y"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]       # no temp file left behind
+    a.path.write_bytes(a.path.read_bytes()[:40])                               # a file torn by an older version
+    assert Cache(tmp_path, "a", "enc").data == {} and "unreadable feature cache" in caplog.text

@@ -5,6 +5,7 @@ is resampled once, inside the same pass over the container: one open, one demux.
 """
 from __future__ import annotations
 
+import bisect
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,15 +96,27 @@ def decode(source: str | Path | bytes, frames: int, height: int, width: int, sam
         n_audio = 0
         max_samples = int(max_seconds * sample_rate) if max_seconds > 0 else None
         half = 0.5 / float(v.average_rate) if v is not None and v.average_rate else 0.0
+        # frames nobody keeps and no other frame refers to are not decoded at all (one thread: the setting then
+        # applies to exactly the packet sent next; frame threads would apply it a few packets late)
+        skip_unneeded = frames > 0 and threads == 1 and half > 0
+        keep = _KeepWindows(targets, half, duration, v.time_base) if skip_unneeded else None
+        skipping = False
+        tlist = [float(t) for t in targets]
+        vidx = v.index if v is not None and frames > 0 else -1
         for packet in container.demux(streams):
-            if packet.stream.type == "video":
+            if packet.stream_index == vidx:
                 if filled >= frames:
+                    if a is None or (max_samples is not None and n_audio >= max_samples):
+                        break                                   # nothing more is needed from this container
                     continue
+                if skip_unneeded and skipping == keep(packet.pts):
+                    skipping = not skipping
+                    v.codec_context.skip_frame = "NONREF" if skipping else "DEFAULT"
                 for fr in packet.decode():
                     t = float(fr.time) if fr.time is not None else 0.0
                     # a decoded frame stands for [t - half, t + half): assign it to every target it covers
                     img = None
-                    while filled < frames and t + half >= targets[filled]:
+                    while filled < frames and t + half >= tlist[filled]:
                         if img is None:
                             img = reformatter.reformat(fr, width, height, "rgb24", threads=1).to_ndarray()
                         out[filled] = img
@@ -115,6 +128,8 @@ def decode(source: str | Path | bytes, frames: int, height: int, width: int, sam
                         arr = rf.to_ndarray().reshape(-1)
                         chunks.append(arr)
                         n_audio += arr.size
+            elif filled >= frames:
+                break
         if resampler is not None:
             for rf in resampler.resample(None):
                 chunks.append(rf.to_ndarray().reshape(-1))
@@ -135,6 +150,26 @@ def decode(source: str | Path | bytes, frames: int, height: int, width: int, sam
         raise DecodeError(name, f"corrupt stream ({e.__class__.__name__}: {e})") from None
     finally:
         container.close()
+
+
+class _KeepWindows:
+    """Whether the frame of a packet (by its pts) may be kept: it lies within half a frame of a target time, with a
+    tenth of a frame to spare for rounded timestamps (the frame that first reaches a target is within half a frame of
+    it), or among the last frames (trailing targets). Plain floats and a bisect: this runs for every video packet."""
+
+    def __init__(self, targets: np.ndarray, half: float, duration: float, time_base):
+        margin = 1.1 * half
+        self.lo = [float(t) - margin for t in targets]
+        self.hi = [float(t) + margin for t in targets]
+        self.tail = duration - 4 * half
+        self.tb = float(time_base) if time_base else 0.0
+
+    def __call__(self, pts: int | None) -> bool:
+        if pts is None or not self.tb:
+            return True
+        t = pts * self.tb
+        i = bisect.bisect_right(self.lo, t) - 1          # the last window starting at or before t
+        return t >= self.tail or (i >= 0 and t < self.hi[i])
 
 
 _BITEXACT = Interpolation.BILINEAR | Interpolation.ACCURATE_RND | Interpolation.BITEXACT

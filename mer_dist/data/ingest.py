@@ -26,7 +26,7 @@ from tqdm import tqdm
 from mer_dist.config import LABELS, ReencodeConfig, ShardConfig
 from mer_dist.data.decode import DecodeError, decode, probe, write_av
 from mer_dist.errors import DataError
-from mer_dist.io import write_json_atomic
+from mer_dist.io import atomic_target, write_json_atomic
 
 VIDEO_EXTS = (".mp4", ".avi", ".mkv", ".mov", ".webm")
 
@@ -91,6 +91,10 @@ def read_corpus(root: str | Path, test_in_unlabeled: bool = False,
         raise DataError(f"{root}: no videos under video-labeled/ or video-unlabeled/")
     train_labels = _labels(root / "label-disdim.csv", allow_duplicates)
     test_labels = _labels(root / "label-test.csv", allow_duplicates) if (root / "label-test.csv").is_file() else {}
+    both = sorted(set(train_labels) & set(test_labels))
+    if both:        # one clip in both splits: training on test clips inflates every test figure
+        raise DataError(f"{root}: {len(both)} clip(s) listed in both label-disdim.csv and label-test.csv "
+                        f"(train/test leakage): {', '.join(both[:5])}{' ...' if len(both) > 5 else ''}")
     texts = {}
     tpath = root / "label-transcription.csv"
     if tpath.is_file():
@@ -155,8 +159,7 @@ def tar_add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
 def _write_shard(job: tuple[str, list[dict], ReencodeConfig]) -> str:
     """Write one shard to a temp name, then rename: a crashed run never leaves a half shard."""
     path, samples, reenc = job
-    tmp = path + ".tmp"
-    with tarfile.open(tmp, "w") as tar:
+    with atomic_target(path) as tmp, tarfile.open(tmp, "w") as tar:
         for s in samples:
             if reenc.enabled:
                 data, ext, fps = _reencode(s["path"], reenc, Path(path).parent), "mp4", reenc.fps
@@ -170,7 +173,6 @@ def _write_shard(job: tuple[str, list[dict], ReencodeConfig]) -> str:
                 meta["label"] = s["label"]
             tar_add(tar, f"{shard_key(s['name'])}.{ext}", data)
             tar_add(tar, f"{shard_key(s['name'])}.json", json.dumps(meta, ensure_ascii=False).encode())
-    os.replace(tmp, path)
     return path
 
 
@@ -239,7 +241,11 @@ def shard_urls(shards: str | Path, split: str) -> list[str]:
         raise DataError(f"{Path(shards) / 'manifest.json'}: no split '{split}' (have {list(man['splits'])})")
     urls = []
     for s in man["splits"][split]["shards"]:
-        p = Path(shards) / s["name"]
+        name = s.get("name") if isinstance(s, dict) else None
+        if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+            raise DataError(f"{Path(shards) / 'manifest.json'}: shard name {name!r} is not a plain file name "
+                            f"(a shard lives beside its manifest; path components are refused)")
+        p = Path(shards) / name
         if not p.exists() or p.is_dir():     # a file, or anything readable as one (a pipe, a device)
             raise DataError(f"{p}: shard listed in manifest.json is missing")
         urls.append(str(p))

@@ -26,6 +26,7 @@ import random
 import signal
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -72,28 +73,53 @@ def _video(sample: dict) -> bytes:
     return video
 
 
+def _meta(sample: dict) -> dict:
+    """The sample's JSON member ({} without one); a malformed one is a bad sample (DecodeError), like a bad video."""
+    if "json" not in sample:
+        return {}
+    try:
+        meta = json.loads(sample["json"])
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DecodeError(sample["__key__"], f"malformed .json member ({type(e).__name__}: {str(e)[:60]})") from None
+    if not isinstance(meta, dict):
+        raise DecodeError(sample["__key__"], f"malformed .json member (a {type(meta).__name__}, not an object)")
+    return meta
+
+
 def sample_name(sample: dict) -> str:
     """The clip's name: the JSON's (tar keys are percent-encoded, see ingest.shard_key)."""
-    return json.loads(sample["json"]).get("name", sample["__key__"]) if "json" in sample else sample["__key__"]
+    return str(_meta(sample).get("name", sample["__key__"]))
+
+
+def _teacher(data: bytes, key: str) -> np.ndarray:
+    """A `teacher.npy` member: float [T, D], T >= 1; anything else (truncated, pickled, wrongly shaped) is a bad
+    sample."""
+    try:
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise DecodeError(key, f"unreadable teacher.npy ({type(e).__name__}: {str(e)[:60]})") from None
+    if arr.ndim != 2 or arr.shape[0] < 1 or arr.dtype.kind != "f":
+        raise DecodeError(key, f"teacher.npy of shape {arr.shape} and dtype {arr.dtype}, expected float [T, D]")
+    return arr
 
 
 def decode_sample(sample: dict, cfg: DataConfig, frames: int) -> dict:
-    key = sample_name(sample)
-    meta = json.loads(sample["json"]) if "json" in sample else {}
+    meta = _meta(sample)
+    key = str(meta.get("name", sample["__key__"]))
     clip = decode(_video(sample), frames, cfg.height, cfg.width, cfg.sample_rate, cfg.max_seconds, key,
                   cfg.decode_threads)
     out = {"name": key, "frames": clip.frames, "frame_times": clip.frame_times, "audio": clip.audio,
            "duration": clip.duration, "label": LABEL_TO_ID.get(meta.get("label"), -1),
            "text": meta.get("text") or {"english": meta.get("transcript", ""), "chinese": ""}, "paired_with": key}
     if "teacher.npy" in sample:
-        out["teacher"] = np.load(io.BytesIO(sample["teacher.npy"]))
+        out["teacher"] = _teacher(sample["teacher.npy"], key)
     if "partner" in sample:     # pairing=shuffled: the audio side (and its teacher targets) is another clip's
         p = sample["partner"]
         out["audio"] = decode(_video(p), 0, cfg.height, cfg.width, cfg.sample_rate, cfg.max_seconds,
                               sample_name(p)).audio
         out["paired_with"] = sample_name(p)
         if "teacher.npy" in p:
-            out["teacher"] = np.load(io.BytesIO(p["teacher.npy"]))
+            out["teacher"] = _teacher(p["teacher.npy"], out["paired_with"])
     return out
 
 
@@ -156,13 +182,27 @@ def _own_samples(stream, slot: int, nslots: int):
     return itertools.islice(stream, slot, None, nslots)
 
 
-def _decoded(stream, cfg: DataConfig, frames: int, skips: SkipLog):
+def _teacher_dim(urls: list[str]) -> int:
+    """Width of the shards' teacher.npy members as their manifest names it (extract-targets writes it), 0 if none."""
+    try:
+        return int(json.loads((Path(urls[0]).parent / "manifest.json").read_text())["teacher"]["dim"])
+    except (IndexError, OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def _decoded(stream, cfg: DataConfig, frames: int, skips: SkipLog, teacher_dim: int = 0):
     """Decode stage: a sample that fails is skipped and counted; a run of failures stops the stream with
     its causes (an infinite stream where nothing decodes would never yield a batch)."""
     failed: list[str] = []
+    dim = teacher_dim or None      # a teacher.npy of another width (else: than the first) cannot share a batch
     for s in stream:
         try:
-            yield decode_sample(s, cfg, frames)
+            d = decode_sample(s, cfg, frames)
+            if "teacher" in d:
+                dim = dim or d["teacher"].shape[1]
+                if d["teacher"].shape[1] != dim:
+                    raise DecodeError(d["name"], f"teacher.npy has {d['teacher'].shape[1]} dims, this stream's have {dim}")
+            yield d
             failed = []
         except DecodeError as e:
             skips.sample(e)
@@ -200,7 +240,8 @@ class _Stream(IterableDataset):
         if self.train:
             stages.append(wds.shuffle(cfg.shuffle_buffer, initial=cfg.shuffle_buffer,
                                       rng=random.Random(wds.utils.make_seed(self.seed, self.rank, wid))))
-        stages += [functools.partial(_decoded, cfg=cfg, frames=self.frames, skips=skips),
+        stages += [functools.partial(_decoded, cfg=cfg, frames=self.frames, skips=skips,
+                                     teacher_dim=_teacher_dim(self.urls)),
                    wds.batched(self.batch_size, collation_fn=collate, partial=True)]
         return wds.DataPipeline(*stages)
 
@@ -261,9 +302,17 @@ class SkipTotals:
 
 
 def iterate(loader: DataLoader, totals: SkipTotals | None = None):
-    """Batches of a loader, with the empty end-of-worker markers folded into `totals`."""
-    for batch in loader:
-        if totals is not None:
-            totals.update(batch)
-        if not batch.get("empty"):
-            yield batch
+    """Batches of a loader, with the empty end-of-worker markers folded into `totals`. Whatever a loader worker
+    raises arrives as one DataError line (the DataLoader re-raises it with the worker's traceback as its text)."""
+    try:
+        for batch in loader:
+            if totals is not None:
+                totals.update(batch)
+            if not batch.get("empty"):
+                yield batch
+    except Exception as e:  # noqa: BLE001 - any worker failure ends the stage with one line, never a hang
+        text = str(e)
+        if "DataLoader worker" not in text:
+            raise
+        cause = [ln for ln in text.splitlines() if ln.strip()][-1]
+        raise DataError(f"data loader worker failed: {cause}") from None

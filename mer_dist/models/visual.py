@@ -17,7 +17,7 @@ from transformers import AutoConfig, AutoModel, ViTConfig, ViTModel
 
 from mer_dist.config import VisualConfig
 from mer_dist.errors import ModelError
-from mer_dist.io import load_tensors
+from mer_dist.io import atomic_target, load_tensors
 
 TINY = {"vit": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                     patch_size=8, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
@@ -71,6 +71,12 @@ def _blocks(backbone: nn.Module) -> list[nn.Module]:
     raise ModelError(f"{type(backbone).__name__}: no list of transformer blocks found")
 
 
+def _before_blocks(backbone: nn.Module) -> list[nn.Module]:
+    """Modules applied between the embeddings and the first block (CLIP's `pre_layrnorm`). Left trainable, they
+    make autograd run backward through every frozen block below them (found at real size: +50% backward FLOPs)."""
+    return [m for name, m in backbone.named_modules() if name.rsplit(".", 1)[-1].startswith("pre_")]
+
+
 def _embeddings(backbone: nn.Module) -> nn.Module:
     return next(m for name, m in backbone.named_modules() if name.rsplit(".", 1)[-1] == "embeddings")
 
@@ -89,7 +95,7 @@ class VisualEncoder(nn.Module):
         self.temporal = nn.TransformerEncoder(layer, cfg.temporal_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(width)
         if cfg.freeze_blocks > 0:
-            for m in [_embeddings(self.backbone)] + _blocks(self.backbone)[: cfg.freeze_blocks]:
+            for m in [_embeddings(self.backbone), *_before_blocks(self.backbone)] + _blocks(self.backbone)[: cfg.freeze_blocks]:
                 m.requires_grad_(False)
         if cfg.gradient_checkpointing:
             self.backbone.gradient_checkpointing_enable()
@@ -139,12 +145,9 @@ class VisualEncoder(nn.Module):
 
 def export(model: VisualEncoder, state_dict: dict, path: str | Path, extra: dict | None = None) -> None:
     """Plain PyTorch checkpoint (no DeepSpeed needed to read it), written atomically."""
-    import os
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"config": dataclasses.asdict(model.cfg), "image_size": model.image_size,
-                "state_dict": {k: v.detach().float().cpu() for k, v in state_dict.items()}, **(extra or {})}, tmp)
-    os.replace(tmp, path)
+    with atomic_target(path) as tmp:
+        torch.save({"config": dataclasses.asdict(model.cfg), "image_size": model.image_size,
+                    "state_dict": {k: v.detach().float().cpu() for k, v in state_dict.items()}, **(extra or {})}, tmp)
 
 
 def read_encoder(path: str | Path) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import resource
 import time
 import zlib
 from pathlib import Path
@@ -23,7 +24,8 @@ from mer_dist import dist
 from mer_dist.config import LABELS, AlignConfig, ConfigError, parse_loss, resolve_repo_file, save
 from mer_dist.data.ingest import load_manifest, shard_urls
 from mer_dist.data.stream import SkipTotals, eval_loader, iterate, train_loader
-from mer_dist.io import LockError, OutputLock
+from mer_dist.errors import CheckpointError, LockError
+from mer_dist.io import OutputLock
 from mer_dist.models.teacher import TargetStats, Teacher, frame_targets, masked_mean
 from mer_dist.models.visual import VisualEncoder, export, read_encoder
 from mer_dist.tracking import NodeMetrics, Tracker
@@ -46,7 +48,8 @@ def ds_config(cfg: AlignConfig, width: int, on_gpu: bool, launch_file: str = "")
     fill = {"train_micro_batch_size_per_gpu": cfg.data.batch_size, "gradient_accumulation_steps": cfg.train.grad_accum,
             "gradient_clipping": cfg.train.grad_clip, "lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay,
             "torch_adam": not on_gpu, "total_num_steps": cfg.train.steps,
-            "warmup_num_steps": min(cfg.train.warmup_steps, max(cfg.train.steps - 1, 0)),
+            # DeepSpeed's WarmupCosineLR refuses 0 (train.steps=1 or train.warmup_steps=0)
+            "warmup_num_steps": max(1, min(cfg.train.warmup_steps, cfg.train.steps - 1)),
             "enabled": bf16, "stage3_param_persistence_threshold": 10 * width,
             "stage3_prefetch_bucket_size": int(0.9 * width * width)}
 
@@ -168,10 +171,11 @@ def run(cfg: AlignConfig) -> int:
         if env.is_main:
             was = f", written by {client['resharded_from']} ranks, now {env.world_size} with gradient accumulation " \
                   f"{cfg.train.grad_accum}" if client.get("resharded_from") else ""
-            print(f"align: resumed from checkpoint {client['tag']} at step {start}{was}", flush=True)
+            why = f" ({client['passed_over']})" if client.get("passed_over") else ""
+            print(f"align: resumed from checkpoint {client['tag']} at step {start}{was}{why}", flush=True)
     # a resumed run draws a fresh stream (seed mixes in the step) instead of replaying the first samples
     # (pairing=shuffled, the control: every clip's video meets a fixed other clip's audio, see data/stream.py)
-    it = iter(train_loader(urls, cfg.data, env.rank, env.world_size, seed=zlib.crc32(f"{cfg.train.seed}/{start}".encode()),
+    it = iterate(train_loader(urls, cfg.data, env.rank, env.world_size, seed=zlib.crc32(f"{cfg.train.seed}/{start}".encode()),
                            pairing=cfg.pairing))
 
     pseudo = PseudoTargets(cfg) if cfg.pseudo else None
@@ -190,12 +194,18 @@ def run(cfg: AlignConfig) -> int:
         "targets": cfg.targets, "loss": ",".join(cfg.loss), "pairing": cfg.pairing, "acoustic": cfg.acoustic,
         "pseudo": cfg.pseudo or "none",
         "resumed_from_step": start}, node_id=env.node_id)
+    error = ""
+    if env.is_main:       # rank 0 alone; whatever fails here reaches every rank (none waits in a collective)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            dropped = tracker.resume_at(start)
+            if dropped:
+                log.info("dropped %d metric row(s) of steps after the checkpoint (they are redone)", dropped)
+            save(cfg, out / "config.yaml")
+        except Exception as e:  # noqa: BLE001 - any failure must end every rank with one line
+            error = f"{out}: cannot prepare the run directory ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})"
+    dist.raise_if_any(error, CheckpointError)
     if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        dropped = tracker.resume_at(start)
-        if dropped:
-            log.info("dropped %d metric row(s) of steps after the checkpoint (they are redone)", dropped)
-        save(cfg, out / "config.yaml")
         tracker.params(cfg)
         tracker.artifact(out / "config.yaml")
 
@@ -213,6 +223,9 @@ def run(cfg: AlignConfig) -> int:
         if env.node_id and env.local_rank == 0 and not env.is_main else None
     total, step, exit_code = cfg.train.steps, start, 0
     global_batch = cfg.data.batch_size * cfg.train.grad_accum * env.world_size
+    if env.is_main:     # the length of a run in passes over the pool: more ranks at the same steps means more epochs
+        print(f"align: {total} steps x global batch {global_batch} = {total * global_batch / max(epoch_samples, 1):.1f} "
+              f"epochs of the {epoch_samples}-clip '{cfg.split}' split", flush=True)
     window, t_window = _Window(), time.perf_counter()
     bar = tqdm(total=total, initial=start, desc="align", unit="step", disable=not env.is_main)
     try:
@@ -256,6 +269,8 @@ def run(cfg: AlignConfig) -> int:
         bar.close()     # the error line of a failure starts on a line of its own
     local, full = _param_elements(engine.module)
     state_bytes = _state_bytes(engine, cfg.train.zero_stage, local, full)
+    # peak resident memory of each rank's process (loader workers are processes of their own)
+    peak_rss = dist.all_gather_object(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     if env.is_main:
         # the fp32 master weights of the final checkpoint (DeepSpeed's zero_to_fp32: every stage, any precision;
         # under bf16 the engine's module holds rounded copies)
@@ -269,7 +284,7 @@ def run(cfg: AlignConfig) -> int:
         summary = {"step": step, "samples_seen": samples_seen, "world_size": env.world_size,
                    "launcher": env.launcher, "exit_code": exit_code, "skipped_samples": skips.samples,
                    "zero_stage": cfg.train.zero_stage, "param_elements_rank0": local, "param_elements_total": full,
-                   "state_bytes_rank0": state_bytes}
+                   "state_bytes_rank0": state_bytes, "peak_rss_bytes_per_rank": peak_rss}
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         if exit_code == 0:
             tracker.artifact(out / "encoder.pt")

@@ -1,10 +1,12 @@
 """Atomic, resumable, signed DeepSpeed checkpoints.
 
 Every rank writes its shards into `checkpoints/.tmp-stepN`; after a barrier rank 0 writes a manifest
-(sha256 of every file, HMAC-signed with this run directory's key `<out>/.mer-dist-key`), renames the
-directory to `stepN` and then replaces the `latest` file (temp + rename). A kill at any moment leaves
-either the previous complete checkpoint or the new one as `latest`, never a torn one. A save that fails on
-any rank (full disk, read-only directory) fails on every rank, with one line naming the path and cause.
+(sha256 of every file, HMAC-signed with the user's key, `key_file()`), renames the directory to `stepN` and
+then replaces the `latest` file (temp + rename). A kill at any moment leaves either the previous complete
+checkpoint or the new one as `latest`, never a torn one. A save that fails on any rank (full disk, read-only
+directory, anything rank 0 alone does) fails on every rank, with one line naming the path and cause.
+Resuming takes `latest` if it verifies, else the newest checkpoint that does (saying why `latest` was passed
+over), removes the `.tmp-stepN` left by killed saves, and rotation keeps the newest by step number.
 
 Resuming on another number of ranks (16 GPUs today, 8 tomorrow): rank 0 converts the checkpoint with
 DeepSpeed's universal-checkpoint tooling (`ds_to_universal`) into `<out>/checkpoints-universal/`, every rank
@@ -12,8 +14,10 @@ loads that (`checkpoint.load_universal`), and the run keeps its global batch (al
 step, LR schedule, samples seen and optimizer moments. The next save is an ordinary one on the new ranks.
 
 DeepSpeed's `load_checkpoint` unpickles, so a checkpoint directory is *trusted input*: `load` refuses one
-whose manifest this run directory did not sign (a downloaded or hand-edited checkpoint) unless the user
-says `train.trust_checkpoint=true`. Our own per-rank RNG files hold tensors and numbers only.
+that the user's own key did not sign (a run directory copied from a colleague, a shared drive or an archive,
+or a hand-edited checkpoint) unless the user says `train.trust_checkpoint=true`. The key lives outside every
+run directory, so a received directory brings no key that verifies it. Our per-rank RNG files hold tensors
+and numbers only.
 (Checkpoints live on a filesystem shared by all nodes, as on any Slurm cluster.)
 """
 from __future__ import annotations
@@ -25,6 +29,8 @@ import os
 import random
 import secrets
 import shutil
+import stat
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -65,14 +71,51 @@ def _set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def _key(run_dir: Path) -> bytes:
-    """This run directory's signing key (created by the first save; 0600)."""
-    f = run_dir / ".mer-dist-key"
-    if not f.is_file():
-        fd = os.open(f, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+def key_file() -> Path:
+    """The user's signing key: `$MER_DIST_KEY_FILE`, else `$XDG_CONFIG_HOME/mer-dist/checkpoint-key` (default
+    `~/.config/...`): one per user, outside every run directory, shared by a job's nodes through the home
+    directory (only rank 0 signs and verifies)."""
+    if os.environ.get("MER_DIST_KEY_FILE"):
+        return Path(os.environ["MER_DIST_KEY_FILE"])
+    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "mer-dist" / "checkpoint-key"
+
+
+def _key() -> bytes:
+    """The key's bytes, created (0600, atomically: temp file + link) on first use. A key that is a symlink, not
+    a regular file, owned by someone else or readable by others is refused with one line."""
+    f = key_file()
+    if not os.path.lexists(f):
+        f.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd, tmp = tempfile.mkstemp(dir=f.parent, prefix=".checkpoint-key-")      # 0600
         with os.fdopen(fd, "w") as fh:
             fh.write(secrets.token_hex(32))
-    return f.read_text().strip().encode()
+        try:
+            os.link(tmp, f)               # fails if another process made it first: theirs is the key
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
+    st = os.lstat(f)
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f"{f}: the checkpoint signing key is a symlink or not a regular file: refusing it")
+    if st.st_uid != os.getuid():
+        raise CheckpointError(f"{f}: the checkpoint signing key belongs to uid {st.st_uid}, not to you: refusing it")
+    if st.st_mode & 0o077:
+        raise CheckpointError(f"{f}: the checkpoint signing key is readable by others (mode {st.st_mode & 0o777:o}): "
+                              f"chmod 600 it")
+    fd = os.open(f, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd) as fh:
+        key = fh.read().strip()
+    if len(key) < 32:
+        raise CheckpointError(f"{f}: the checkpoint signing key is empty or too short (delete it to make a new one; "
+                              f"checkpoints it signed then need train.trust_checkpoint=true)")
+    return key.encode()
+
+
+def _step(path: Path) -> int:
+    """The step number of a checkpoint directory name (`stepN`, `.tmp-stepN`), -1 for anything else."""
+    digits = path.name.rsplit("step", 1)[-1]
+    return int(digits) if path.name.rsplit("step", 1)[0] in ("", ".tmp-") and digits.isdigit() else -1
 
 
 def _digest(folder: Path) -> dict[str, str]:
@@ -117,51 +160,103 @@ def save(engine, ckdir: str | Path, step: int, client_state: dict, keep: int, en
             shutil.rmtree(ckdir / tmp, ignore_errors=True)
         raise CheckpointError(f"checkpoint not written: {error or 'another rank failed to write its part'}; "
                               f"the previous checkpoint stays latest")
-    if env.is_main:
-        files = _digest(ckdir / tmp)
-        manifest = {"step": step, "world_size": env.world_size, "global_batch": client_state.get("global_batch"),
-                    "files": files,
-                    "signature": _sign(files, env.world_size, _key(ckdir.parent))}
-        (ckdir / tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        if (ckdir / tag).exists():
-            shutil.rmtree(ckdir / tag)
-        os.replace(ckdir / tmp, ckdir / tag)
-        write_text_atomic(ckdir / "latest", tag)
-        done = sorted(p for p in ckdir.iterdir() if p.is_dir() and p.name.startswith("step"))
-        for old in done[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
+    if env.is_main:       # rank 0 alone finishes the save; whatever goes wrong here reaches every rank
+        try:
+            _publish(ckdir, tmp, tag, step, client_state, keep, env.world_size)
+        except Exception as e:  # noqa: BLE001 - any failure (OSError, a bad key, ...) must end every rank
+            error = f"{ckdir / tmp}: {getattr(e, 'strerror', None) or (str(e).splitlines() or [type(e).__name__])[0]}"
+    dist.raise_if_any(f"checkpoint not written: {error}; the previous checkpoint stays latest" if error else "",
+                      CheckpointError)
     return ckdir / tag
 
 
+def _publish(ckdir: Path, tmp: str, tag: str, step: int, client_state: dict, keep: int, world_size: int) -> None:
+    """Sign the written checkpoint, rename it into place, point `latest` at it, rotate. Checkpoints of later steps
+    than this one are left from a run that fell back past them (a damaged `latest`): they go first."""
+    files = _digest(ckdir / tmp)
+    manifest = {"step": step, "world_size": world_size, "global_batch": client_state.get("global_batch"),
+                "files": files, "signature": _sign(files, world_size, _key())}
+    (ckdir / tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    if (ckdir / tag).exists():
+        shutil.rmtree(ckdir / tag)
+    os.replace(ckdir / tmp, ckdir / tag)
+    write_text_atomic(ckdir / "latest", tag)
+    done = sorted((p for p in ckdir.iterdir() if p.is_dir() and not p.name.startswith(".") and _step(p) >= 0),
+                  key=_step)
+    stale = [p for p in done if _step(p) > step]
+    kept = [p for p in done if _step(p) <= step]
+    for old in stale + (kept[:-keep] if keep > 0 else []):
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def peek(ckdir: str | Path) -> dict:
-    """What the latest checkpoint's manifest says of its run ({} when there is none): planning only, before
-    the engine exists (world size, global batch); `load` verifies it."""
-    tag = latest_tag(ckdir)
-    mf = Path(ckdir) / str(tag) / MANIFEST
-    return json.loads(mf.read_text()) if tag and mf.is_file() else {}
+    """What the newest readable manifest says of its run ({} when there is none): planning only, before the
+    engine exists (world size, global batch); `load` verifies."""
+    for tag in _candidates(Path(ckdir)):
+        try:
+            return json.loads((Path(ckdir) / tag / MANIFEST).read_text())
+        except (OSError, ValueError):
+            continue
+    return {}
+
+
+def _candidates(ckdir: Path) -> list[str]:
+    """Checkpoints to resume from, best first: the one `latest` names, then the others, newest step first."""
+    latest = (ckdir / "latest").read_text().strip() if (ckdir / "latest").is_file() else ""
+    others = sorted((p.name for p in ckdir.iterdir() if p.is_dir() and not p.name.startswith(".") and _step(p) >= 0),
+                    key=lambda n: _step(Path(n)), reverse=True) if ckdir.is_dir() else []
+    return ([latest] if latest else []) + [t for t in others if t != latest]
 
 
 def verify(ckdir: str | Path, tag: str, trust: bool = False) -> dict:
-    """The manifest of a checkpoint this run directory wrote, checked; CheckpointError (one line) otherwise."""
+    """The manifest of a checkpoint the user's key signed, checked; CheckpointError (one line) otherwise, whatever
+    is wrong with it (a missing directory, an unreadable or edited manifest, changed files)."""
     folder = Path(ckdir) / tag
     mf = folder / MANIFEST
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: missing")
     if not mf.is_file():
         if trust:
             return {}
         raise CheckpointError(f"{folder}: no {MANIFEST}: not written by mer-dist (DeepSpeed checkpoints unpickle "
                               f"code: pass train.trust_checkpoint=true only for a checkpoint you trust)")
-    manifest = json.loads(mf.read_text())
+    try:
+        manifest = json.loads(mf.read_text())
+        files, world, signature = manifest["files"], manifest.get("world_size"), str(manifest.get("signature", ""))
+        if not isinstance(files, dict):
+            raise TypeError("files is not a mapping")
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{mf}: damaged manifest ({type(e).__name__}: {str(e)[:80]})") from None
     if not trust:
-        key_file = Path(ckdir).parent / ".mer-dist-key"
-        ok = key_file.is_file() and hmac.compare_digest(
-            manifest.get("signature", ""), _sign(manifest.get("files", {}), manifest.get("world_size"), _key(Path(ckdir).parent)))
-        if not ok:
-            raise CheckpointError(f"{folder}: signed by another run directory (or edited): refusing to unpickle it "
-                                  f"(train.trust_checkpoint=true if you trust it)")
-        if _digest(folder) != manifest["files"]:
-            raise CheckpointError(f"{folder}: files differ from its manifest (changed after it was written)")
+        expected = _sign(files, world, _key())
+        if not hmac.compare_digest(signature.encode("utf-8", "replace"), expected.encode()):
+            raise CheckpointError(f"{folder}: not signed by your key {key_file()} (a run directory from elsewhere, or "
+                                  f"edited): refusing to unpickle it (train.trust_checkpoint=true if you trust it)")
+        if _digest(folder) != files:
+            raise CheckpointError(f"{folder}: damaged: files differ from its manifest (changed after it was written)")
     return manifest
+
+
+def _choose(ckdir: Path, trust: bool) -> tuple[str | None, dict, str]:
+    """(tag to resume from, its manifest, why `latest` was passed over): the first candidate that verifies. No
+    checkpoint at all -> (None, {}, ""); some, none verifying -> the best one's error (nothing restarts from zero
+    over a run's history without being told)."""
+    for leftover in ckdir.glob(".tmp-step*") if ckdir.is_dir() else []:      # saves killed before their rename
+        shutil.rmtree(leftover, ignore_errors=True)
+    candidates = _candidates(ckdir)
+    first_error = ""
+    for i, tag in enumerate(candidates):
+        try:
+            manifest = verify(ckdir, tag, trust)
+        except CheckpointError as e:
+            first_error = first_error or str(e)
+            continue
+        why = "" if i == 0 else f"latest {candidates[0]} is " + ("missing" if not (ckdir / candidates[0]).is_dir()
+                                                                  else "damaged")
+        return tag, manifest, why
+    if candidates:
+        raise CheckpointError(f"{first_error}; no checkpoint in {ckdir} verifies (remove the directory to start over)")
+    return None, {}, ""
 
 
 def load(engine, ckdir: str | Path, env: dist.DistEnv, trust: bool = False) -> dict | None:
@@ -169,19 +264,21 @@ def load(engine, ckdir: str | Path, env: dist.DistEnv, trust: bool = False) -> d
     A checkpoint of another world size goes through a universal checkpoint (the engine must have been built
     with `checkpoint.load_universal`: `peek` tells before)."""
     ckdir = Path(ckdir)
-    tag = latest_tag(ckdir)
-    if tag is None:
-        return None
-    error, written_by = "", 0
-    if env.is_main:       # one rank checks (hashing is I/O); every rank learns the verdict
+    error, written_by, tag, why = "", 0, None, ""
+    if env.is_main:       # one rank checks (hashing is I/O); every rank learns the verdict, whatever it is
         try:
-            written_by = int(verify(ckdir, tag, trust).get("world_size") or env.world_size)
-            if written_by != env.world_size:
+            tag, manifest, why = _choose(ckdir, trust)
+            written_by = int(manifest.get("world_size") or env.world_size)
+            if tag is not None and written_by != env.world_size:
                 _to_universal(ckdir / tag, _universal_dir(ckdir) / tag)
         except CheckpointError as e:
             error = str(e)
+        except Exception as e:  # noqa: BLE001 - an unexpected error on rank 0 must not leave the others waiting
+            error = f"{ckdir}: cannot resume ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
     dist.raise_if_any(error, CheckpointError)
-    written_by = int(dist.all_gather_object(written_by)[0])
+    tag, written_by, why = dist.all_gather_object((tag, written_by, why))[0]
+    if tag is None:
+        return None
     source = _universal_dir(ckdir) if written_by != env.world_size else ckdir
     if written_by != env.world_size and not engine.load_universal_checkpoint():
         raise CheckpointError(f"{ckdir / tag}: written by {written_by} ranks, resuming on {env.world_size}: "
@@ -195,7 +292,8 @@ def load(engine, ckdir: str | Path, env: dist.DistEnv, trust: bool = False) -> d
     dist.barrier()
     if source != ckdir and env.is_main:
         shutil.rmtree(source, ignore_errors=True)
-    return {**(client or {}), "tag": tag, "resharded_from": written_by if written_by != env.world_size else 0}
+    return {**(client or {}), "tag": tag, "resharded_from": written_by if written_by != env.world_size else 0,
+            "passed_over": why}
 
 
 def _universal_dir(ckdir: Path) -> Path:

@@ -21,15 +21,14 @@ from mer_dist.config import ExtractConfig
 from mer_dist.data.decode import DecodeError
 from mer_dist.data.ingest import load_manifest, shard_urls, tar_add
 from mer_dist.data.stream import collate, decode_sample
-from mer_dist.io import write_json_atomic
+from mer_dist.io import atomic_target, write_json_atomic
 from mer_dist.models.teacher import Teacher
 from mer_dist.timing import FRAME_RATE
 
 
 def _process(url: str, dst: Path, teacher: Teacher, cfg: ExtractConfig, tmeta: dict) -> tuple[int, int]:
-    tmp = dst.with_name(dst.name + ".tmp")
     kept = skipped = 0
-    with tarfile.open(tmp, "w") as tar:
+    with atomic_target(dst) as tmp, tarfile.open(tmp, "w") as tar:
         pending: list[tuple[dict, dict]] = []
 
         def flush():
@@ -59,7 +58,6 @@ def _process(url: str, dst: Path, teacher: Teacher, cfg: ExtractConfig, tmeta: d
             if len(pending) >= cfg.batch_size:
                 flush()
         flush()
-    os.replace(tmp, dst)
     return kept, skipped
 
 

@@ -18,7 +18,7 @@ from mer_dist import dist
 from mer_dist.config import LABEL_TO_ID, LABELS, PseudoLabelConfig
 from mer_dist.data.ingest import load_manifest
 from mer_dist.eval.evaluate import load_model, predict
-from mer_dist.io import write_json_atomic
+from mer_dist.io import atomic_target, write_json_atomic
 
 
 def select(probs: np.ndarray, threshold: float, top_per_class: int = 0,
@@ -50,11 +50,18 @@ def read_pseudo(folder: str | Path) -> tuple[list[str], np.ndarray, list[str]]:
     missing = {"name", "discrete", *LABELS} - set(rows[0] if rows else {"name", "discrete", *LABELS})
     if missing:
         raise ValueError(f"{f}: missing column(s) {sorted(missing)}")
+    probs = np.zeros((len(rows), len(LABELS)))
     for i, r in enumerate(rows, start=2):
         if r["discrete"] not in LABEL_TO_ID:
             raise ValueError(f"{f}:{i} ({r['name']}): unknown label {r['discrete']!r}")
-    return ([r["name"] for r in rows], np.array([[float(r[c]) for c in LABELS] for r in rows]).reshape(-1, len(LABELS)),
-            [r.get("modalities") or "" for r in rows])
+        try:
+            probs[i - 2] = [float(r[c]) for c in LABELS]
+        except (TypeError, ValueError):
+            probs[i - 2] = np.nan
+        if not (np.isfinite(probs[i - 2]).all() and (probs[i - 2] >= 0).all() and abs(probs[i - 2].sum() - 1) < 1e-3):
+            raise ValueError(f"{f}:{i} ({r['name']}): probabilities must be numbers in [0, 1] summing to 1, "
+                             f"got {[r[c] for c in LABELS]}")
+    return [r["name"] for r in rows], probs, [r.get("modalities") or "" for r in rows]
 
 
 def for_training(folder: str | Path, shards: str, test_split: str, transductive: bool, stage: str,
@@ -94,14 +101,12 @@ def write(out: Path, names: list[str], probs: np.ndarray, views: list[str], kept
     """pseudo.csv (the kept rows), summary.json, and folds.npz: every candidate's probabilities under each fold
     model, which `finetune` cross-fits with (fold k learns from its own model's selection)."""
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "pseudo.csv.tmp"
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with atomic_target(out / "pseudo.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["name", "discrete", "confidence", *LABELS, "modalities"])
         for i in kept:
             w.writerow([names[i], LABELS[int(probs[i].argmax())], f"{probs[i].max():.6f}",
                         *(f"{v:.6f}" for v in probs[i]), views[i]])
-    tmp.replace(out / "pseudo.csv")
     np.savez(out / "folds.npz", names=np.asarray(names), probs=fold_probs.astype(np.float32), views=np.asarray(views))
     write_json_atomic(out / "summary.json", summary)
 
