@@ -83,7 +83,7 @@ def flops(reh: Path, seconds: float = 5.0, frames: int = 16) -> dict:
     hubert = build_hubert(str(reh / "models" / "chinese-hubert-large"))
     hubert.encoder.layers = hubert.encoder.layers[:max(RECIPE_LAYERS) + 1]
     audio = torch.randn(1, int(seconds * 16000))
-    with FlopCounterMode(display=False) as t_count, torch.inference_mode():
+    with FlopCounterMode(display=False) as t_count, torch.no_grad():
         hidden_states(hubert, audio, torch.tensor([audio.shape[1]]))
     res = {"clip_seconds": seconds, "frames": frames, "teacher_layers_run": len(hubert.encoder.layers),
            "teacher_gflops": t_count.get_total_flops() / 1e9}
@@ -165,7 +165,8 @@ def _align(reh: Path, out: Path, nproc: int, zero: int, steps: int, frames: int)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
            "-m", "mer_dist", "align", "--config", str(ALIGN_YAML), f"data.shards={reh / 'shards-teacher'}",
            f"teacher={reh / 'teacher'}", f"out={out}", f"model.backbone={reh / 'models' / 'clip-vit-large-patch14'}",
-           f"train.zero_stage={zero}", f"train.steps={steps}", f"data.frames={frames}", "data.batch_size=1",
+           f"train.zero_stage={zero}", f"train.steps={steps}", "train.epochs=0", "targets=offline",
+           f"data.frames={frames}", "data.batch_size=1",
            "data.workers=1", "data.shuffle_buffer=4", "train.warmup_steps=1", "train.log_every=1",
            "train.ckpt_every=100000", "train.eval_samples=0", "train.threads=1", "tracking.enabled=false"]
     run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"})

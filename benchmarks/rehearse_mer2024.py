@@ -3,7 +3,8 @@
 `python benchmarks/rehearse_mer2024.py --out DIR` runs what a user submits, through the `mer-dist` CLI and the
 `configs/mer2024/*.yaml` files, on a small synthetic corpus (224x224, 25 fps): init-models (random-weight
 HuBERT-large, CLIP ViT-L/14, Chinese RoBERTa-large) -> shard -> probe all 24 layers -> adapt-audio (LoRA on the
-probe's best layers, and the bottleneck variant) -> extract-targets -> align under ZeRO-3 on 2 ranks with
+probe's best layers, and the bottleneck variant) -> extract-targets (offline targets, the alternative the capacity
+plan weighs) -> align (online targets, as the config) under ZeRO-3 on 2 ranks with
 gradient checkpointing and freeze_blocks as the config sets them, stopped and resumed once -> finetune with
 visual_train=top_k -> evaluate. Only counts are shrunk by overrides (clips, steps, epochs, frames, batch);
 widths and depths are the recipe's. Writes DIR/rehearsal.json (each stage's command, seconds, exit code) and
@@ -89,10 +90,10 @@ def main() -> None:
     r.stage("extract-targets", MER + ["extract-targets", "--shards", shards, "--teacher", out / "teacher",
                                       "--out", shards_t, "batch_size=2", "data.max_seconds=10"])
     align = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-             "-m", "mer_dist", "align", *cfg("align"), f"data.shards={shards_t}", f"teacher={out / 'teacher'}",
+             "-m", "mer_dist", "align", *cfg("align"), f"data.shards={shards}", f"teacher={out / 'teacher'}",
              f"out={out / 'align'}", f"model.backbone={clip}", "train.zero_stage=3", f"data.frames={frames}",
              "data.batch_size=1", "data.workers=1", "data.shuffle_buffer=4", "train.warmup_steps=1",
-             "train.ckpt_every=1", "train.log_every=1", "train.eval_every=1", "train.eval_samples=2"]
+             "train.ckpt_every=1", "train.log_every=1", "train.eval_every=1", "train.eval_samples=2", "train.epochs=0"]
     first, total = (1, 2) if q else (2, 4)
     r.stage("align", align + [f"train.steps={first}"], expect=f"align: done at step {first}")
     r.stage("align-resume", align[:4] + [f"--master_port={_free_port()}"] + align[5:] + [f"train.steps={total}"],

@@ -119,10 +119,13 @@ def _stop_loader_workers() -> None:
     """Loader workers ignore SIGTERM (the trainer checkpoints first), so at exit multiprocessing's terminate + join
     would wait for ever on one blocked on a full queue: a stage that ends, however it ends, kills its own."""
     import multiprocessing
-    for child in multiprocessing.active_children():
-        if child.daemon:
-            child.kill()
-            child.join(5)
+    import signal
+    workers = [c for c in multiprocessing.active_children() if c.daemon]
+    if workers:     # the DataLoader's SIGCHLD handler would raise over a worker we kill on purpose
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in workers:
+        child.kill()
+        child.join(5)
 
 
 if __name__ == "__main__":

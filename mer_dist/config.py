@@ -234,6 +234,7 @@ class VisualConfig:
 @dataclass
 class AlignTrainConfig:
     steps: int = 300  # optimizer steps in total (a resumed run continues to this)
+    epochs: float = 0.0  # > 0: train.steps = epochs x the split's clips / global batch (a run's length stays the same on any number of GPUs)
     lr: float = 1e-3  # peak learning rate (WarmupCosineLR)
     weight_decay: float = 0.05  # AdamW weight decay
     warmup_steps: int = 30  # linear warmup steps
@@ -256,6 +257,8 @@ class AlignTrainConfig:
             _check(getattr(self, key) >= 1, f"train.{key}", "an integer >= 1", getattr(self, key))
         _check(self.warmup_steps >= 0, "train.warmup_steps", "an integer >= 0", self.warmup_steps)
         _check(self.lr > 0, "train.lr", "a number > 0", self.lr)
+        _check(math.isfinite(self.epochs) and self.epochs >= 0, "train.epochs", "a number >= 0 (0 = use train.steps)",
+               self.epochs)
         _check(self.stop_grace_s > 0, "train.stop_grace_s", "a number of seconds > 0", self.stop_grace_s)
 
 

@@ -113,8 +113,11 @@ def test_zero3_sigterm_resume(shards, teacher, tmp_path):
                                                        ("accelerate3", 3, "both", "cosine,kd,infonce")])
 def test_other_launchers(launcher, stage, space, loss, shards, teacher, tmp_path):
     out = tmp_path / "run"
-    rc, log = align(launcher, shards, teacher, out, 4, ["train.eval_samples=4", f"target_space={space}", f"loss={loss}"])
+    # train.epochs sets the length (half a pass over the 64-clip pool at global batch 8 = 4 steps), not --steps
+    rc, log = align(launcher, shards, teacher, out, 99, ["train.eval_samples=4", f"target_space={space}", f"loss={loss}",
+                                                          "train.epochs=0.5"])
     assert rc == 0, log[-4000:]
+    assert "align: 4 steps x global batch 8 = 0.5 epochs of the 64-clip 'unlabeled' split" in log
     s = json.loads((out / "summary.json").read_text())
     assert s["world_size"] == 2 and s["launcher"] == launcher.rstrip("3") and s["step"] == 4
     assert s["zero_stage"] == stage        # accelerate's deepspeed_config_file chose the stage

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import resource
 import time
@@ -157,6 +158,9 @@ def run(cfg: AlignConfig) -> int:
     reshard = bool(prev) and int(prev.get("world_size") or env.world_size) != env.world_size
     if reshard:
         cfg.train.grad_accum = keep_global_batch(cfg, int(prev["world_size"]), prev.get("global_batch"), env.world_size)
+    if cfg.train.epochs > 0:     # the same passes over the pool whatever the number of ranks
+        per_step = cfg.data.batch_size * cfg.train.grad_accum * env.world_size
+        cfg.train.steps = max(1, math.ceil(cfg.train.epochs * epoch_samples / per_step))
     ds = ds_config(cfg, encoder.width, on_gpu, env.ds_config_file)
     if reshard:
         ds["checkpoint"] = {"load_universal": True}
@@ -268,7 +272,7 @@ def run(cfg: AlignConfig) -> int:
     finally:
         bar.close()     # the error line of a failure starts on a line of its own
     local, full = _param_elements(engine.module)
-    state_bytes = _state_bytes(engine, cfg.train.zero_stage, local, full)
+    state_bytes = _state_bytes(engine, cfg.train.zero_stage, local)
     # peak resident memory of each rank's process (loader workers are processes of their own)
     peak_rss = dist.all_gather_object(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     if env.is_main:
@@ -384,14 +388,16 @@ def _param_elements(module) -> tuple[int, int]:
     return int(local), int(full)
 
 
-def _state_bytes(engine, stage: int, local: int, full: int) -> int:
+def _state_bytes(engine, stage: int, local: int) -> int:
     """Bytes this rank holds for parameters + gradients + optimizer state (fp32 master partition and Adam
-    moments, measured on the engine's optimizer; gradients: full under ZeRO-1, the partition above)."""
+    moments, measured on the engine's optimizer; gradients: of every trainable parameter under ZeRO-1 -- frozen
+    blocks have none --, the partition above)."""
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
     parts = list(inner.state.keys())      # the fp32 (flat, partitioned) tensors Adam steps (after >= 1 step)
     partition = sum(p.numel() for p in parts)
     moments = sum(t.numel() * t.element_size() for p in parts for t in inner.state.get(p, {}).values()
                   if torch.is_tensor(t) and t.dim() > 0)
     param_bytes = next(engine.module.parameters()).element_size()
-    grads = (full if stage < 2 else partition) * param_bytes
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters() if p.requires_grad)
+    grads = (trainable if stage < 2 else partition) * param_bytes
     return int(local * param_bytes + partition * 4 + grads + moments)

@@ -38,7 +38,7 @@ import torch
 
 from mer_dist import dist
 from mer_dist.errors import CheckpointError
-from mer_dist.io import write_text_atomic
+from mer_dist.io import load_tensors, write_text_atomic
 
 MANIFEST = "mer-dist-manifest.json"
 
@@ -288,7 +288,7 @@ def load(engine, ckdir: str | Path, env: dist.DistEnv, trust: bool = False) -> d
         raise CheckpointError(f"{ckdir / tag}: DeepSpeed could not load this checkpoint")
     rng = ckdir / tag / f"rng-rank{env.rank:05d}.pt"
     if rng.is_file() and written_by == env.world_size:     # another world size: ranks are other processes
-        _set_rng_state(torch.load(rng, weights_only=True))
+        _set_rng_state(load_tensors(rng, "checkpoint RNG state "))     # tensors and numbers only, never code
     dist.barrier()
     if source != ckdir and env.is_main:
         shutil.rmtree(source, ignore_errors=True)
