@@ -158,9 +158,9 @@ def run(cfg: AlignConfig) -> int:
     reshard = bool(prev) and int(prev.get("world_size") or env.world_size) != env.world_size
     if reshard:
         cfg.train.grad_accum = keep_global_batch(cfg, int(prev["world_size"]), prev.get("global_batch"), env.world_size)
+    global_batch = cfg.data.batch_size * cfg.train.grad_accum * env.world_size   # accumulation is final from here
     if cfg.train.epochs > 0:     # the same passes over the pool whatever the number of ranks
-        per_step = cfg.data.batch_size * cfg.train.grad_accum * env.world_size
-        cfg.train.steps = max(1, math.ceil(cfg.train.epochs * epoch_samples / per_step))
+        cfg.train.steps = max(1, math.ceil(cfg.train.epochs * epoch_samples / global_batch))
     ds = ds_config(cfg, encoder.width, on_gpu, env.ds_config_file)
     if reshard:
         ds["checkpoint"] = {"load_universal": True}
@@ -226,7 +226,6 @@ def run(cfg: AlignConfig) -> int:
     node_metrics = NodeMetrics(cfg.tracking, out, run_id, env.node_id) \
         if env.node_id and env.local_rank == 0 and not env.is_main else None
     total, step, exit_code = cfg.train.steps, start, 0
-    global_batch = cfg.data.batch_size * cfg.train.grad_accum * env.world_size
     if env.is_main:     # the length of a run in passes over the pool: more ranks at the same steps means more epochs
         print(f"align: {total} steps x global batch {global_batch} = {total * global_batch / max(epoch_samples, 1):.1f} "
               f"epochs of the {epoch_samples}-clip '{cfg.split}' split", flush=True)
