@@ -33,6 +33,8 @@ SHORTCUTS: dict[str, dict[str, str]] = {
                      "top-per-class": "top_per_class", "agree-with": "agree_with"},
     "self-train": {"shards": "finetune.data.shards", "teacher": "finetune.teacher", "visual": "finetune.visual",
                    "out": "out", "rounds": "rounds", "seed": "finetune.seed"},
+    "ablate": {"shards": "shards", "teacher": "teacher", "aligned": "aligned", "shuffled": "shuffled", "out": "out",
+               "seeds": "seeds"},
     "demo": {"out": "out", "seeds": "seeds", "self-train-rounds": "self_train_rounds"},
 }
 
@@ -44,7 +46,8 @@ RUNNERS = {
     "probe-layers": "mer_dist.train.probe:run", "adapt-audio": "mer_dist.train.adapt:run",
     "extract-targets": "mer_dist.train.extract:run", "align": "mer_dist.train.align:run",
     "finetune": "mer_dist.train.finetune:run", "evaluate": "mer_dist.eval.evaluate:run",
-    "pseudo-label": "mer_dist.train.pseudo:run", "self-train": "mer_dist.train.selftrain:run", "demo": "mer_dist.demo:run",
+    "pseudo-label": "mer_dist.train.pseudo:run", "self-train": "mer_dist.train.selftrain:run",
+    "ablate": "mer_dist.train.ablate:run", "demo": "mer_dist.demo:run",
 }
 
 

@@ -113,8 +113,18 @@ class SynthConfig:
     audio_noise: float = 0.35      # prob. that the voice shows a confusable emotion's prosody
     text_noise: float = 0.45       # prob. that the sentence comes from a confusable/neutral template
     label_balance: list[float] = field(default_factory=lambda: [0.22, 0.16, 0.2, 0.16, 0.14, 0.12])  # relative frequency of each emotion, in LABELS order
+    shared: Literal["emotion", "nuisance"] = "emotion"  # what audio and video share beyond the emotion each shows: emotion (arousal sets tempo, loudness and head motion in both) or nuisance (a per-clip energy unrelated to emotion sets them: lip-sync and loudness carry no emotion)
+    faces: Literal["clip", "speaker"] = "clip"  # clip: a new face drawing per clip; speaker: one face (colouring, background) per speaker, whose voice is the speaker's too (an identity shortcut)
+    speakers: int = 48  # speakers drawn when faces=speaker (voice pitch offset and face)
+    expression: float = 1.0  # how strongly a face shows its emotion: 1 = full expression, 0 = a neutral face
     workers: int = 2  # encoder processes (the corpus is identical for any number)
     seed: int = 0  # everything the generator draws follows from it
+
+    def __post_init__(self):
+        _check(self.speakers >= 1, "synth.speakers", "an integer >= 1", self.speakers)
+        _check(0.0 <= self.expression <= 1.0, "synth.expression", "a number in [0, 1]", self.expression)
+        for key in ("visual_noise", "audio_noise", "text_noise"):
+            _check(0.0 <= getattr(self, key) <= 1.0, f"synth.{key}", "a probability in [0, 1]", getattr(self, key))
 
 
 @dataclass
@@ -263,6 +273,23 @@ class AlignTrainConfig:
 
 
 @dataclass
+class GuardConfig:
+    """Never hurt: alignment keeps the encoder whose frozen features a cross-validated linear probe on the labeled
+    split reads best, the initial encoder (step 0) included, so a corpus where audio and video share only nuisance
+    gets its initial encoder back, with one line saying so."""
+    enabled: bool = True  # score step 0 and every checkpoint; encoder.pt is the best one
+    split: str = "train"  # the labeled split the probe cross-validates on (never test)
+    max_clips: int = 512  # clips of it held as uint8 frames on every rank (clips x F x 3 x H x W bytes)
+    folds: int = 5  # stratified folds of the probe's cross-validation
+    min_gain: float = 0.01  # an aligned checkpoint replaces the initial encoder only when it beats it by this much
+
+    def __post_init__(self):
+        _check(self.max_clips >= 2 * len(LABELS), "guard.max_clips", f"an integer >= {2 * len(LABELS)}", self.max_clips)
+        _check(self.folds >= 2, "guard.folds", "an integer >= 2", self.folds)
+        _check(math.isfinite(self.min_gain) and self.min_gain >= 0, "guard.min_gain", "a number >= 0", self.min_gain)
+
+
+@dataclass
 class AlignConfig:
     data: DataConfig = field(default_factory=DataConfig)  # unlabeled shards and decoding (batch_size is per rank)
     teacher: str = "runs/teacher"  # teacher directory from adapt-audio
@@ -275,6 +302,7 @@ class AlignConfig:
     kd_temperature: float = 2.0    # kd: softmax temperature tau (loss scaled by tau^2)
     kd_confidence: bool = False    # kd: weight frames/clips by the teacher's confidence (1 - normalised entropy)
     infonce_dim: int = 128         # infonce: width of the shared embedding both projection heads map to
+    infonce_target: Literal["features", "posteriors"] = "features"  # infonce: the audio side is the teacher's pooled layer features, or its clip emotion posteriors (only what the teacher knows of emotion; online)
     pairing: Literal["matched", "shuffled"] = "matched"   # shuffled: each video meets a fixed other clip's audio (control)
     pseudo: str = ""               # loss pseudo: a `mer-dist pseudo-label` output whose clips' labels the encoder learns
     pseudo_soft: bool = True       # loss pseudo: the pseudo-labels' probabilities (true) or their argmax
@@ -286,10 +314,14 @@ class AlignConfig:
     standardize: bool = True       # per-dim standardised feature targets (stats stored with the teacher)
     model: VisualConfig = field(default_factory=VisualConfig)  # the visual encoder
     train: AlignTrainConfig = field(default_factory=AlignTrainConfig)  # optimisation, checkpoints and logging
+    guard: GuardConfig = field(default_factory=GuardConfig)  # keep the best encoder by a CV probe on the labeled split, step 0 included
     tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow settings
 
     def __post_init__(self):
         kinds = {t.kind for t in parse_loss(self.loss)}
+        _check(not (self.targets == "offline" and "infonce" in kinds and self.infonce_target == "posteriors"),
+               "infonce_target", "features with targets=offline (teacher.npy holds layer features only)",
+               self.infonce_target)
         if self.targets == "offline":
             _check("kd" not in kinds and (self.target_space == "features" or not kinds & {"mse", "cosine"}),
                    "targets", "online for kd and for logits targets (teacher.npy holds layer features only)",
@@ -416,6 +448,28 @@ class EvaluateConfig:
 
 
 @dataclass
+class AblateConfig:
+    shards: str = ""  # labeled shards: their train split is cross-validated (the test split is never read)
+    teacher: str = "runs/teacher"  # teacher directory: the acoustic modality of rows that use audio
+    aligned: str = "runs/align"  # an align run directory: its encoder.pt, and its config.yaml for the control
+    shuffled: str = ""  # an align run with pairing=shuffled; "" -> ablate aligns one from the aligned run's config.yaml
+    procs: int = 2  # ranks of that control alignment (torchrun on this machine)
+    seeds: int = 3  # fine-tuning seeds per cell (and random-init encoders); the encoders are aligned once
+    folds: int = 5  # stratified CV folds of every cell
+    views: list[str] = field(default_factory=lambda: ["v", "avt"])  # modality sets compared: v (visual only), avt (fusion), any of a/v/t
+    out: str = "runs/ablate"  # table.md, ablate.json, one finetune directory per cell, shuffled/ when aligned here
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow settings (one run per cell)
+
+    def __post_init__(self):
+        _check(self.seeds >= 2, "seeds", "an integer >= 2 (a spread needs two)", self.seeds)
+        _check(self.folds >= 2, "folds", "an integer >= 2", self.folds)
+        _check(self.procs >= 1, "procs", "an integer >= 1", self.procs)
+        bad = [v for v in self.views if not v or set(v) - set("avt") or "v" not in v]
+        _check(bool(self.views) and not bad, "views", "modality sets of a/v/t that include v (e.g. v,avt)",
+               bad or self.views)
+
+
+@dataclass
 class DemoConfig:
     out: str = "runs/demo"  # everything the demo writes goes here
     synth: SynthConfig = field(default_factory=SynthConfig)  # the synthetic corpus (its out is DIR/corpus)
@@ -428,19 +482,24 @@ class DemoConfig:
     self_train_views: list[str] = field(default_factory=lambda: ["fusion"])  # self-training variants (mer_dist/demo.py SELF_TRAIN): fusion, cross, encoders, encoders-control
     visual_top_k: bool = False     # also the rows that fine-tune the visual encoder's top block end to end
     audio_pretrain_steps: int = 0  # > 0: HuBERT's first iteration on the corpus audio; the teacher starts from it
+    ablate_seeds: int = 2  # >= 2: `mer-dist ablate` on seed 0's encoders with this many fine-tuning seeds (the verdict a user gets on their own corpus); 0 = skip
+    teacher: Literal["weak", "oracle"] = "weak"  # oracle (a control): adapt-audio also learns the pool's hidden true labels, a stand-in for a strong pretrained teacher no offline corpus can give
 
     def __post_init__(self):
         for key in ("align_steps", "align_procs", "seeds", "folds"):
             _check(getattr(self, key) >= 1, key, "an integer >= 1", getattr(self, key))
         for key in ("self_train_rounds", "audio_pretrain_steps"):
             _check(getattr(self, key) >= 0, key, "an integer >= 0", getattr(self, key))
+        _check(self.ablate_seeds == 0 or self.ablate_seeds >= 2, "ablate_seeds", "0 or an integer >= 2",
+               self.ablate_seeds)
 
 
 STAGES: dict[str, type] = {
     "synth": SynthConfig, "init-models": InitModelsConfig, "shard": ShardConfig, "pretrain-audio": PretrainAudioConfig, "probe-layers": ProbeConfig,
     "adapt-audio": AdaptConfig,
     "extract-targets": ExtractConfig, "align": AlignConfig, "finetune": FinetuneConfig,
-    "evaluate": EvaluateConfig, "pseudo-label": PseudoLabelConfig, "self-train": SelfTrainConfig, "demo": DemoConfig,
+    "evaluate": EvaluateConfig, "pseudo-label": PseudoLabelConfig, "self-train": SelfTrainConfig,
+    "ablate": AblateConfig, "demo": DemoConfig,
 }
 
 
@@ -571,7 +630,7 @@ def save(cfg: Any, path: str | Path) -> None:
 STAGE_FILES = {"synth": "synth", "init-models": "init_models", "shard": "shard", "pretrain-audio": "pretrain_audio", "probe-layers": "probe",
                "adapt-audio": "adapt",
                "extract-targets": "extract", "align": "align", "finetune": "finetune", "evaluate": "evaluate",
-               "pseudo-label": "pseudo", "self-train": "selftrain", "demo": "demo"}
+               "pseudo-label": "pseudo", "self-train": "selftrain", "ablate": "ablate", "demo": "demo"}
 
 
 def field_docs() -> dict[tuple[str, str], str]:

@@ -47,7 +47,7 @@ def test_pool_to_frames_hand_built():
 
 def test_probe_ranks_informative_layer_above_noise(probe_dir):
     from mer_dist.data.splits import holdout
-    from mer_dist.train.probe import probe_scores
+    from mer_dist.eval.linear_probe import probe_scores
     res = json.loads((probe_dir / "layers.json").read_text())
     assert [r["layer"] for r in res["layers"]] == list(range(5)) and (probe_dir / "layers.png").stat().st_size > 1000
     assert len(res["top_k"]) == 2 and all(1 <= layer <= 4 for layer in res["top_k"])

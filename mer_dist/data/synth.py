@@ -10,8 +10,14 @@ renders all three modalities from them:
 * text: a sentence from emotion templates that overlap on purpose.
 
 Each modality shows a *confusable* emotion with its own probability (visual/audio/text_noise), so
-no modality is perfect, while arousal and syllable timing are shared between audio and video:
-audio features predict visual content -- the property alignment pretraining exploits.
+no modality is perfect. What audio and video share besides is the regime (`shared`, `faces`):
+
+* shared=emotion (default): arousal, drawn from the emotion, sets tempo, loudness, mouth motion and head
+  motion in both, so whatever matches the two streams learns emotion;
+* shared=nuisance: a per-clip energy unrelated to emotion sets them, as on real video, where lip motion,
+  loudness and clip length dominate what audio and video share; emotion stays in the voice's pitch and
+  contour and in the face's static expression only;
+* faces=speaker: one face per speaker, who also owns the voice's pitch offset: identity is shared too.
 """
 from __future__ import annotations
 
@@ -105,8 +111,11 @@ def _envelope(times: np.ndarray, syl: list[tuple[float, float, float]]) -> np.nd
     return env
 
 
-def render_audio(rng, emotion: str, arousal: float, seconds: float, syl, speaker_f0: float) -> np.ndarray:
+def render_audio(rng, emotion: str, arousal: float, seconds: float, syl, speaker_f0: float,
+                 loudness: float | None = None) -> np.ndarray:
+    """`loudness` replaces the emotion's own (shared=nuisance: loudness is energy, not emotion)."""
     f0_base, contour, loud, _ = VOICE[emotion]
+    loud = loud if loudness is None else loudness
     n = int(round(seconds * SR))
     t = np.arange(n) / SR
     u = t / seconds
@@ -130,15 +139,31 @@ def render_audio(rng, emotion: str, arousal: float, seconds: float, syl, speaker
     return np.clip(audio, -1, 1).astype(np.float32)
 
 
-def render_video(rng, emotion: str, arousal: float, seconds: float, fps: int, h: int, w: int, syl) -> np.ndarray:
-    curve, open_base, brow, eye, tint = FACE[emotion]
+def _expression(emotion: str, strength: float) -> tuple:
+    """FACE parameters of `emotion` moved `strength` of the way from the neutral face (1 = the full expression)."""
+    if strength == 1.0:
+        return FACE[emotion]
+    emo, neu = FACE[emotion], FACE["neutral"]
+    mix = [n + strength * (e - n) for e, n in zip(emo[:4], neu[:4])]
+    return (*mix, tuple(n + strength * (e - n) for e, n in zip(emo[4], neu[4])))
+
+
+def render_video(rng, emotion: str, arousal: float, seconds: float, fps: int, h: int, w: int, syl,
+                 expression: float = 1.0, look: dict | None = None) -> np.ndarray:
+    """`look` (faces=speaker): the speaker's background, tint offset and face shape instead of per-clip draws."""
+    curve, open_base, brow, eye, tint = _expression(emotion, expression)
     nframes = max(1, int(round(seconds * fps)))
     times = (np.arange(nframes) + 0.5) / fps
     env = _envelope(times, syl)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     yy, xx = yy / h * 2 - 1, xx / w * 2 - 1            # [-1, 1]
-    bg = rng.uniform(20, 120, size=3)
-    tint = np.clip(np.array(tint) + rng.normal(0, 22, 3), 0, 255)
+    if look is None:
+        bg = rng.uniform(20, 120, size=3)
+        tint = np.clip(np.array(tint) + rng.normal(0, 22, 3), 0, 255)
+        fw, fh = 0.62, 0.78
+    else:
+        bg, fw, fh = look["bg"], look["fw"], look["fh"]
+        tint = np.clip(np.array(tint) + look["tint"], 0, 255)
     bob_f = 0.8 + 2.5 * arousal
     bob_a = 0.02 + 0.10 * arousal
     phase0 = rng.uniform(0, 2 * np.pi)
@@ -148,7 +173,7 @@ def render_video(rng, emotion: str, arousal: float, seconds: float, fps: int, h:
         dy = 0.5 * bob_a * np.cos(2 * np.pi * bob_f * t + phase0)
         x, y = xx - dx, yy - dy
         img = np.broadcast_to(bg, (h, w, 3)).copy()
-        face = (x / 0.62) ** 2 + (y / 0.78) ** 2 <= 1
+        face = (x / fw) ** 2 + (y / fh) ** 2 <= 1
         img[face] = tint
         for ex in (-0.25, 0.25):                       # eyes
             e = ((x - ex) / 0.11) ** 2 + ((y + 0.18) / (0.07 * eye)) ** 2 <= 1
@@ -177,13 +202,25 @@ def make_clip(cfg: SynthConfig, spec: ClipSpec) -> dict:
                      _express(rng, e, cfg.text_noise))
     arousal = float(np.clip(VOICE[e][3] + rng.normal(0, 0.18), 0.0, 1.0))
     seconds = float(max(0.6, cfg.seconds + rng.uniform(-cfg.seconds_jitter, cfg.seconds_jitter)))
-    syl = _syllables(rng, seconds, arousal)
-    audio = render_audio(rng, e_a, arousal, seconds, syl, speaker_f0=float(rng.normal(0, 18)))
-    frames = render_video(rng, e_v, arousal, seconds, cfg.fps, cfg.height, cfg.width, syl)
+    # the regimes draw from their own generators, so the default corpus stays the same clip for clip
+    extra = np.random.default_rng([cfg.seed, spec.index, 1])
+    shared = arousal if cfg.shared == "emotion" else float(extra.uniform(0.0, 1.0))   # what sets timing and loudness
+    syl = _syllables(rng, seconds, shared)
+    speaker_f0 = float(rng.normal(0, 18))
+    look, speaker = None, -1
+    if cfg.faces == "speaker":
+        speaker = int(extra.integers(cfg.speakers))
+        who = np.random.default_rng([cfg.seed, 1_000_003, speaker])
+        speaker_f0 = float(who.normal(0, 25))
+        look = {"bg": who.uniform(20, 120, size=3), "tint": who.normal(0, 22, 3), "fw": who.uniform(0.5, 0.7),
+                "fh": who.uniform(0.65, 0.85)}
+    loudness = None if cfg.shared == "emotion" else 0.3 + 0.65 * shared
+    audio = render_audio(rng, e_a, shared, seconds, syl, speaker_f0=speaker_f0, loudness=loudness)
+    frames = render_video(rng, e_v, shared, seconds, cfg.fps, cfg.height, cfg.width, syl, cfg.expression, look)
     k = int(rng.integers(len(TEMPLATES_EN[e_t])))
     return {"frames": frames, "audio": audio, "english": TEMPLATES_EN[e_t][k], "chinese": TEMPLATES_ZH[e_t][k],
             "meta": {"name": spec.name, "emotion": e, "visual": e_v, "audio": e_a, "text": e_t,
-                     "arousal": round(arousal, 4), "seconds": round(seconds, 3),
+                     "arousal": round(arousal, 4), "seconds": round(seconds, 3), "speaker": speaker,
                      "valence": round(VALENCE[e] + float(rng.normal(0, 0.7)), 2)}}
 
 
@@ -262,7 +299,7 @@ def ceiling(corpus: str | Path) -> dict[str, float]:
     for mods in ("v", "a", "t", "av", "at", "vt", "avt"):
         post = np.tile(prior, (len(clips), 1))
         for m, key in (("v", "visual"), ("a", "audio"), ("t", "text")):
-            if m in mods:
+            if m in mods and not (m == "v" and cfg.get("expression", 1.0) == 0.0):    # a neutral face shows nothing
                 post *= np.stack([likelihood(c[key], cfg[f"{key}_noise"]) for c in clips])
         out[mods] = summary(y, post.argmax(1))["waf"]
     return out

@@ -31,6 +31,7 @@ from mer_dist.models.teacher import TargetStats, Teacher, frame_targets, masked_
 from mer_dist.models.visual import VisualEncoder, export, read_encoder
 from mer_dist.tracking import NodeMetrics, Tracker
 from mer_dist.train import checkpoint
+from mer_dist.train.guard import Guard
 from mer_dist.train.losses import AlignmentObjective
 from mer_dist.train.pseudo import as_targets, for_training
 
@@ -89,12 +90,15 @@ class Aligner(nn.Module):
 
 
 def batch_targets(batch: dict, teacher: Teacher | None, stats: TargetStats | None, need: set[str],
-                  target_space: str, device: torch.device) -> dict:
+                  target_space: str, device: torch.device, clip_space: str = "features") -> dict:
     """The teacher's outputs for a batch at the video's frame times, as the objective's terms `need` them:
-    "regress" (in `target_space`), "logits" (frame posteriors), "clip" (utterance embedding), and "valid".
+    "regress" (in `target_space`), "logits" (frame posteriors), "clip" (utterance embedding: pooled features, or
+    with `clip_space=posteriors` the utterance's emotion posteriors), and "valid".
     Online (a live `teacher`, one HuBERT pass) or offline (`teacher.npy` features in the batch): one path."""
-    want_feats = "clip" in need or ("regress" in need and target_space != "logits")
-    want_logits = "logits" in need or ("regress" in need and target_space != "features")
+    clip_feats = "clip" in need and clip_space == "features"
+    want_feats = clip_feats or ("regress" in need and target_space != "logits")
+    want_logits = "logits" in need or ("regress" in need and target_space != "features") or \
+        ("clip" in need and clip_space == "posteriors")
     if teacher is not None:
         parts, mask = teacher.outputs(batch["audio"].to(device), batch["audio_lens"].to(device),
                                       features=want_feats, logits=want_logits)
@@ -118,7 +122,7 @@ def batch_targets(batch: dict, teacher: Teacher | None, stats: TargetStats | Non
     if "logits" in need:
         target["logits"] = l_part
     if "clip" in need:
-        target["clip"] = masked_mean(feats, mask)
+        target["clip"] = masked_mean(feats, mask) if clip_feats else masked_mean(logits.float(), mask).softmax(-1)
     return target
 
 
@@ -142,16 +146,19 @@ def run(cfg: AlignConfig) -> int:
         if cfg.standardize else None
     feat_dim = int(teacher_spec["dim"])
     regress_dim = {"features": feat_dim, "logits": len(LABELS), "both": feat_dim + len(LABELS)}[cfg.target_space]
-    if cfg.targets == "online" and "kd" in {t.kind for t in terms} and teacher.head is None:
-        raise ValueError(f"{cfg.teacher}: loss kd needs the teacher's emotion head (head.pt)")
+    if cfg.targets == "online" and teacher.head is None and ("kd" in {t.kind for t in terms} or
+                                                            cfg.infonce_target == "posteriors"):
+        raise ValueError(f"{cfg.teacher}: loss kd and infonce_target=posteriors need the teacher's emotion head (head.pt)")
 
     torch.manual_seed(cfg.train.seed)   # identical init on every rank
     encoder = VisualEncoder(cfg.model, cfg.data.height)
     if cfg.model.init:
         encoder.load_state_dict(read_encoder(cfg.model.init)["state_dict"])
-    objective = AlignmentObjective(terms, encoder.width, regress_dim, len(LABELS), feat_dim, cfg.infonce_dim,
+    clip_dim = feat_dim if cfg.infonce_target == "features" else len(LABELS)
+    objective = AlignmentObjective(terms, encoder.width, regress_dim, len(LABELS), clip_dim, cfg.infonce_dim,
                                    cfg.kd_temperature, cfg.kd_confidence, cfg.frame_weight, cfg.utterance_weight)
     model = Aligner(encoder, objective)
+    guard, initial = _guard(cfg, encoder, device, env)
     need = objective.needs
     on_gpu = device.type == "cuda"
     prev = checkpoint.peek(ckdir)
@@ -169,6 +176,8 @@ def run(cfg: AlignConfig) -> int:
                                            config=ds)
     client = checkpoint.load(engine, ckdir, env, cfg.train.trust_checkpoint) or {}
     start = int(client.get("step", 0))
+    if guard is not None:
+        guard.restore(client.get("guard"))
     samples_seen = int(client.get("samples_seen", 0))
     if start:
         log.info("resumed from %s at step %d (%d samples seen)", client["tag"], start, samples_seen)
@@ -187,7 +196,7 @@ def run(cfg: AlignConfig) -> int:
     if eval_batches:   # eval targets computed once (offline runs load the teacher just for this)
         eval_teacher = teacher or load_teacher()
         for b in eval_batches:
-            b["target"] = batch_targets(b, eval_teacher, stats, need, cfg.target_space, device)
+            b["target"] = batch_targets(b, eval_teacher, stats, need, cfg.target_space, device, cfg.infonce_target)
         del eval_teacher
     stop = dist.StopFlag(grace_s=cfg.train.stop_grace_s, exit_code=EXIT_PREEMPTED,
                          on_give_up=(lambda: _mark_requeue(step)) if env.is_main else None)
@@ -212,9 +221,11 @@ def run(cfg: AlignConfig) -> int:
     if env.is_main:
         tracker.params(cfg)
         tracker.artifact(out / "config.yaml")
+        if guard is not None and start == 0:
+            tracker.metrics({"guard_cv_waf": guard.scores[0]}, 0)
 
     def step_loss(batch) -> tuple[torch.Tensor, dict]:
-        target = batch["target"] if "target" in batch else batch_targets(batch, teacher, stats, need, cfg.target_space, device)
+        target = batch["target"] if "target" in batch else batch_targets(batch, teacher, stats, need, cfg.target_space, device, cfg.infonce_target)
         if pseudo is not None:
             target |= pseudo.batch(batch["name"], device)
         return engine(batch["frames"].to(device, non_blocking=True), target)
@@ -260,8 +271,15 @@ def run(cfg: AlignConfig) -> int:
                 tracker.metrics(_evaluate(engine, eval_batches, step_loss), step)
             stopping = stop.should_stop()
             if step % cfg.train.ckpt_every == 0 or step == total or stopping:
+                if guard is not None and not stopping:      # scored before the save: the checkpoint carries it
+                    engine.eval()
+                    tracker.metrics({"guard_cv_waf": guard.score(engine.module.encoder.embed, step)}, step)
+                    engine.train()
                 checkpoint.save(engine, ckdir, step, {"step": step, "samples_seen": samples_seen, "mlflow_run_id": run_id,
-                                                      "global_batch": global_batch}, cfg.train.keep_checkpoints, env)
+                                                      "global_batch": global_batch,
+                                                      "guard": guard.state() if guard is not None else {}},
+                                cfg.train.keep_checkpoints, env,
+                                protect=f"step{guard.best_step():08d}" if guard is not None else "")
             if stopping:
                 if env.is_main:
                     print(f"align: signal {stop.signum} -> checkpoint at step {step} saved, exiting for requeue", flush=True)
@@ -280,15 +298,25 @@ def run(cfg: AlignConfig) -> int:
         from deepspeed.utils.zero_to_fp32 import (
             get_fp32_state_dict_from_zero_checkpoint,
         )
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckdir), tag=checkpoint.latest_tag(ckdir))
-        enc_sd = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
-        export(encoder, enc_sd, out / "encoder.pt", {"step": step, "teacher": teacher_spec.get("adapter_hash", ""),
-                                                     "loss": list(cfg.loss), "pairing": cfg.pairing})
+        # the guard's choice once the run is complete (a pre-empted run exports its latest state, as ever)
+        chosen = guard.best_step() if guard is not None and exit_code == 0 else step
+        meta = {"teacher": teacher_spec.get("adapter_hash", ""), "loss": list(cfg.loss), "pairing": cfg.pairing}
+        for name, at in (("encoder.pt", chosen), ("encoder-last.pt", step)) if chosen != step else (("encoder.pt", step),):
+            if at == 0:
+                enc_sd = initial
+            else:       # encoder-last.pt: the final step's weights, beside the guard's choice
+                tag = checkpoint.latest_tag(ckdir) if at == step else f"step{at:08d}"
+                sd = get_fp32_state_dict_from_zero_checkpoint(str(ckdir), tag=tag)
+                enc_sd = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
+            export(encoder, enc_sd, out / name, {"step": at, **meta})
         summary = {"step": step, "samples_seen": samples_seen, "world_size": env.world_size,
                    "launcher": env.launcher, "exit_code": exit_code, "skipped_samples": skips.samples,
                    "zero_stage": cfg.train.zero_stage, "param_elements_rank0": local, "param_elements_total": full,
-                   "state_bytes_rank0": state_bytes, "peak_rss_bytes_per_rank": peak_rss}
+                   "state_bytes_rank0": state_bytes, "peak_rss_bytes_per_rank": peak_rss,
+                   "encoder_step": chosen, "guard": guard.state() if guard is not None else None}
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        if guard is not None and exit_code == 0:
+            print(guard.verdict(step), flush=True)
         if exit_code == 0:
             tracker.artifact(out / "encoder.pt")
             print(f"align: done at step {step} -> {out / 'encoder.pt'}", flush=True)
@@ -314,6 +342,22 @@ class PseudoTargets:
         rows = [self.table.get(n, self.none) for n in names]
         return {"pseudo": torch.stack(rows).to(device),
                 "pseudo_weight": torch.tensor([float(n in self.table) for n in names], device=device)}
+
+
+def _guard(cfg: AlignConfig, encoder: VisualEncoder, device, env: dist.DistEnv) -> tuple[Guard | None, dict | None]:
+    """The guard with the initial encoder's score (step 0), and that encoder's weights on rank 0 (exported when
+    alignment does not beat it); (None, None) when it is off or the labeled split is too small to tell."""
+    if not cfg.guard.enabled:
+        return None, None
+    guard = Guard(cfg, device, env.is_main)
+    if not guard.active:
+        if env.is_main:
+            print(f"align: guard off: {guard.why_off}; encoder.pt is the final step's", flush=True)
+        return None, None
+    encoder.to(device).eval()
+    guard.score(encoder.embed, 0)
+    encoder.train()
+    return guard, ({k: v.detach().cpu().clone() for k, v in encoder.state_dict().items()} if env.is_main else None)
 
 
 def _one_writer(out: Path, env: dist.DistEnv) -> OutputLock:

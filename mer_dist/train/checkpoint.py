@@ -133,7 +133,10 @@ def _sign(files: dict, world_size: int, key: bytes) -> str:
     return hmac.new(key, json.dumps([files, world_size], sort_keys=True).encode(), "sha256").hexdigest()
 
 
-def save(engine, ckdir: str | Path, step: int, client_state: dict, keep: int, env: dist.DistEnv) -> Path:
+def save(engine, ckdir: str | Path, step: int, client_state: dict, keep: int, env: dist.DistEnv,
+         protect: str = "") -> Path:
+    """Write `step`'s checkpoint atomically, point `latest` at it and keep the newest `keep` (and `protect`,
+    the tag the alignment guard will export)."""
     ckdir = Path(ckdir)
     tag, tmp = f"step{step:08d}", f".tmp-step{step:08d}"
     error = ""
@@ -162,7 +165,7 @@ def save(engine, ckdir: str | Path, step: int, client_state: dict, keep: int, en
                               f"the previous checkpoint stays latest")
     if env.is_main:       # rank 0 alone finishes the save; whatever goes wrong here reaches every rank
         try:
-            _publish(ckdir, tmp, tag, step, client_state, keep, env.world_size)
+            _publish(ckdir, tmp, tag, step, client_state, keep, env.world_size, protect)
         except Exception as e:  # noqa: BLE001 - any failure (OSError, a bad key, ...) must end every rank
             error = f"{ckdir / tmp}: {getattr(e, 'strerror', None) or (str(e).splitlines() or [type(e).__name__])[0]}"
     dist.raise_if_any(f"checkpoint not written: {error}; the previous checkpoint stays latest" if error else "",
@@ -170,7 +173,8 @@ def save(engine, ckdir: str | Path, step: int, client_state: dict, keep: int, en
     return ckdir / tag
 
 
-def _publish(ckdir: Path, tmp: str, tag: str, step: int, client_state: dict, keep: int, world_size: int) -> None:
+def _publish(ckdir: Path, tmp: str, tag: str, step: int, client_state: dict, keep: int, world_size: int,
+             protect: str = "") -> None:
     """Sign the written checkpoint, rename it into place, point `latest` at it, rotate. Checkpoints of later steps
     than this one are left from a run that fell back past them (a damaged `latest`): they go first."""
     files = _digest(ckdir / tmp)
@@ -185,7 +189,7 @@ def _publish(ckdir: Path, tmp: str, tag: str, step: int, client_state: dict, kee
                   key=_step)
     stale = [p for p in done if _step(p) > step]
     kept = [p for p in done if _step(p) <= step]
-    for old in stale + (kept[:-keep] if keep > 0 else []):
+    for old in stale + [p for p in (kept[:-keep] if keep > 0 else []) if p.name != protect]:
         shutil.rmtree(old, ignore_errors=True)
 
 

@@ -12,9 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 from tqdm import tqdm
 
 from mer_dist import dist
@@ -23,7 +20,7 @@ from mer_dist.data.ingest import shard_urls
 from mer_dist.data.splits import holdout
 from mer_dist.data.stream import SkipTotals, eval_loader, iterate
 from mer_dist.eval import plots
-from mer_dist.eval.metrics import summary
+from mer_dist.eval.linear_probe import probe_scores
 from mer_dist.io import write_json_atomic
 from mer_dist.models.teacher import build_hubert, hidden_states, masked_mean
 from mer_dist.tracking import Tracker
@@ -46,13 +43,6 @@ def labeled_audio(shards: str, split: str, data, env: dist.DistEnv, fn, desc: st
     names, outs, labels = (sum((p[i] for p in parts), []) for i in range(3))
     order = np.argsort(names)
     return [names[i] for i in order], [outs[i] for i in order], [labels[i] for i in order]
-
-
-def probe_scores(x: np.ndarray, y: np.ndarray, tr: np.ndarray, va: np.ndarray, seed: int) -> dict:
-    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000, C=0.5, random_state=seed))
-    clf.fit(x[tr], y[tr])
-    s = summary(y[va], clf.predict(x[va]))
-    return {"waf": s["waf"], "accuracy": s["accuracy"]}
 
 
 def run(cfg: ProbeConfig) -> dict:
