@@ -34,6 +34,7 @@ def metrics(out):
     return [json.loads(line) for line in open(out / "metrics.jsonl")]
 
 
+@pytest.mark.slow
 def test_torchrun_zero2_mlflow_loss_falls_and_export(shards, teacher, tmp_path, mlflow_server):
     out = tmp_path / "run"
     rc, log = align("torchrun", shards, teacher, out, 40, ["train.zero_stage=2", "train.lr=3e-3", "loss=mse"],
@@ -75,6 +76,7 @@ print('MAXDIFF', d)
     assert float(p.stdout.split("MAXDIFF")[1]) < 1e-5
 
 
+@pytest.mark.slow
 def test_zero3_sigterm_resume(shards, teacher, tmp_path):
     out = tmp_path / "run"
     p = align("torchrun", shards, teacher, out, 120, ["train.zero_stage=3", "train.ckpt_every=500"], wait=False)
@@ -108,6 +110,7 @@ def test_zero3_sigterm_resume(shards, teacher, tmp_path):
     assert after and all(abs(r["lr"] - expected[r["step"]]) < 1e-9 for r in after), (after[:2], expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher,stage,space,loss", [("deepspeed", 2, "logits", "mse"),
                                                        ("accelerate", 2, "features", "kd,infonce:0.5"),
                                                        ("accelerate3", 3, "both", "cosine,kd,infonce")])
@@ -129,6 +132,7 @@ def test_other_launchers(launcher, stage, space, loss, shards, teacher, tmp_path
     assert ck["loss"] == loss.split(",") and not any(k.startswith(("objective.", "proj.")) for k in ck["state_dict"])
 
 
+@pytest.mark.slow
 def test_mlflow_down_at_start_or_mid_run(shards, teacher, tmp_path):
     from conftest import start_mlflow, stop_mlflow
     base = [sys.executable, "-m", "mer_dist", "align", "--shards", str(shards), "--teacher", str(teacher),
@@ -155,6 +159,7 @@ def test_mlflow_down_at_start_or_mid_run(shards, teacher, tmp_path):
     assert [r["step"] for r in metrics(tmp_path / "b") if "loss" in r] == list(range(1, 81))
 
 
+@pytest.mark.slow
 def test_bf16_export_is_the_fp32_master_weights(shards, teacher, tmp_path):
     """Under bf16 the engine's module holds rounded copies; encoder.pt must hold the fp32 master weights."""
     out = tmp_path / "bf16"
@@ -174,6 +179,7 @@ def test_bf16_export_is_the_fp32_master_weights(shards, teacher, tmp_path):
     assert all(torch.equal(sd[k], ref["encoder." + k].float()) for k in sd)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage,before,after", [(2, 2, 1), (3, 1, 2)])
 def test_resume_on_another_number_of_ranks(shards, teacher, tmp_path, stage, before, after):
     from mer_dist.train.checkpoint import _to_universal

@@ -3,9 +3,11 @@ import json
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
 
 
+@pytest.mark.slow
 def test_run_all_quick(tmp_path):
     p = subprocess.run([sys.executable, "benchmarks/run_all.py", "--quick", "--json", str(tmp_path / "f.json")],
                        cwd=REPO, capture_output=True, text=True, timeout=900,
@@ -19,6 +21,7 @@ def test_run_all_quick(tmp_path):
     assert 0.3 < figures["zero3_vs_1rank"] < 0.7     # ZeRO-3 really partitions across the 2 ranks
 
 
+@pytest.mark.slow
 def test_gpu_benchmark_quick(tmp_path):
     """#8's script (run as is on a lent GPU machine) works end to end here: a real align run under torchrun and a
     FLOP count of the same step; on CPU there is no bf16 peak, so no MFU is claimed."""

@@ -11,6 +11,7 @@ from conftest import REPO
 SLURM = REPO / "tests" / "cluster" / "local_slurm.sh"
 
 
+@pytest.mark.slow
 def test_shellcheck_and_hadolint():
     if not shutil.which("shellcheck"):
         pytest.skip("shellcheck not installed (tests/setup.sh installs it)")
@@ -32,6 +33,7 @@ def slurm():
     subprocess.run(["bash", str(SLURM), "stop"], capture_output=True, env=env, timeout=120)
 
 
+@pytest.mark.slow
 def test_sbatch_preempt_requeue_resume(slurm, shards, teacher, tmp_path, mlflow_server):
     out = tmp_path / "run"
     overrides = (f"data.shards={shards} teacher={teacher} out={out} train.steps=200 train.ckpt_every=50 "
@@ -72,6 +74,7 @@ def test_sbatch_preempt_requeue_resume(slurm, shards, teacher, tmp_path, mlflow_
     assert sorted(logged) == list(range(2, 201, 2)), logged
 
 
+@pytest.mark.slow
 def test_sbatch_torchrun_mode(slurm, shards, teacher, tmp_path):
     # one torchrun agent per node, its rendezvous from `python -m mer_dist.dist torchrun` inside the job
     out, log = tmp_path / "run", tmp_path / "job.out"
@@ -88,6 +91,7 @@ def test_sbatch_torchrun_mode(slurm, shards, teacher, tmp_path):
     assert s["step"] == 12 and s["world_size"] == 2 and s["launcher"] == "torchrun" and s["exit_code"] == 0
 
 
+@pytest.mark.slow
 def test_slurm_rendezvous_has_one_definition():
     from mer_dist.dist import detect, torchrun_args
     env = {"SLURM_PROCID": "1", "SLURM_NTASKS": "3", "SLURM_JOB_ID": "123456", "SLURM_JOB_NUM_NODES": "3",

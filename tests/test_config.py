@@ -53,6 +53,7 @@ def test_pseudo_labels_with_nan_probabilities_are_refused(tmp_path):
         read_pseudo(tmp_path)
 
 
+@pytest.mark.slow
 def test_self_train_encoders_need_runs_to_rerun(tmp_path):
     r = run_cli("self-train", "--visual", "random", "--out", tmp_path / "st", "encoders=[visual]", check=False)
     assert r.returncode == 2 and "visual needs finetune.visual to be an align run's encoder.pt" in r.stderr
@@ -60,6 +61,7 @@ def test_self_train_encoders_need_runs_to_rerun(tmp_path):
     assert r.returncode == 2 and f"not found: {tmp_path / 'config.yaml'}" in r.stderr and not (tmp_path / "st").exists()
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line_exit_2(tmp_path):
     p = run_cli("align", "train.stepz=3", check=False)
     assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "train.stepz" in p.stderr

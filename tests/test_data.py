@@ -14,6 +14,7 @@ from mer_dist.data.stream import SkipTotals, eval_loader, iterate, train_loader
 from mer_dist.data.synth import ClipSpec, generate, make_clip
 
 
+@pytest.mark.slow
 def test_round_trip_values(corpus, shards):
     man = json.loads((shards / "manifest.json").read_text())
     assert man["splits"]["train"]["samples"] == 96 and man["splits"]["test"]["samples"] == 24
@@ -38,6 +39,7 @@ def test_round_trip_values(corpus, shards):
     assert seen == 96
 
 
+@pytest.mark.slow
 def test_exactly_once_across_ranks_and_workers(shards):
     cfg = DataConfig(frames=1, height=16, width=16, batch_size=5, workers=2)
     names = []
@@ -81,6 +83,7 @@ def test_encoder_bytes_do_not_depend_on_process_history(tmp_path):
     assert len(seen) == 1
 
 
+@pytest.mark.slow
 def test_train_stream_seeded(shards):
     cfg = DataConfig(frames=2, height=16, width=16, batch_size=4, workers=0, shuffle_buffer=8)
     def first(seed):
@@ -111,6 +114,7 @@ def test_avi_and_bad_clips(tmp_path):
         write_shards(ShardConfig(corpus=str(root), out=str(tmp_path / "s2"), workers=1, strict=True))
 
 
+@pytest.mark.slow
 def test_wrong_label_names_the_row(tmp_path, corpus):
     root = tmp_path / "c"
     shutil.copytree(corpus, root)
@@ -122,6 +126,7 @@ def test_wrong_label_names_the_row(tmp_path, corpus):
         read_corpus(root)
 
 
+@pytest.mark.slow
 def test_a_clip_in_both_train_and_test_labels_is_refused(tmp_path, corpus):
     root = tmp_path / "c"
     shutil.copytree(corpus, root)
@@ -135,6 +140,7 @@ def test_a_clip_in_both_train_and_test_labels_is_refused(tmp_path, corpus):
     assert test_row.split(",")[0] in line[0]
 
 
+@pytest.mark.slow
 def test_missing_shard_and_corrupt_sample_skipped(tmp_path, shards):
     s = tmp_path / "s"
     shutil.copytree(shards, s)
@@ -162,6 +168,7 @@ def test_missing_shard_and_corrupt_sample_skipped(tmp_path, shards):
         decode(b"not a video", 2, 8, 8, name="x")
 
 
+@pytest.mark.slow
 def test_reencode_to_fixed_fps_and_size(tmp_path, corpus):
     from mer_dist.config import ReencodeConfig
     from mer_dist.data.decode import probe
@@ -184,6 +191,7 @@ def test_reencode_to_fixed_fps_and_size(tmp_path, corpus):
     assert len(b["name"]) == 3
 
 
+@pytest.mark.slow
 def test_shuffled_pairing_is_a_fixed_clip_to_clip_permutation(shards, corpus):
     """pairing=shuffled: every clip's video meets another clip's audio, always the same one, for any seed."""
     cfg = DataConfig(frames=2, height=16, width=16, batch_size=4, workers=0, shuffle_buffer=8)
@@ -204,6 +212,7 @@ def test_shuffled_pairing_is_a_fixed_clip_to_clip_permutation(shards, corpus):
     assert matched["paired_with"] == matched["name"]
 
 
+@pytest.mark.slow
 def test_manifest_shard_names_with_path_components_are_refused(tmp_path, shards):
     s = tmp_path / "s"
     shutil.copytree(shards, s)

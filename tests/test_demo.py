@@ -2,9 +2,11 @@
 import json
 
 import numpy as np
+import pytest
 from conftest import run_cli
 
 
+@pytest.mark.slow
 def test_demo_small(tmp_path):
     p = run_cli("demo", "--out", tmp_path / "demo", "synth.num_labeled=60", "synth.num_unlabeled=60",
                 "synth.num_test=24", "synth.height=32", "synth.width=32", "synth.seconds=1.2", "align_steps=12",

@@ -1,6 +1,7 @@
 """GPU paths proven on CPU: `.to(dtype)` reaches every tensor a model's forward uses (parameters, buffers,
 submodules), so `.to("cuda")` does too. A float64 proxy: after `.to(torch.float64)` no float32 tensor may be
 reachable, and a forward in float64 must work end to end."""
+import pytest
 import torch
 
 from mer_dist import config as C
@@ -22,6 +23,7 @@ def _no_float32(module: torch.nn.Module) -> None:
             assert not any(torch.is_tensor(x) for x in vals), f"{name}.{k} holds a tensor outside params/buffers"
 
 
+@pytest.mark.slow
 def test_teacher_moves_whole(teacher):
     t = Teacher.load(teacher).to(torch.float64)
     _no_float32(t)
@@ -60,7 +62,13 @@ def test_meta_device_proxy():
 def test_local_vision_backbones_from_their_own_directories(tmp_path):
     """A new backbone is a local HF directory: CLIP's vision tower (CLS + pooler) and SigLIP (no CLS token), pixel
     statistics read from the checkpoint's preprocessor_config.json."""
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        SiglipVisionConfig,
+        SiglipVisionModel,
+    )
     for name, (cfg_cls, model_cls) in {"clip": (CLIPVisionConfig, CLIPVisionModel),
                                        "siglip": (SiglipVisionConfig, SiglipVisionModel)}.items():
         cfg = cfg_cls(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,

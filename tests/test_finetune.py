@@ -32,6 +32,7 @@ def test_fusion_any_subset_forward_backward(kind, mods):
         assert torch.allclose(model(feats, present)[0], model(feats2, present)[0], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_finetune_evaluate_cache_and_predictions(shards, teacher, tmp_path):
     cache = tmp_path / "cache"
     common = ["--shards", shards, "--teacher", teacher, "--visual", "random", "folds=3", "epochs=40",
@@ -66,6 +67,7 @@ def test_finetune_evaluate_cache_and_predictions(shards, teacher, tmp_path):
     assert np.array(test["confusion"]).sum() == 24
 
 
+@pytest.mark.slow
 def test_missing_transcript_still_predicted(shards, teacher, tmp_path):
     """A sample with an empty transcript is predicted from audio + video."""
     from mer_dist.features import Encoders, extract, specs_for

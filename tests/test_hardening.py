@@ -38,6 +38,7 @@ ALIGN = ["data.height=32", "data.width=32", "data.frames=4", "data.batch_size=4"
          "tracking.enabled=false", "train.eval_samples=0", "train.log_every=1", "train.warmup_steps=1"]
 
 
+@pytest.mark.slow
 def test_crafted_model_files_are_refused_and_never_run(tmp_path, shards, teacher):
     marker = tmp_path / "pwned"
     evil = tmp_path / "encoder.pt"
@@ -99,6 +100,7 @@ def _rows(out):
     return [json.loads(r) for r in open(out / "metrics.jsonl")] if (out / "metrics.jsonl").exists() else []
 
 
+@pytest.mark.slow
 def test_checkpoints_signed_one_writer_no_duplicate_rows_and_world_size(tmp_path, shards, teacher):
     out = tmp_path / "run"
     # killed hard (no checkpoint of the last steps) -> resumed: every step once in metrics.jsonl
@@ -272,6 +274,7 @@ def test_sample_faults_are_skipped_counted_and_named_and_a_failing_worker_never_
     assert rc == 2 and "3 consecutive samples failed" in error_line(e) and time.time() - t0 < 120, e[-3000:]
 
 
+@pytest.mark.slow
 def test_checkpoint_on_a_full_disk_fails_every_rank_with_one_line(tmp_path, shards, teacher):
     out = tmp_path / "run"
     (out / "checkpoints").mkdir(parents=True)
@@ -288,6 +291,7 @@ def test_checkpoint_on_a_full_disk_fails_every_rank_with_one_line(tmp_path, shar
     assert any("No space left on device" in ln for ln in lines), lines
 
 
+@pytest.mark.slow
 def test_signal_while_the_loader_is_stalled_ends_the_job(tmp_path, shards, teacher):
     # every unlabeled shard a FIFO nobody writes: the loader worker blocks in open(), no batch ever comes
     stalled = tmp_path / "shards"
@@ -318,6 +322,7 @@ def test_signal_while_the_loader_is_stalled_ends_the_job(tmp_path, shards, teach
     assert not left, left
 
 
+@pytest.mark.slow
 def test_degenerate_configs_one_line_each():
     for bad, key in (("data.frames=0", "data.frames"), ("data.batch_size=0", "data.batch_size"),
                      ("train.steps=0", "train.steps")):
@@ -354,6 +359,7 @@ def _mini_corpus(src, dst, renames):
     return dst
 
 
+@pytest.mark.slow
 def test_names_with_dots_spaces_and_unicode_round_trip(tmp_path, corpus):
     from mer_dist.data.ingest import shard_urls, write_shards
     from mer_dist.data.stream import eval_loader, iterate
@@ -369,6 +375,7 @@ def test_names_with_dots_spaces_and_unicode_round_trip(tmp_path, corpus):
     assert sorted(index(str(tmp_path / "s"), "train")[0]) == sorted(names)
 
 
+@pytest.mark.slow
 def test_label_conflicts_are_errors_naming_file_and_line(tmp_path, corpus):
     from mer_dist.data.ingest import DataError, read_corpus, write_shards
     src = sorted(r["name"] for r in csv.DictReader(open(corpus / "label-disdim.csv")))[:3]
@@ -391,6 +398,7 @@ def test_label_conflicts_are_errors_naming_file_and_line(tmp_path, corpus):
     assert m["unlisted"] == [src[2]] and m["splits"]["train"]["samples"] == 2
 
 
+@pytest.mark.slow
 def test_evaluate_on_other_shards_uses_their_clips(tmp_path, shards, teacher, corpus):
     from mer_dist.data.ingest import write_shards
     from mer_dist.data.synth import generate

@@ -118,6 +118,7 @@ def _gather_worker(rank: int, world: int, port: int, video: torch.Tensor, audio:
     tdist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_infonce_gather_across_two_ranks_equals_one_big_batch():
     torch.manual_seed(0)
     video, audio = torch.randn(8, 5), torch.randn(8, 5)
@@ -164,4 +165,6 @@ def test_pseudo_loss_and_pseudo_dir_come_together():
         AlignConfig(loss=["infonce", "pseudo"])
     with pytest.raises(ConfigError, match="config key 'pseudo'"):
         AlignConfig(loss=["infonce"], pseudo="runs/pseudo")
-    assert AlignConfig(loss=["infonce", "pseudo:0.5"], pseudo="runs/pseudo").pseudo == "runs/pseudo"
+    cfg = AlignConfig(loss=["infonce", "pseudo:0.5"], pseudo="runs/pseudo")      # together: the head exists
+    obj = AlignmentObjective(parse_loss(cfg.loss), 8, audio_dim=4)
+    assert obj.pseudo_head is not None and [t.weight for t in obj.terms if t.kind == "pseudo"] == [0.5]

@@ -40,6 +40,7 @@ def two_hosts():
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
+@pytest.mark.slow
 def test_two_node_rendezvous_trains_and_checkpoints(two_hosts, shards, teacher, tmp_path):
     hosts, master = two_hosts
     out, port = tmp_path / "run", str(free_port())

@@ -48,6 +48,7 @@ def test_soft_and_hard_pseudo_labels_give_different_losses():
         soft_cross_entropy(logits, hard, torch.tensor([1.0, 0.0])).item())
 
 
+@pytest.mark.slow
 def test_pseudo_clips_only_in_training_parts(shards):
     from mer_dist.data.splits import kfold
     from mer_dist.features import index
@@ -68,6 +69,7 @@ def base_model(shards, teacher, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_pseudo_label_two_ranks_each_clip_once_and_no_leak(base_model, shards, teacher, tmp_path):
     out = tmp_path / "p"
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
@@ -96,6 +98,7 @@ def test_pseudo_label_two_ranks_each_clip_once_and_no_leak(base_model, shards, t
     assert r.returncode == 2 and "labeled training clip" in r.stderr and train_name in r.stderr
 
 
+@pytest.mark.slow
 def test_self_train_two_rounds_end_to_end(shards, teacher, tmp_path):
     out = tmp_path / "st"
     p = run_cli("self-train", "--shards", shards, "--teacher", teacher, "--visual", "random", "--out", out,
@@ -133,6 +136,7 @@ def _pseudo_csv(path, rows):
             w.writerow([name, C.LABELS[k], "0.9", *[0.9 if j == k else 0.02 for j in range(6)]])
 
 
+@pytest.mark.slow
 def test_align_pseudo_targets_leave_out_test_clips(shards, tmp_path):
     from mer_dist.features import index
     from mer_dist.train.align import PseudoTargets
@@ -148,6 +152,7 @@ def test_align_pseudo_targets_leave_out_test_clips(shards, tmp_path):
     assert b["pseudo"][0].tolist() == [0.0, 0.0, 0.0, 0.0, 0.0, 1.0]      # pseudo_soft=false: the argmax, one-hot
 
 
+@pytest.mark.slow
 def test_adapt_audio_and_align_learn_from_pseudo_labels(base_model, shards, teacher, tmp_path):
     """The unlabeled pool's pseudo-labels train the teacher's adapter (adapt-audio) and the visual encoder
     (align loss=pseudo); a test clip named in pseudo.csv is left out of both."""
@@ -204,6 +209,7 @@ def test_views_mask_rows_and_combine_keeps_each_view(tmp_path):
     assert for_training(tmp_path / "both", corpus_free, "", False, "x", "a")[0] == ["u1", "u3"]
 
 
+@pytest.mark.slow
 def test_self_train_cross_views_co_training(shards, teacher, tmp_path):
     """views=cross: for each modality a model without it labels the pool for that modality alone."""
     out = tmp_path / "co"
@@ -227,6 +233,7 @@ def test_self_train_cross_views_co_training(shards, teacher, tmp_path):
     assert json.loads((out / "round1" / "metrics.json").read_text())["pseudo_crossfit"] is True
 
 
+@pytest.mark.slow
 def test_finetune_pseudo_left_out_test_clip_is_not_an_error_unknown_clip_is(shards, teacher, tmp_path):
     from mer_dist.features import index
     unl, test = (index(str(shards), s)[0] for s in ("unlabeled", "test"))
@@ -241,6 +248,7 @@ def test_finetune_pseudo_left_out_test_clip_is_not_an_error_unknown_clip_is(shar
     assert bad.returncode == 2 and "not in split 'unlabeled'" in bad.stderr and "no_such_clip" in bad.stderr
 
 
+@pytest.mark.slow
 def test_self_train_encoders_round_and_its_control(shards, teacher, tmp_path):
     """encoders=[visual,audio]: the round's pseudo-labels (every clip, soft) continue the visual encoder's
     alignment with a pseudo-label head and re-adapt the teacher, each from its run's config.yaml; a fusion model

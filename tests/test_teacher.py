@@ -45,6 +45,7 @@ def test_pool_to_frames_hand_built():
     assert valid[1].tolist() == [True, False]
 
 
+@pytest.mark.slow
 def test_probe_ranks_informative_layer_above_noise(probe_dir):
     from mer_dist.data.splits import holdout
     from mer_dist.eval.linear_probe import probe_scores
@@ -60,6 +61,7 @@ def test_probe_ranks_informative_layer_above_noise(probe_dir):
     assert best > noise + 0.1, (best, noise)
 
 
+@pytest.mark.slow
 def test_adaptation_learns_and_teacher_round_trips(teacher, shards, tmp_path):
     spec = json.loads((teacher / "teacher.json").read_text())
     assert spec["method"] == "lora" and spec["layers"] == spec["feature_layers"]
@@ -88,6 +90,7 @@ def test_peft_touches_only_chosen_layers():
     assert trainable_layers(add_bottlenecks(build_hubert("tiny:hubert"), [3], 8)) == {3}
 
 
+@pytest.mark.slow
 def test_extract_targets_two_ranks_offline_equals_online(teacher, shards, tmp_path):
     out = tmp_path / "st"
     port = str(__import__("conftest").free_port())
@@ -115,6 +118,7 @@ def test_extract_targets_two_ranks_offline_equals_online(teacher, shards, tmp_pa
     assert p2.returncode == 0 and "64 samples" in p2.stdout
 
 
+@pytest.mark.slow
 def test_frame_posteriors_average_to_the_utterance_prediction(teacher):
     """The head is linear on mean-pooled features: the mean of the frame logits is the utterance logit."""
     from mer_dist.models.teacher import masked_mean
@@ -139,6 +143,7 @@ def test_mfcc_frames_line_up_with_hubert_frames():
         assert np.isfinite(f).all()
 
 
+@pytest.mark.slow
 def test_pretrain_audio_learns_masked_units_and_loads_like_hubert(shards, tmp_path):
     out = tmp_path / "hubert-it1"
     p = subprocess.run([sys.executable, "-m", "mer_dist", "pretrain-audio", "--shards", str(shards), "--out", str(out),

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 from conftest import REPO
 
 SCRIPT = textwrap.dedent("""
@@ -49,6 +50,7 @@ def _client(tmp_path):
     return MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
 
 
+@pytest.mark.slow  # an MLflow store and its system-metrics thread
 def test_slow_mlflow_imports_never_race(tmp_path):
     procs = [_run(tmp_path, f"run{i}", "slow") for i in range(4)]     # concurrent: the machine is busy too
     ids = []
@@ -75,6 +77,7 @@ def test_broken_mlflow_import_leaves_the_stage_running(tmp_path):
     assert len(rows) == 5                    # the local record is complete
 
 
+@pytest.mark.slow  # an MLflow store and its system-metrics thread
 def test_system_metrics_and_artifacts_beside_the_store(tmp_path):
     p = _run(tmp_path, "run", "system")
     out, err = p.communicate(timeout=120)

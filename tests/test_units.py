@@ -158,6 +158,7 @@ def test_resume_drops_a_torn_metrics_row_and_the_rows_after_the_checkpoint(tmp_p
     assert "dropped 1 unreadable row" in caplog.text
 
 
+@pytest.mark.slow
 def test_synthetic_ceiling_is_bayes_optimal_reading(corpus, tmp_path):
     """`synth.ceiling`: with no confusable expressions a perfect reader of any modality is always right; with the
     defaults, reading all three beats reading any one (the gap fusion can close)."""

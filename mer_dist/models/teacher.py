@@ -82,6 +82,7 @@ def _masked_stat(x: torch.Tensor, mask: torch.Tensor, kind: str) -> torch.Tensor
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over frames of [B,F,D] where mask [B,F]; a clip with no valid frame gives zeros."""
     m = mask.to(x.dtype).unsqueeze(-1)
     return (x * m).sum(1) / m.sum(1).clamp(min=1)
 

@@ -349,7 +349,7 @@ def _guard(cfg: AlignConfig, encoder: VisualEncoder, device, env: dist.DistEnv) 
     alignment does not beat it); (None, None) when it is off or the labeled split is too small to tell."""
     if not cfg.guard.enabled:
         return None, None
-    guard = Guard(cfg, device, env.is_main)
+    guard = Guard(cfg, device, env.rank, env.world_size)
     if not guard.active:
         if env.is_main:
             print(f"align: guard off: {guard.why_off}; encoder.pt is the final step's", flush=True)

@@ -1,8 +1,9 @@
 """The never-hurt guard of `align`: alignment may spend the encoder on whatever audio and video share, and
 on a corpus where that is lip motion, loudness and identity rather than emotion it makes the encoder worse.
 
-The guard holds up to `guard.max_clips` labeled clips of `guard.split` (uint8 frames, the same on every rank)
-and scores an encoder by the cross-validated WAF of a linear probe on its frozen clip features -- the initial
+The guard takes up to `guard.max_clips` labeled clips of `guard.split` (each rank holds the uint8 frames of its
+share of the batches) and scores an encoder by the cross-validated WAF of a linear probe on its frozen clip
+features, gathered from the ranks -- the initial
 encoder before training, then each checkpoint. `align` keeps the best checkpoint out of rotation and exports
 it; the initial encoder wins unless a checkpoint beats it by `guard.min_gain`. The test split is never read.
 """
@@ -18,22 +19,36 @@ from mer_dist.data.stream import eval_loader, iterate
 from mer_dist.eval.linear_probe import cv_waf
 
 
+def choose(scores: dict[int, float], min_gain: float) -> int:
+    """The step whose encoder to export: the best-scoring checkpoint, unless the initial encoder (step 0) is
+    within `min_gain` of it (ties go to the earlier step)."""
+    aligned = {s: v for s, v in scores.items() if s > 0}
+    if not aligned:
+        return 0
+    best = max(sorted(aligned), key=lambda s: aligned[s])
+    return 0 if 0 in scores and aligned[best] < scores[0] + min_gain else best
+
+
 class Guard:
-    def __init__(self, cfg: AlignConfig, device: torch.device, is_main: bool):
-        self.cfg, self.device, self.is_main = cfg.guard, device, is_main
+    def __init__(self, cfg: AlignConfig, device: torch.device, rank: int, world: int):
+        self.cfg, self.device, self.rank, self.world = cfg.guard, device, rank, world
         self.seed = cfg.train.seed
         self.scores: dict[int, float] = {}
-        self.batches, labels = [], []
+        self.batches: dict[int, torch.Tensor] = {}      # batch index -> frames: this rank's share (i % world)
+        labels, n = [], 0
         if cfg.guard.split in load_manifest(cfg.data.shards)["splits"]:
             data = type(cfg.data)(**{**vars(cfg.data), "workers": 0})
             for b in iterate(eval_loader(shard_urls(cfg.data.shards, cfg.guard.split), data, 0, 1)):
-                has = b["label"] >= 0
-                if has.any():
-                    self.batches.append(b["frames"][has])
-                    labels += b["label"][has].tolist()
+                keep = torch.nonzero(b["label"] >= 0).flatten()[: cfg.guard.max_clips - len(labels)]
+                if len(keep):
+                    if n % world == rank or n == 0:       # batch 0 everywhere: what a rank out of batches repeats
+                        self.batches[n] = b["frames"][keep]
+                    labels += b["label"][keep].tolist()
+                    n += 1
                 if len(labels) >= cfg.guard.max_clips:
                     break
-        self.y = np.asarray(labels[: cfg.guard.max_clips], dtype=int)
+        self.n_batches = n
+        self.y = np.asarray(labels, dtype=int)
         self.why_off = "" if len(self.y) >= 2 * len(LABELS) and len(set(self.y)) >= 2 else \
             f"split '{cfg.guard.split}' has {len(self.y)} labeled clip(s) of {len(set(self.y))} class(es) here " \
             f"(needs >= {2 * len(LABELS)} of 2 or more)"
@@ -44,21 +59,26 @@ class Guard:
 
     @torch.no_grad()
     def score(self, embed, step: int) -> float:
-        """CV probe WAF of `embed` (frames -> clip features) at `step`; every rank calls it (ZeRO-3 forwards run
-        together), rank 0 fits the probe and every rank gets its answer."""
-        feats = torch.cat([embed(f.to(self.device)).float().cpu() for f in self.batches])[: len(self.y)].numpy()
-        waf = cv_waf(feats, self.y, self.cfg.folds, self.seed) if self.is_main else 0.0
+        """CV probe WAF of `embed` (frames -> clip features) at `step`. Every rank calls it and runs the same number
+        of forwards (ZeRO-3 gathers parameters in each: a rank out of batches repeats one); rank 0 fits the probe
+        on the gathered features and every rank gets its answer."""
+        mine = [i for i in sorted(self.batches) if i % self.world == self.rank]
+        feats = {}
+        for j in range(-(-self.n_batches // self.world)):
+            i = mine[j] if j < len(mine) else 0
+            f = embed(self.batches[i].to(self.device))
+            if j < len(mine):
+                feats[i] = f.float().cpu().numpy()
+        parts = dist.all_gather_object(feats)
+        waf = 0.0
+        if self.rank == 0:
+            merged = {i: f for part in parts for i, f in part.items()}
+            waf = cv_waf(np.concatenate([merged[i] for i in range(self.n_batches)]), self.y, self.cfg.folds, self.seed)
         self.scores[step] = float(dist.all_gather_object(waf)[0])
         return self.scores[step]
 
     def best_step(self) -> int:
-        """The step whose encoder to export: the best-scoring checkpoint, unless the initial encoder (step 0) is
-        within `min_gain` of it (ties go to the earlier step)."""
-        aligned = {s: v for s, v in self.scores.items() if s > 0}
-        if not aligned:
-            return 0
-        best = max(sorted(aligned), key=lambda s: aligned[s])
-        return 0 if 0 in self.scores and aligned[best] < self.scores[0] + self.cfg.min_gain else best
+        return choose(self.scores, self.cfg.min_gain)
 
     def state(self) -> dict:
         return {"scores": {str(k): v for k, v in sorted(self.scores.items())}}

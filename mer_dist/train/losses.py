@@ -24,12 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mer_dist.config import LossTerm
-
-
-def masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Mean over frames of [B,F,D] where valid [B,F]; a clip with no valid frame gives zeros."""
-    m = valid.to(x.dtype).unsqueeze(-1)
-    return (x * m).sum(1) / m.sum(1).clamp(min=1)
+from mer_dist.models.teacher import masked_mean
 
 
 def regression_loss(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, kind: str = "mse",
