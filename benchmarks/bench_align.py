@@ -26,7 +26,8 @@ def _engine_and_stream(env: dict, shards, targets: str, workers: int, loss: str 
     from mer_dist.data.stream import train_loader
     from mer_dist.models.teacher import TargetStats, Teacher
     from mer_dist.models.visual import VisualEncoder
-    from mer_dist.train.align import Aligner, batch_targets, ds_config
+    from mer_dist.train.align import Aligner, batch_targets
+    from mer_dist.train.zero import ds_config
     from mer_dist.train.losses import AlignmentObjective
     cfg = C.load(C.AlignConfig, overrides={"data.shards": str(shards), "teacher": str(env["teacher"]), "loss": loss,
                                             "targets": targets, "target_space": target_space,

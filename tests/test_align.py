@@ -225,7 +225,7 @@ def test_resume_on_another_number_of_ranks(shards, teacher, tmp_path, stage, bef
 
 def test_keep_global_batch_adjusts_accumulation_or_says_what_to_set():
     from mer_dist.config import AlignConfig, ConfigError
-    from mer_dist.train.align import keep_global_batch
+    from mer_dist.train.zero import keep_global_batch
     cfg = AlignConfig()
     cfg.data.batch_size, cfg.train.grad_accum = 4, 1
     assert keep_global_batch(cfg, 2, 8, 1) == 2            # 16 GPUs -> 8: twice the accumulation

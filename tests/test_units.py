@@ -14,7 +14,7 @@ from mer_dist.data.stream import collate
 from mer_dist import dist
 from mer_dist.dist import DistEnv
 from mer_dist.train import checkpoint
-from mer_dist.train.align import ds_config
+from mer_dist.train.zero import ds_config
 
 
 def _sample(name, n_audio, n_teacher, label):
