@@ -13,46 +13,8 @@ import sys
 
 from mer_dist import config as C
 
-# stage -> {flag: config key}
-SHORTCUTS: dict[str, dict[str, str]] = {
-    "synth": {"out": "out", "num-labeled": "num_labeled", "num-unlabeled": "num_unlabeled",
-              "num-test": "num_test", "seed": "seed", "container": "container", "workers": "workers"},
-    "init-models": {"out": "out", "preset": "preset", "seed": "seed"},
-    "shard": {"corpus": "corpus", "out": "out", "workers": "workers", "shard-mb": "shard_mb", "strict": "strict"},
-    "pretrain-audio": {"shards": "data.shards", "out": "out", "steps": "steps", "clusters": "clusters"},
-    "probe-layers": {"shards": "data.shards", "model": "model", "out": "out", "top-k": "top_k"},
-    "adapt-audio": {"shards": "data.shards", "model": "model", "out": "out", "layers": "layers", "probe": "probe",
-                    "method": "method", "epochs": "epochs"},
-    "extract-targets": {"shards": "data.shards", "teacher": "teacher", "out": "out"},
-    "align": {"shards": "data.shards", "teacher": "teacher", "out": "out", "steps": "train.steps",
-              "zero": "train.zero_stage", "targets": "targets"},
-    "finetune": {"shards": "data.shards", "teacher": "teacher", "visual": "visual", "out": "out",
-                 "modalities": "modalities", "seed": "seed", "folds": "folds"},
-    "evaluate": {"model": "model", "shards": "shards", "split": "split", "out": "out"},
-    "pseudo-label": {"model": "model", "shards": "shards", "split": "split", "out": "out", "threshold": "threshold",
-                     "top-per-class": "top_per_class", "agree-with": "agree_with"},
-    "self-train": {"shards": "finetune.data.shards", "teacher": "finetune.teacher", "visual": "finetune.visual",
-                   "out": "out", "rounds": "rounds", "seed": "finetune.seed"},
-    "ablate": {"shards": "shards", "teacher": "teacher", "aligned": "aligned", "shuffled": "shuffled", "out": "out",
-               "seeds": "seeds"},
-    "demo": {"out": "out", "seeds": "seeds", "self-train-rounds": "self_train_rounds"},
-}
-
-
-# stage -> "module:function", imported only when the stage runs (keeps `mer-dist --help` fast)
-RUNNERS = {
-    "synth": "mer_dist.data.synth:generate", "init-models": "mer_dist.models.presets:run", "shard": "mer_dist.data.ingest:write_shards",
-    "pretrain-audio": "mer_dist.train.pretrain_audio:run",
-    "probe-layers": "mer_dist.train.probe:run", "adapt-audio": "mer_dist.train.adapt:run",
-    "extract-targets": "mer_dist.train.extract:run", "align": "mer_dist.train.align:run",
-    "finetune": "mer_dist.train.finetune:run", "evaluate": "mer_dist.eval.evaluate:run",
-    "pseudo-label": "mer_dist.train.pseudo:run", "self-train": "mer_dist.train.selftrain:run",
-    "ablate": "mer_dist.train.ablate:run", "demo": "mer_dist.demo:run",
-}
-
-
 def _runner(stage: str):
-    module, fn = RUNNERS[stage].split(":")
+    module, fn = C.STAGES[stage].runner.split(":")
     return getattr(importlib.import_module(module), fn)
 
 
@@ -77,10 +39,10 @@ def parse(argv: list[str]) -> tuple[str, object]:
     argv = _strip_local_rank(argv)
     parser = argparse.ArgumentParser(prog="mer-dist", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="stage", required=True)
-    for stage, flags in SHORTCUTS.items():
-        p = sub.add_parser(stage)
-        p.add_argument("--config", help=f"YAML config (e.g. configs/{stage}.yaml)")
-        for flag, key in flags.items():
+    for name, stage in C.STAGES.items():
+        p = sub.add_parser(name)
+        p.add_argument("--config", help=f"YAML config (e.g. configs/{stage.yaml}.yaml)")
+        for flag, key in stage.flags.items():
             p.add_argument(f"--{flag}", dest=key, help=f"= {key}")
         p.add_argument("overrides", nargs="*", help="dotted overrides: key.path=value")
     args, rest = parser.parse_known_args(argv)   # overrides may sit between flags
@@ -88,9 +50,9 @@ def parse(argv: list[str]) -> tuple[str, object]:
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     stage = args.stage
-    overrides = [f"{key}={getattr(args, key)}" for key in SHORTCUTS[stage].values()
+    overrides = [f"{key}={getattr(args, key)}" for key in C.STAGES[stage].flags.values()
                  if getattr(args, key, None) is not None]
-    cfg = C.load(C.STAGES[stage], args.config, overrides + list(args.overrides) + rest)
+    cfg = C.load(C.STAGES[stage].config, args.config, overrides + list(args.overrides) + rest)
     return stage, cfg
 
 

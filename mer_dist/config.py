@@ -494,12 +494,52 @@ class DemoConfig:
                self.ablate_seeds)
 
 
-STAGES: dict[str, type] = {
-    "synth": SynthConfig, "init-models": InitModelsConfig, "shard": ShardConfig, "pretrain-audio": PretrainAudioConfig, "probe-layers": ProbeConfig,
-    "adapt-audio": AdaptConfig,
-    "extract-targets": ExtractConfig, "align": AlignConfig, "finetune": FinetuneConfig,
-    "evaluate": EvaluateConfig, "pseudo-label": PseudoLabelConfig, "self-train": SelfTrainConfig,
-    "ablate": AblateConfig, "demo": DemoConfig,
+@dataclass(frozen=True)
+class Stage:
+    """One subcommand: its config class, its runner (imported only when it runs: `mer-dist --help` stays fast),
+    its YAML file under configs/, and the flags that are shortcuts for config keys."""
+    config: type
+    runner: str                  # "module:function"
+    yaml: str                    # configs/<yaml>.yaml
+    flags: dict[str, str]        # --flag -> config key
+
+
+STAGES: dict[str, Stage] = {     # in pipeline order
+    "synth": Stage(SynthConfig, "mer_dist.data.synth:generate", "synth", {
+        "out": "out", "num-labeled": "num_labeled", "num-unlabeled": "num_unlabeled", "num-test": "num_test",
+        "seed": "seed", "container": "container", "workers": "workers"}),
+    "init-models": Stage(InitModelsConfig, "mer_dist.models.presets:run", "init_models",
+                         {"out": "out", "preset": "preset", "seed": "seed"}),
+    "shard": Stage(ShardConfig, "mer_dist.data.ingest:write_shards", "shard", {
+        "corpus": "corpus", "out": "out", "workers": "workers", "shard-mb": "shard_mb", "strict": "strict"}),
+    "pretrain-audio": Stage(PretrainAudioConfig, "mer_dist.train.pretrain_audio:run", "pretrain_audio", {
+        "shards": "data.shards", "out": "out", "steps": "steps", "clusters": "clusters"}),
+    "probe-layers": Stage(ProbeConfig, "mer_dist.train.probe:run", "probe", {
+        "shards": "data.shards", "model": "model", "out": "out", "top-k": "top_k"}),
+    "adapt-audio": Stage(AdaptConfig, "mer_dist.train.adapt:run", "adapt", {
+        "shards": "data.shards", "model": "model", "out": "out", "layers": "layers", "probe": "probe",
+        "method": "method", "epochs": "epochs"}),
+    "extract-targets": Stage(ExtractConfig, "mer_dist.train.extract:run", "extract", {
+        "shards": "data.shards", "teacher": "teacher", "out": "out"}),
+    "align": Stage(AlignConfig, "mer_dist.train.align:run", "align", {
+        "shards": "data.shards", "teacher": "teacher", "out": "out", "steps": "train.steps", "zero": "train.zero_stage",
+        "targets": "targets"}),
+    "finetune": Stage(FinetuneConfig, "mer_dist.train.finetune:run", "finetune", {
+        "shards": "data.shards", "teacher": "teacher", "visual": "visual", "out": "out", "modalities": "modalities",
+        "seed": "seed", "folds": "folds"}),
+    "evaluate": Stage(EvaluateConfig, "mer_dist.eval.evaluate:run", "evaluate", {
+        "model": "model", "shards": "shards", "split": "split", "out": "out"}),
+    "pseudo-label": Stage(PseudoLabelConfig, "mer_dist.train.pseudo:run", "pseudo", {
+        "model": "model", "shards": "shards", "split": "split", "out": "out", "threshold": "threshold",
+        "top-per-class": "top_per_class", "agree-with": "agree_with"}),
+    "self-train": Stage(SelfTrainConfig, "mer_dist.train.selftrain:run", "selftrain", {
+        "shards": "finetune.data.shards", "teacher": "finetune.teacher", "visual": "finetune.visual", "out": "out",
+        "rounds": "rounds", "seed": "finetune.seed"}),
+    "ablate": Stage(AblateConfig, "mer_dist.train.ablate:run", "ablate", {
+        "shards": "shards", "teacher": "teacher", "aligned": "aligned", "shuffled": "shuffled", "out": "out",
+        "seeds": "seeds"}),
+    "demo": Stage(DemoConfig, "mer_dist.demo:run", "demo", {
+        "out": "out", "seeds": "seeds", "self-train-rounds": "self_train_rounds"}),
 }
 
 
@@ -627,12 +667,6 @@ def save(cfg: Any, path: str | Path) -> None:
 
 
 # ----------------------------------------------------------------------------- docs + YAML files
-STAGE_FILES = {"synth": "synth", "init-models": "init_models", "shard": "shard", "pretrain-audio": "pretrain_audio", "probe-layers": "probe",
-               "adapt-audio": "adapt",
-               "extract-targets": "extract", "align": "align", "finetune": "finetune", "evaluate": "evaluate",
-               "pseudo-label": "pseudo", "self-train": "selftrain", "ablate": "ablate", "demo": "demo"}
-
-
 def field_docs() -> dict[tuple[str, str], str]:
     """(dataclass name, field) -> its one-line doc: the comment on the field's line in this file."""
     import io
@@ -673,9 +707,9 @@ def render_yaml(cls: type, stage: str) -> str:
 
 def write_yaml_files(folder: str | Path = REPO_ROOT / "configs") -> list[Path]:
     written = []
-    for stage, short in STAGE_FILES.items():
-        path = Path(folder) / f"{short}.yaml"
-        path.write_text(render_yaml(STAGES[stage], stage))
+    for name, stage in STAGES.items():
+        path = Path(folder) / f"{stage.yaml}.yaml"
+        path.write_text(render_yaml(stage.config, name))
         written.append(path)
     return written
 

@@ -74,8 +74,8 @@ def test_cli_errors_are_one_line_exit_2(tmp_path):
 def test_shipped_configs_load():
     from pathlib import Path
     names = {"probe": C.ProbeConfig, "adapt": C.AdaptConfig, "align": C.AlignConfig, "finetune": C.FinetuneConfig}
-    for stage, cls in C.STAGES.items():
-        C.load(cls, Path("configs") / f"{C.STAGE_FILES[stage]}.yaml")
+    for stage in C.STAGES.values():
+        C.load(stage.config, Path("configs") / f"{stage.yaml}.yaml")
     for short, cls in names.items():
         C.load(cls, Path("configs/mer2024") / f"{short}.yaml")
 
@@ -83,8 +83,9 @@ def test_shipped_configs_load():
 def test_yaml_files_are_generated_from_the_dataclasses():
     """configs/<stage>.yaml never drift from the dataclasses: regenerate with `python -m mer_dist.config`."""
     from pathlib import Path
-    for stage, short in C.STAGE_FILES.items():
-        assert (Path("configs") / f"{short}.yaml").read_text() == C.render_yaml(C.STAGES[stage], stage), short
+    for name, stage in C.STAGES.items():
+        short = stage.yaml
+        assert (Path("configs") / f"{short}.yaml").read_text() == C.render_yaml(stage.config, name), short
 
 
 def test_every_field_has_a_doc():
@@ -101,6 +102,6 @@ def test_every_field_has_a_doc():
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
             if dataclasses.is_dataclass(default):
                 walk(type(default))
-    for cls in C.STAGES.values():
+    for cls in (stage.config for stage in C.STAGES.values()):
         walk(cls)
     assert not missing, missing
