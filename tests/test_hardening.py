@@ -426,3 +426,19 @@ def test_evaluate_on_other_shards_uses_their_clips(tmp_path, shards, teacher, co
             "tracking.enabled=false")
     got = [r["name"] for r in csv.DictReader(open(tmp_path / "e3" / "predictions.csv", encoding="utf-8"))]
     assert sorted(got) == sorted(odd)
+
+
+@pytest.mark.slow
+def test_a_pseudo_labelled_clip_another_stage_cannot_read_is_skipped_not_fatal(shards, capsys):
+    """#22 item 9: a clip the split holds but this stage's stream skipped (truncated, no audio) is skipped with one
+    line naming it; a name the split does not hold at all stays an error."""
+    from mer_dist.features import index
+    from mer_dist.train.pseudo import unreadable
+    names = index(str(shards), "unlabeled")[0]
+    skipped = unreadable("P", names[:3], set(names[1:]), str(shards), "unlabeled", "finetune")
+    assert skipped == {names[0]}
+    out = capsys.readouterr().out
+    assert "finetune: 1 pseudo-labelled clip(s) of 'unlabeled' could not be read here: skipped" in out and names[0] in out
+    assert unreadable("P", names[:3], set(names), str(shards), "unlabeled", "finetune") == set()
+    with pytest.raises(ValueError, match="not in split 'unlabeled'.*no_such_clip"):
+        unreadable("P", ["no_such_clip"], set(), str(shards), "unlabeled", "finetune")

@@ -37,7 +37,7 @@ from mer_dist.timing import FRAME_RATE
 from mer_dist.tracking import Tracker
 from mer_dist.train.losses import soft_cross_entropy
 from mer_dist.train.probe import labeled_audio
-from mer_dist.train.pseudo import as_targets, for_training, refuse_labeled
+from mer_dist.train.pseudo import as_targets, for_training, refuse_labeled, unreadable
 
 log = logging.getLogger("mer_dist.adapt")
 
@@ -120,11 +120,9 @@ def pseudo_audio(cfg: AdaptConfig, labeled: set[str], env: dist.DistEnv) -> tupl
         a[:n].numpy().copy() if nm in wanted else None for nm, a, n in zip(b["name"], b["audio"], b["audio_lens"])],
         "adapt: load pseudo-labelled audio")
     where = {n: a for n, a in zip(names, audio) if a is not None}
-    lost = [n for n in pnames if n not in where]
-    if lost:
-        raise ValueError(f"{cfg.pseudo}: {len(lost)} clip(s) not in split '{cfg.pseudo_split}' of {cfg.data.shards} "
-                         f"(first: {lost[0]})")
-    return [where[n] for n in pnames], as_targets(probs, cfg.pseudo_soft)
+    skip = unreadable(cfg.pseudo, pnames, set(where), cfg.data.shards, cfg.pseudo_split, "adapt-audio")
+    keep = [i for i, n in enumerate(pnames) if n not in skip]
+    return [where[pnames[i]] for i in keep], as_targets(probs[keep], cfg.pseudo_soft)
 
 
 def run(cfg: AdaptConfig) -> dict:

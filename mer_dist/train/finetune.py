@@ -33,7 +33,7 @@ from mer_dist.io import write_json_atomic
 from mer_dist.models.fusion import FusionModel, VisualFusion
 from mer_dist.tracking import Tracker
 from mer_dist.train.losses import soft_cross_entropy
-from mer_dist.train.pseudo import as_targets, read_pseudo, refuse_labeled, select
+from mer_dist.train.pseudo import as_targets, read_pseudo, refuse_labeled, select, unreadable
 
 
 
@@ -100,15 +100,13 @@ def training_set(cfg: FinetuneConfig, names, y, feats, present, n_folds: int, ra
                                                     rank, world)
         where = {nm: k for k, nm in enumerate(un_names)}
         used = np.unique(np.concatenate([idx for idx, _ in sets])).astype(int)     # test clips left out are not
-        lost = [cand[i] for i in used if cand[i] not in where]
-        if lost:
-            raise ValueError(f"{cfg.pseudo}: {len(lost)} clip(s) not in split '{cfg.pseudo_split}' of "
-                             f"{cfg.data.shards} (first: {lost[0]})")
+        skip = unreadable(cfg.pseudo, [cand[i] for i in used], set(where), cfg.data.shards, cfg.pseudo_split,
+                          "finetune")
         sel = np.array([where.get(nm, 0) for nm in cand], dtype=int)     # an unused row's features are never read
         # co-training rows show only their view's modalities; a row left with none (its view is a modality this
-        # run lacks, or the clip lacks it) is not trained on
+        # run lacks, or the clip lacks it) is not trained on, nor is a clip this stage could not read
         cand_present = un_present[sel] & view_mask(views, cfg.modalities)
-        usable = cand_present.any(1)
+        usable = cand_present.any(1) & np.array([nm not in skip for nm in cand], bool)
         sets = [(idx[usable[idx]], pr[usable[idx]]) for idx, pr in sets]
         feats = {m: np.concatenate([f, un_feats[m][sel]]) for m, f in feats.items()}
         present = np.concatenate([present, cand_present])

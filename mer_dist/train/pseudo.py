@@ -83,6 +83,23 @@ def for_training(folder: str | Path, shards: str, test_split: str, transductive:
     return [names[i] for i in rows], probs[rows]
 
 
+def unreadable(folder: str | Path, wanted: list[str], read: set[str], shards: str, split: str, stage: str) -> set[str]:
+    """The pseudo-labelled clips a stage could not read: those `split` holds but its stream skipped as corrupt (a
+    truncated file, a clip without audio) are skipped with one line counting and naming them -- the stage that
+    pseudo-labelled them may have read another part of the clip; a name the split does not hold at all is an error."""
+    lost = [n for n in wanted if n not in read]
+    if not lost:
+        return set()
+    from mer_dist.features import index
+    listed = set(index(shards, split)[0])
+    absent = [n for n in lost if n not in listed]
+    if absent:
+        raise ValueError(f"{folder}: {len(absent)} clip(s) not in split '{split}' of {shards} (first: {absent[0]})")
+    print(f"{stage}: {len(lost)} pseudo-labelled clip(s) of '{split}' could not be read here: skipped "
+          f"(first: {lost[0]})", flush=True)
+    return set(lost)
+
+
 def as_targets(probs: np.ndarray, soft: bool) -> np.ndarray:
     """Training targets of pseudo-labelled clips: their probabilities (soft) or the one-hot argmax (hard)."""
     return (probs if soft else np.eye(len(LABELS))[probs.argmax(1)]).astype(np.float32)
