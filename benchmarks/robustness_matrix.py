@@ -1,0 +1,50 @@
+"""The robustness matrix of RESULTS.md (#19) from `mer-dist demo` runs, one per corpus regime.
+
+    python benchmarks/robustness_matrix.py emotion=runs/m-emotion nuisance=runs/m-nuisance oracle=runs/m-oracle
+
+Each DIR is a demo output (`results.json`, `corpus/`). Per regime: the Bayes ceilings of the corpus, the
+single-modality rows, then visual-only and fusion test WAF (mean ± sd over the seeds, each seed a whole
+replicate) of every encoder against random init, the guard's choice per seed, and the never-hurt check."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from mer_dist.data.synth import ceiling
+from mer_dist.demo import SINGLE, VARIANTS
+from mer_dist.eval.ablation import mean_sd, row, verdict
+
+
+def regime(name: str, folder: Path) -> list[str]:
+    res = json.loads((folder / "results.json").read_text())
+    waf, cv, steps = res["test_waf"], res["cv_waf"], res.get("encoder_step", {})
+    c = ceiling(folder / "corpus")
+    lines = [f"### {name}", "", "Bayes ceilings (test-free, every clip): " +
+             ", ".join(f"{k} {v:.2f}" for k, v in c.items()), "",
+             "| row | test WAF | per seed |", "|---|---|---|"]
+    lines += [row(desc, waf[key]) for key, desc, *_ in SINGLE]
+    for kind in ("visual", "fusion"):
+        rand = waf[f"{kind}/random"]
+        lines += ["", {"visual": "visual only (frozen encoder)", "fusion": "fusion a+v+t"}[kind], "",
+                  "| encoder | test WAF | per seed | minus random init | CV verdict (ablate's rule) |", "|---|---|---|---|---|"]
+        for key in sorted((k.split("/", 1)[1] for k in waf if k.startswith(f"{kind}/")), key=lambda k: k != "random"):
+            base = key.split("@")[0]
+            desc = "random-init encoder" if key == "random" else VARIANTS[base][0] + (
+                ", last step (guard off)" if key.endswith("@last") else "")
+            m, sd = mean_sd(waf[f"{kind}/{key}"])
+            diff = m - mean_sd(rand)[0]
+            word = "" if key == "random" else verdict(cv[f"{kind}/{key}"], cv[f"{kind}/random"])[0]
+            lines.append(f"| {desc} | {m:.3f} ± {sd:.3f} | {', '.join(f'{v:.3f}' for v in waf[f'{kind}/{key}'])} | "
+                         f"{diff:+.3f} | {word} |")
+    lines += ["", "guard's choice per seed (encoder.pt's step; 0 = the initial encoder): " +
+              "; ".join(f"{v}: {s}" for v, s in steps.items())]
+    return lines
+
+
+if __name__ == "__main__":
+    out = []
+    for arg in sys.argv[1:]:
+        name, folder = arg.split("=", 1)
+        out += regime(name, Path(folder)) + [""]
+    print("\n".join(out))
