@@ -35,12 +35,60 @@ def _strip_local_rank(argv: list[str]) -> list[str]:
     return out
 
 
+PIPELINE = """pipeline (each stage reads what the one before it wrote):
+  synth | your corpus -> shard -> [pretrain-audio] -> probe-layers -> adapt-audio -> [extract-targets]
+  -> align -> finetune -> evaluate;  pseudo-label / self-train use the unlabeled pool;  ablate asks whether
+  alignment helped on your corpus;  demo runs them all on a synthetic corpus.
+`mer-dist STAGE --help` lists every config key of a stage."""
+
+
+def summary_line(stage: C.Stage) -> str:
+    """The first line of the stage module's docstring, read without importing it (`--help` stays fast)."""
+    import ast
+    import importlib.util
+    origin = importlib.util.find_spec(stage.runner.split(":")[0]).origin
+    doc = ast.get_docstring(ast.parse(open(origin, encoding="utf-8").read())) or ""
+    line = doc.strip().splitlines()[0] if doc.strip() else ""
+    return line.split(": ", 1)[1] if line.startswith("`mer-dist") and ": " in line else line
+
+
+def keys_help(cls: type) -> str:
+    """Every config key of a stage with its type, default and one-line doc, grouped by section (the text of
+    configs/<stage>.yaml, from the same dataclasses)."""
+    import dataclasses
+    import typing
+    docs = C.field_docs()
+    groups: dict[str, list[str]] = {}
+
+    def walk(c: type, obj, prefix: str) -> None:
+        hints = typing.get_type_hints(c)
+        for f in dataclasses.fields(c):
+            v = getattr(obj, f.name)
+            if dataclasses.is_dataclass(v):
+                walk(type(v), v, f"{prefix}{f.name}.")
+                continue
+            t = hints[f.name]
+            tp = "|".join(map(str, typing.get_args(t))) if typing.get_origin(t) is typing.Literal else \
+                getattr(t, "__name__", None) if typing.get_origin(t) is None else str(t).replace("typing.", "")
+            groups.setdefault(prefix.rstrip(".") or "(top level)", []).append(
+                f"  {prefix}{f.name} ({tp}, default {v!r}): {docs.get((c.__name__, f.name), '')}")
+    walk(cls, cls(), "")
+    order = sorted(groups, key=lambda g: g != "(top level)")
+    return "config keys (set any as key.path=value):\n" + "\n".join(
+        f"{section}:\n" + "\n".join(groups[section]) for section in order)
+
+
 def parse(argv: list[str]) -> tuple[str, object]:
     argv = _strip_local_rank(argv)
-    parser = argparse.ArgumentParser(prog="mer-dist", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="stage", required=True)
+    parser = argparse.ArgumentParser(prog="mer-dist", description="Distributed pretraining for multimodal emotion "
+                                     "recognition: one subcommand per pipeline stage.", epilog=PIPELINE,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    help_asked = any(a in ("-h", "--help") for a in argv)
     for name, stage in C.STAGES.items():
-        p = sub.add_parser(name)
+        line = summary_line(stage) if help_asked else ""
+        p = sub.add_parser(name, help=line, description=line, formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog=keys_help(stage.config) if help_asked and name in argv else None)
         p.add_argument("--config", help=f"YAML config (e.g. configs/{stage.yaml}.yaml)")
         for flag, key in stage.flags.items():
             p.add_argument(f"--{flag}", dest=key, help=f"= {key}")

@@ -279,7 +279,7 @@ class GuardConfig:
     gets its initial encoder back, with one line saying so."""
     enabled: bool = True  # score step 0 and every checkpoint; encoder.pt is the best one
     split: str = "train"  # the labeled split the probe cross-validates on (never test)
-    max_clips: int = 512  # clips of it held as uint8 frames on every rank (clips x F x 3 x H x W bytes)
+    max_clips: int = 512  # clips of it held as uint8 frames, spread over the ranks (clips x F x 3 x H x W bytes in all)
     folds: int = 5  # stratified folds of the probe's cross-validation
     min_gain: float = 0.01  # an aligned checkpoint replaces the initial encoder only when it beats it by this much
 
@@ -605,9 +605,31 @@ def _build(cls: type, raw: dict, prefix: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     for k in raw:
         if k not in names:
-            raise ConfigError(f"unknown config key '{prefix}{k}' (valid: {', '.join(sorted(names))})")
+            hint = _nearest(cls, k)
+            raise ConfigError(f"unknown config key '{prefix}{k}'" + (f" (did you mean '{prefix}{hint}'?)" if hint else
+                              f" (valid: {', '.join(sorted(names))})"))
     kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in raw.items()}
     return cls(**kwargs)
+
+
+def _nearest(cls: type, key: str) -> str:
+    """The valid key (dotted, below `cls`) a mistyped `key` most likely meant: a close spelling at this level or one
+    section down (`lrr` -> `lr`, `lr` at the top of align -> `train.lr`); "" when nothing is close."""
+    import difflib
+    keys = []
+    for f in dataclasses.fields(cls):
+        keys.append(f.name)
+        tp = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            keys += [f"{f.name}.{g.name}" for g in dataclasses.fields(tp)]
+    exact = [k for k in keys if k.rsplit(".", 1)[-1] == key]
+    if exact:
+        return exact[0]
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.75) or \
+        difflib.get_close_matches(key, [k.rsplit(".", 1)[-1] for k in keys], n=1, cutoff=0.75)
+    if not close:
+        return ""
+    return next(k for k in keys if k == close[0] or k.rsplit(".", 1)[-1] == close[0])
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:

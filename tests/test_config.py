@@ -105,3 +105,39 @@ def test_every_field_has_a_doc():
     for cls in (stage.config for stage in C.STAGES.values()):
         walk(cls)
     assert not missing, missing
+
+
+def test_cli_help_explains_every_stage_and_every_key(capsys):
+    """#23 item 3: `mer-dist --help` gives each stage a line (its module's docstring) and the pipeline order;
+    `mer-dist STAGE --help` lists every config key with its type, default and the doc configs/STAGE.yaml carries."""
+    import dataclasses
+
+    from mer_dist.cli import main, summary_line
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    top = " ".join(capsys.readouterr().out.split())
+    assert "-> align -> finetune -> evaluate" in top
+    for name, stage in C.STAGES.items():
+        words = summary_line(stage).split()
+        assert len(words) >= 4 and f"{name} {' '.join(words[:4])}" in top, name
+
+    def keys(obj, prefix=""):
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            yield from keys(v, f"{prefix}{f.name}.") if dataclasses.is_dataclass(v) else [(prefix + f.name, type(obj), f)]
+    docs = C.field_docs()
+    for name, stage in C.STAGES.items():
+        with pytest.raises(SystemExit):
+            main([name, "--help"])
+        text = capsys.readouterr().out
+        for key, cls, f in keys(stage.config()):
+            line = next((x for x in text.splitlines() if x.startswith(f"  {key} (")), "")
+            assert line.endswith(docs.get((cls.__name__, f.name), "")) and "default" in line, (name, key)
+
+
+def test_a_mistyped_key_suggests_the_nearest_valid_one():
+    for typo, meant in (("train.lrr", "train.lr"), ("lr", "train.lr"), ("guard.max_clip", "guard.max_clips")):
+        with pytest.raises(C.ConfigError, match=f"did you mean '{meant}'"):
+            C.load(C.AlignConfig, overrides=[f"{typo}=1"])
+    with pytest.raises(C.ConfigError, match=r"unknown config key 'zzz' \(valid: acoustic"):
+        C.load(C.AlignConfig, overrides=["zzz=1"])

@@ -19,13 +19,14 @@ import torch
 import torch.nn.functional as F
 from sklearn.cluster import KMeans
 from torch import nn
+from tqdm import tqdm
 from transformers.audio_utils import mel_filter_bank, spectrogram, window_function
 from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices
 
 from mer_dist import dist
 from mer_dist.config import PretrainAudioConfig, save
-from mer_dist.io import write_json_atomic
 from mer_dist.data.stream import pad_audio
+from mer_dist.io import write_json_atomic
 from mer_dist.models.teacher import build_hubert, hidden_states
 from mer_dist.tracking import Tracker
 from mer_dist.train.probe import labeled_audio
@@ -85,7 +86,8 @@ def run(cfg: PretrainAudioConfig) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
         1 + math.cos(math.pi * min(1.0, s / cfg.steps))))
     history = []
-    for step in range(1, cfg.steps + 1):
+    bar = tqdm(range(1, cfg.steps + 1), desc="pretrain-audio", unit="step")
+    for step in bar:
         idx = rng.choice(len(clips), size=min(cfg.batch_size, len(clips)), replace=False)
         audio, lens = pad_audio([clips[i] for i in idx])
         t = int(model._get_feat_extract_output_lengths(torch.tensor(audio.shape[1])))
@@ -111,6 +113,8 @@ def run(cfg: PretrainAudioConfig) -> dict:
         history.append((loss.item(), acc))
         if step % 50 == 0 or step == cfg.steps:
             tracker.metrics({"loss": loss.item(), "masked_accuracy": acc}, step)
+            bar.set_postfix(loss=f"{loss.item():.3f}", masked_acc=f"{acc:.3f}")
+    bar.close()
 
     model.config.mask_time_prob = 0.0     # downstream stages train it without SpecAugment, as any HuBERT
     model.eval().save_pretrained(str(out))
