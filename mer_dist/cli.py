@@ -92,15 +92,21 @@ def parse(argv: list[str]) -> tuple[str, object]:
         p.add_argument("--config", help=f"YAML config (e.g. configs/{stage.yaml}.yaml)")
         for flag, key in stage.flags.items():
             p.add_argument(f"--{flag}", dest=key, help=f"= {key}")
-        p.add_argument("overrides", nargs="*", help="dotted overrides: key.path=value")
+        p.add_argument("overrides", nargs="*", help="dotted overrides: key.path=value" + (
+            "; and the video files or directories to predict" if name == "predict" else ""))
     args, rest = parser.parse_known_args(argv)   # overrides may sit between flags
-    stray = [r for r in rest if "=" not in r or r.startswith("-")]
+    stage = args.stage
+    words = list(args.overrides) + rest
+    paths = [w for w in words if "=" not in w and not w.startswith("-")] if stage == "predict" else []
+    stray = [w for w in words if ("=" not in w or w.startswith("-")) and w not in paths]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
-    stage = args.stage
-    overrides = [f"{key}={getattr(args, key)}" for key in C.STAGES[stage].flags.values()
-                 if getattr(args, key, None) is not None]
-    cfg = C.load(C.STAGES[stage].config, args.config, overrides + list(args.overrides) + rest)
+    overrides = dict(C.split_override(f"{key}={getattr(args, key)}") for key in C.STAGES[stage].flags.values()
+                     if getattr(args, key, None) is not None)
+    overrides |= dict(C.split_override(w) for w in words if w not in paths)
+    if paths:           # `mer-dist predict --model M a.mp4 dir/`: the videos are positional
+        overrides["paths"] = paths
+    cfg = C.load(C.STAGES[stage].config, args.config, overrides)
     return stage, cfg
 
 

@@ -448,6 +448,21 @@ class EvaluateConfig:
 
 
 @dataclass
+class PredictConfig:
+    model: str = "runs/model"  # a finetune output directory: its fold ensemble answers
+    paths: list[str] = field(default_factory=list)  # video files (mp4, avi, mkv, webm, mov) or directories scanned for them (positional on the command line)
+    transcripts: str = ""  # CSV with name and the model's transcript column (label-transcription.csv layout); "" = no text
+    out: str = "predictions.csv"  # name,discrete,<6 probabilities>,modalities; "-" = stdout
+    batch_size: int = 8  # clips decoded and encoded together
+    device: str = "auto"  # auto (a GPU when there is one), cpu, cuda, cuda:N
+
+    def __post_init__(self):
+        _check(self.batch_size >= 1, "batch_size", "an integer >= 1", self.batch_size)
+        _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device",
+               "auto, cpu, cuda or cuda:N", self.device)
+
+
+@dataclass
 class AblateConfig:
     shards: str = ""  # labeled shards: their train split is cross-validated (the test split is never read)
     teacher: str = "runs/teacher"  # teacher directory: the acoustic modality of rows that use audio
@@ -529,6 +544,8 @@ STAGES: dict[str, Stage] = {     # in pipeline order
         "seed": "seed", "folds": "folds"}),
     "evaluate": Stage(EvaluateConfig, "mer_dist.eval.evaluate:run", "evaluate", {
         "model": "model", "shards": "shards", "split": "split", "out": "out"}),
+    "predict": Stage(PredictConfig, "mer_dist.eval.predict:run", "predict", {
+        "model": "model", "out": "out", "transcripts": "transcripts", "device": "device"}),
     "pseudo-label": Stage(PseudoLabelConfig, "mer_dist.train.pseudo:run", "pseudo", {
         "model": "model", "shards": "shards", "split": "split", "out": "out", "threshold": "threshold",
         "top-per-class": "top_per_class", "agree-with": "agree_with"}),
@@ -656,13 +673,13 @@ def load(cls: type, path: str | Path | None = None, overrides: list[str] | dict 
             raise ConfigError(f"config file {p}: invalid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {p}: expected a mapping at top level")
-    items = overrides.items() if isinstance(overrides, dict) else [_split_override(o) for o in overrides or []]
+    items = overrides.items() if isinstance(overrides, dict) else [split_override(o) for o in overrides or []]
     for k, v in items:
-        _set_dotted(raw, k, yaml.safe_load(v) if isinstance(v, str) and v != "" else v)
+        _set_dotted(raw, k, yaml.safe_load(v) if isinstance(v, str) and v not in ("", "-") else v)
     return _build(cls, raw)
 
 
-def _split_override(text: str) -> tuple[str, str]:
+def split_override(text: str) -> tuple[str, str]:
     if "=" not in text:
         raise ConfigError(f"override '{text}': expected key=value")
     k, v = text.split("=", 1)

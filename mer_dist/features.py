@@ -85,8 +85,8 @@ class Cache:
 class Encoders:
     """The frozen encoders of a finetune run, built lazily: a fully cached run never builds one."""
 
-    def __init__(self, specs: dict, image_size: int):
-        self.specs, self.image_size = specs, image_size
+    def __init__(self, specs: dict, image_size: int, device: str | torch.device = "cpu"):
+        self.specs, self.image_size, self.device = specs, image_size, torch.device(device)
         self._built: dict = {}
 
     def fingerprint(self, m: str) -> str:
@@ -123,16 +123,16 @@ class Encoders:
         else:
             from mer_dist.models.lexical import TextEncoder
             enc = TextEncoder(s["model"])
-        self._built[m] = enc
-        return enc
+        self._built[m] = enc.to(self.device) if m in "av" else enc       # the text encoder stays on the CPU
+        return self._built[m]
 
     @torch.inference_mode()
     def encode(self, m: str, batch: dict) -> np.ndarray:
         enc = self.build(m)
         if m == "a":
-            return enc.utterance(batch["audio"], batch["audio_lens"]).numpy()
+            return enc.utterance(batch["audio"].to(self.device), batch["audio_lens"].to(self.device)).float().cpu().numpy()
         if m == "v":
-            return enc.embed(batch["frames"]).numpy()
+            return enc.embed(batch["frames"].to(self.device)).float().cpu().numpy()
         return enc.encode([t[self.specs["t"]["column"]] for t in batch["text"]])
 
 

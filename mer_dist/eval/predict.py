@@ -1,0 +1,145 @@
+"""`mer-dist predict`: a trained model's answers for raw videos -- no shards, no labels.
+
+Each PATH is a video file (mp4, avi, mkv, webm, mov) or a directory scanned for them. Clips are decoded
+exactly as `shard` + `evaluate` would (the same decoder, frames and audio), encoded in batches by the model's
+own frozen encoders, and scored by its fold ensemble; rows stream to `predictions.csv` (or stdout), so memory
+does not grow with the number of files. Without a transcript the text modality is missing for that clip, which
+the fusion model's modality dropout was trained for; each row says which modalities it used. A file that
+cannot be decoded is named on stderr and skipped.
+"""
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from mer_dist.config import LABELS, DataConfig, FusionConfig, PredictConfig, VisualConfig
+from mer_dist.data.decode import DecodeError, decode
+from mer_dist.data.stream import pad_audio
+from mer_dist.errors import DataError
+from mer_dist.eval.evaluate import load_model
+from mer_dist.features import Encoders
+from mer_dist.io import atomic_target
+from mer_dist.models.fusion import FusionModel
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov")
+
+
+def video_files(paths: list[str]) -> list[Path]:
+    """The files to predict, in a stable order: each PATH itself, or the videos below a directory."""
+    files = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.suffix.lower() in VIDEO_EXTENSIONS and f.is_file())
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"{p}: no such video file or directory")
+    stems = {}
+    for f in files:
+        if f.stem in stems and stems[f.stem] != f:
+            raise DataError(f"{f}: two videos named '{f.stem}' ({stems[f.stem]}); a clip's name is its file stem")
+        stems[f.stem] = f
+    return list(stems.values())
+
+
+def transcripts(path: str, column: str) -> dict[str, str]:
+    """name -> transcript from a CSV in the release's label-transcription.csv layout ("" = none)."""
+    if not path:
+        return {}
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    if rows and not {"name", column} <= set(rows[0]):
+        raise DataError(f"{path}: expected columns name and {column} (the model reads the {column} transcript)")
+    return {r["name"]: r[column] or "" for r in rows}
+
+
+class Ensemble:
+    """The model's encoders and fold models, built once on `device`."""
+
+    def __init__(self, ck: dict, device: torch.device):
+        self.ck, self.device, self.mods = ck, device, list(ck["modalities"])
+        self.encoders = Encoders(ck["specs"], ck["image_size"], device)
+        self.folds = []
+        for state in ck["folds"]:
+            model = FusionModel(ck["dims"], FusionConfig(**ck["fusion"]))
+            model.load_state_dict(state)
+            self.folds.append(model.to(device).eval())
+        self.visual_folds = []       # the visual encoder fine-tuned with each fold, where it was
+        for state in ck.get("visual_folds") or []:
+            from mer_dist.models.visual import VisualEncoder
+            enc = VisualEncoder(VisualConfig(**{**ck["visual_config"], "init": ""}), ck["image_size"])
+            enc.load_state_dict(state)
+            self.visual_folds.append(enc.to(device).eval())
+
+    @torch.inference_mode()
+    def probs(self, batch: dict, present: np.ndarray) -> np.ndarray:
+        """The ensemble's probabilities [B, 6]: the mean over the fold models."""
+        feats = {m: torch.from_numpy(self.encoders.encode(m, batch)).to(self.device)
+                 for m in self.mods if not (m == "v" and self.visual_folds)}
+        mask = torch.from_numpy(present).to(self.device)
+        out = []
+        for k, model in enumerate(self.folds):
+            if self.visual_folds:
+                feats["v"] = self.visual_folds[k].embed(batch["frames"].to(self.device)).float()
+            out.append(model(feats, mask).softmax(-1).float().cpu().numpy())
+        return np.mean(out, 0)
+
+
+def run(cfg: PredictConfig) -> int:
+    ck = load_model(cfg.model)
+    device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    files = video_files(cfg.paths)
+    if not files:
+        raise DataError("predict: no video files (mp4, avi, mkv, webm, mov) in the given paths")
+    texts = transcripts(cfg.transcripts, ck["specs"]["t"]["column"])
+    model = Ensemble(ck, device)
+    if cfg.out == "-":
+        ok, bad = _write(sys.stdout, files, texts, model, cfg.batch_size)
+    else:
+        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+        with atomic_target(cfg.out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+            ok, bad = _write(fh, files, texts, model, cfg.batch_size)
+    sys.stderr.write(f"predict: {ok} clip(s) predicted, {bad} skipped -> {cfg.out}\n")
+    return 0
+
+
+def _write(fh, files: list[Path], texts: dict[str, str], model: Ensemble, batch_size: int) -> tuple[int, int]:
+    """Decode, encode and score `files` in batches, one CSV row per readable clip; (predicted, skipped)."""
+    data, col = DataConfig(**model.ck["data"]), model.ck["specs"]["t"]["column"]
+    w = csv.writer(fh)
+    w.writerow(["name", "discrete", *LABELS, "modalities"])
+    ok = bad = 0
+    bar = tqdm(total=len(files), desc="predict", unit="clip", file=sys.stderr)
+    for i in range(0, len(files), batch_size):
+        clips, names = [], []
+        for f in files[i:i + batch_size]:
+            try:
+                clips.append(decode(f, data.frames, data.height, data.width, data.sample_rate, data.max_seconds,
+                                    f.stem, data.decode_threads))
+                names.append(f.stem)
+            except DecodeError as e:
+                bad += 1
+                sys.stderr.write(f"predict: skipped {f}: {e}\n")
+        bar.update(len(files[i:i + batch_size]))
+        if not clips:
+            continue
+        # a clip without sound gets a short silence in its place and its audio marked missing
+        audio, lens = pad_audio([c.audio if c.audio.size else np.zeros(400, np.float32) for c in clips])
+        batch = {"frames": torch.from_numpy(np.stack([c.frames for c in clips])), "audio": audio,
+                 "audio_lens": lens, "text": [{col: texts.get(n, "")} for n in names]}
+        have = {"a": [c.audio.size > 0 for c in clips], "v": [True] * len(clips),
+                "t": [bool(texts.get(n, "").strip()) for n in names]}
+        present = np.array([have[m] for m in model.mods], bool).T
+        for n, p, used in zip(names, model.probs(batch, present), present):
+            w.writerow([n, LABELS[int(p.argmax())], *(f"{v:.6f}" for v in p),
+                        "".join(m for m, u in zip(model.mods, used) if u)])
+        ok += len(clips)
+    bar.close()
+    if ok == 0:
+        raise DataError(f"predict: none of the {len(files)} file(s) could be read (each named above)")
+    return ok, bad

@@ -1,0 +1,58 @@
+"""#23 item 1: `mer-dist predict` on raw videos gives the answers `evaluate` gives on the same clips."""
+from __future__ import annotations
+
+import csv
+import shutil
+
+import numpy as np
+import pytest
+from conftest import DATA, run_cli
+
+
+@pytest.fixture(scope="module")
+def model(shards, teacher, tmp_path_factory):
+    out = tmp_path_factory.mktemp("model")
+    run_cli("finetune", "--shards", shards, "--teacher", teacher, "--visual", "random", "--out", out, "folds=2",
+            "epochs=5", *DATA)
+    return out
+
+
+def _rows(path):
+    return {r["name"]: r for r in csv.DictReader(open(path, encoding="utf-8"))}
+
+
+@pytest.mark.slow
+def test_predict_on_raw_videos_equals_evaluate_on_their_shards(model, corpus, tmp_path):
+    test = {r["name"] for r in csv.DictReader(open(corpus / "label-test.csv"))}
+    p = run_cli("predict", "--model", model, corpus / "video-unlabeled", "--transcripts",
+                corpus / "label-transcription.csv", "--out", tmp_path / "p.csv", "batch_size=5")
+    got = _rows(tmp_path / "p.csv")
+    want = _rows(model / "eval-test" / "probabilities.csv")
+    assert test <= set(got) and set(want) == test and "0 skipped" in p.stderr
+    labels = [k for k in next(iter(want.values())) if k != "name"]
+    for name in test:
+        a = np.array([float(got[name][k]) for k in labels])
+        b = np.array([float(want[name][k]) for k in labels])
+        assert np.abs(a - b).max() <= 1e-5, name
+        assert got[name]["discrete"] == labels[int(b.argmax())] and got[name]["modalities"] == "avt"
+
+
+@pytest.mark.slow
+def test_predict_skips_what_it_cannot_read_and_says_which_modalities_it_used(model, corpus, tmp_path):
+    videos = tmp_path / "in"
+    videos.mkdir()
+    for f in sorted((corpus / "video-unlabeled").iterdir())[:3]:
+        shutil.copy(f, videos / f.name)
+    (videos / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 not a video")
+    p = run_cli("predict", "--model", model, videos, "--out", "-")          # no transcripts: no text
+    rows = list(csv.DictReader(p.stdout.splitlines()))
+    assert len(rows) == 3 and {r["modalities"] for r in rows} == {"av"}
+    assert "broken.mp4" in p.stderr and "3 clip(s) predicted, 1 skipped" in p.stderr
+    only_bad = tmp_path / "bad"
+    only_bad.mkdir()
+    shutil.copy(videos / "broken.mp4", only_bad / "broken.mp4")
+    p = run_cli("predict", "--model", model, only_bad, "--out", tmp_path / "x.csv", check=False)
+    assert p.returncode == 2 and "none of the 1 file(s) could be read" in p.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "x.csv").exists()
+    p = run_cli("predict", "--model", model, tmp_path / "nope.mp4", check=False)
+    assert p.returncode == 2 and "nope.mp4: no such video file or directory" in p.stderr
