@@ -23,7 +23,7 @@ def regime(name: str, folder: Path) -> list[str]:
     lines = [f"### {name}", "", "Bayes ceilings (test-free, every clip): " +
              ", ".join(f"{k} {v:.2f}" for k, v in c.items()), "",
              "| row | test WAF | per seed |", "|---|---|---|"]
-    lines += [row(desc, waf[key]) for key, desc, *_ in SINGLE]
+    lines += [row(desc, waf[key]) for key, desc, *_ in SINGLE if key in waf]
     for kind in ("visual", "fusion"):
         rand = waf[f"{kind}/random"]
         lines += ["", {"visual": "visual only (frozen encoder)", "fusion": "fusion a+v+t"}[kind], "",

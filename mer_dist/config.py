@@ -471,6 +471,7 @@ class AblateConfig:
     procs: int = 2  # ranks of that control alignment (torchrun on this machine)
     seeds: int = 3  # fine-tuning seeds per cell (and random-init encoders); the encoders are aligned once
     folds: int = 5  # stratified CV folds of every cell
+    epochs: int = 60  # fine-tuning epochs per fold of every cell (finetune's default)
     views: list[str] = field(default_factory=lambda: ["v", "avt"])  # modality sets compared: v (visual only), avt (fusion), any of a/v/t
     out: str = "runs/ablate"  # table.md, ablate.json, one finetune directory per cell, shuffled/ when aligned here
     tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow settings (one run per cell)
@@ -478,6 +479,7 @@ class AblateConfig:
     def __post_init__(self):
         _check(self.seeds >= 2, "seeds", "an integer >= 2 (a spread needs two)", self.seeds)
         _check(self.folds >= 2, "folds", "an integer >= 2", self.folds)
+        _check(self.epochs >= 1, "epochs", "an integer >= 1", self.epochs)
         _check(self.procs >= 1, "procs", "an integer >= 1", self.procs)
         bad = [v for v in self.views if not v or set(v) - set("avt") or "v" not in v]
         _check(bool(self.views) and not bad, "views", "modality sets of a/v/t that include v (e.g. v,avt)",
@@ -497,6 +499,7 @@ class DemoConfig:
     self_train_views: list[str] = field(default_factory=lambda: ["fusion"])  # self-training variants (mer_dist/demo.py SELF_TRAIN): fusion, cross, encoders, encoders-control
     visual_top_k: bool = False     # also the rows that fine-tune the visual encoder's top block end to end
     audio_pretrain_steps: int = 0  # > 0: HuBERT's first iteration on the corpus audio; the teacher starts from it
+    single_rows: list[str] = field(default_factory=lambda: ["audio-base", "audio", "text"])  # single-modality rows (mer_dist/demo.py SINGLE): audio-base, audio, text
     ablate_seeds: int = 2  # >= 2: `mer-dist ablate` on seed 0's encoders with this many fine-tuning seeds (the verdict a user gets on their own corpus); 0 = skip
     teacher: Literal["weak", "oracle"] = "weak"  # oracle (a control): adapt-audio also learns the pool's hidden true labels, a stand-in for a strong pretrained teacher no offline corpus can give
 

@@ -50,7 +50,8 @@ SINGLE = [  # (row, description, modalities, acoustic)
 
 def run(cfg: C.DemoConfig) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    for key, known in (("align_variants", VARIANTS), ("self_train_views", SELF_TRAIN)):
+    for key, known in (("align_variants", VARIANTS), ("self_train_views", SELF_TRAIN),
+                       ("single_rows", {row for row, *_ in SINGLE})):
         unknown = [v for v in getattr(cfg, key) if v not in known]
         if unknown:
             raise C.ConfigError(f"config key '{key}': unknown {unknown} (have {', '.join(known)})")
@@ -107,7 +108,7 @@ def run(cfg: C.DemoConfig) -> int:
         encoders = {v: stage("align", lambda v=v: str(align(v, seed))) for v in cfg.align_variants}
 
         def finetune_rows():
-            for row, _, mods, acoustic in SINGLE:
+            for row, _, mods, acoustic in (r for r in SINGLE if r[0] in cfg.single_rows):
                 results.setdefault(row, []).append(ft(row, seed, mods, "random", acoustic)["test_waf"])
             # "<variant>@last": the final step's encoder where the guard kept another one (else the same numbers)
             for name, visual in [("random", "random"), *encoders.items(), *last_step(encoders).items()]:
@@ -195,7 +196,7 @@ def _table(results: dict[str, list[float]], times: dict[str, float], rounds: lis
     lines = ["| stage | seconds |", "|---|---|"] + [f"| {k} | {v:.0f} |" for k, v in times.items()]
     head = [f"| model | test WAF (mean ± sd over {cfg.seeds} seed(s)) | per seed |", "|---|---|---|"]
     lines += ["", "Single modalities", "", *head]
-    lines += [ablation.row(desc, results[row]) for row, desc, *_ in SINGLE]
+    lines += [ablation.row(desc, results[row]) for row, desc, *_ in SINGLE if row in results]
     for kind, mods in (("visual", "visual only (frozen encoder)"), ("fusion", "fusion a+v+t")):
         lines += ["", mods, "", *head, ablation.row("random-init encoder", results[f"{kind}/random"])]
         lines += [ablation.row(f"aligned: {VARIANTS[v][0]}", results[f"{kind}/{v}"]) for v in cfg.align_variants]

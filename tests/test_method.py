@@ -132,7 +132,7 @@ def test_ablate_compares_random_aligned_and_its_own_shuffled_control_on_cv_only(
     assert _align(shards, teacher, aligned, "--steps", "4", "train.ckpt_every=4").returncode == 0
     out = tmp_path / "ablate"
     p = run_cli("ablate", "--shards", shards, "--teacher", teacher, "--aligned", aligned, "--out", out,
-                "seeds=2", "folds=2", "views=[v]", "procs=1", "tracking.enabled=false")
+                "seeds=2", "folds=2", "epochs=5", "views=[v]", "procs=1", "tracking.enabled=false")
     assert "aligning the shuffled-pairs control" in p.stdout
     assert (out / "shuffled" / "encoder.pt").is_file()
     shuffled_cfg = (out / "shuffled" / "config.yaml").read_text()
