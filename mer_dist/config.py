@@ -91,6 +91,8 @@ class TrackingConfig:
     system_metrics: bool = True  # log CPU/memory/GPU use as system/* metrics
     system_metrics_interval: float = 10.0   # seconds between system/* samples (CPU, memory, GPU)
     tags: list[str] = field(default_factory=list)   # extra run tags, "key=value" (self-train links its rounds so)
+    log_model: bool = True  # finetune: log the fold ensemble as an MLflow model (pyfunc, self-contained: teacher, encoder, folds), `runs:/<id>/model`
+    register_model: str = ""  # finetune: also register that model under this name in the model registry ("" = no)
 
     def __post_init__(self):
         for t in self.tags:

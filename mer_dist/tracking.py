@@ -192,6 +192,15 @@ class Tracker:
                 c.log_batch(run, metrics=fresh)
         elif kind == "artifact":
             c.log_artifact(run, *payload)
+        elif kind == "model":           # an MLflow model directory, then (optionally) a registry version of it
+            folder, name = payload
+            c.log_artifacts(run, folder, "model")
+            if name:
+                try:
+                    c.create_registered_model(name)
+                except Exception:  # noqa: BLE001 - it exists already: a new version is what we want
+                    pass
+                c.create_model_version(name, f"runs:/{run}/model", run_id=run)
         elif kind == "end":
             c.set_terminated(run, payload)
 
@@ -242,6 +251,12 @@ class Tracker:
     def artifact(self, path: str | Path, subdir: str | None = None) -> None:
         if Path(path).exists():
             self._submit("artifact", (str(path), subdir))
+
+    def model(self, folder: str | Path, register_as: str = "") -> None:
+        """Log an MLflow model directory as the run's `model` artifact (`runs:/<id>/model`); `register_as`: also a
+        new version of that registered model."""
+        if Path(folder).is_dir():
+            self._submit("model", (str(folder), register_as))
 
     def resume_at(self, step: int) -> int:
         """A resumed run redoes the steps after its checkpoint: drop their local rows so every step appears

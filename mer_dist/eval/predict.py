@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from mer_dist.config import LABELS, DataConfig, FusionConfig, PredictConfig, VisualConfig
-from mer_dist.data.decode import DecodeError, decode
+from mer_dist.data.decode import Clip, DecodeError, decode
 from mer_dist.data.stream import pad_audio
 from mer_dist.errors import DataError
 from mer_dist.eval.evaluate import load_model
@@ -76,6 +76,18 @@ class Ensemble:
             enc.load_state_dict(state)
             self.visual_folds.append(enc.to(device).eval())
 
+    def score(self, clips: list[Clip], texts: list[str]) -> tuple[np.ndarray, list[str]]:
+        """Decoded clips and their transcripts ("" = none) -> the ensemble's probabilities [B, 6] and the
+        modalities each clip was scored with ("avt", "av", ...)."""
+        col = self.ck["specs"]["t"]["column"]
+        # a clip without sound gets a short silence in its place and its audio marked missing
+        audio, lens = pad_audio([c.audio if c.audio.size else np.zeros(400, np.float32) for c in clips])
+        batch = {"frames": torch.from_numpy(np.stack([c.frames for c in clips])), "audio": audio,
+                 "audio_lens": lens, "text": [{col: t} for t in texts]}
+        have = {"a": [c.audio.size > 0 for c in clips], "v": [True] * len(clips), "t": [bool(t.strip()) for t in texts]}
+        present = np.array([have[m] for m in self.mods], bool).T
+        return self.probs(batch, present), ["".join(m for m, u in zip(self.mods, row) if u) for row in present]
+
     @torch.inference_mode()
     def probs(self, batch: dict, present: np.ndarray) -> np.ndarray:
         """The ensemble's probabilities [B, 6]: the mean over the fold models."""
@@ -110,7 +122,7 @@ def run(cfg: PredictConfig) -> int:
 
 def _write(fh, files: list[Path], texts: dict[str, str], model: Ensemble, batch_size: int) -> tuple[int, int]:
     """Decode, encode and score `files` in batches, one CSV row per readable clip; (predicted, skipped)."""
-    data, col = DataConfig(**model.ck["data"]), model.ck["specs"]["t"]["column"]
+    data = DataConfig(**model.ck["data"])
     w = csv.writer(fh)
     w.writerow(["name", "discrete", *LABELS, "modalities"])
     ok = bad = 0
@@ -128,16 +140,9 @@ def _write(fh, files: list[Path], texts: dict[str, str], model: Ensemble, batch_
         bar.update(len(files[i:i + batch_size]))
         if not clips:
             continue
-        # a clip without sound gets a short silence in its place and its audio marked missing
-        audio, lens = pad_audio([c.audio if c.audio.size else np.zeros(400, np.float32) for c in clips])
-        batch = {"frames": torch.from_numpy(np.stack([c.frames for c in clips])), "audio": audio,
-                 "audio_lens": lens, "text": [{col: texts.get(n, "")} for n in names]}
-        have = {"a": [c.audio.size > 0 for c in clips], "v": [True] * len(clips),
-                "t": [bool(texts.get(n, "").strip()) for n in names]}
-        present = np.array([have[m] for m in model.mods], bool).T
-        for n, p, used in zip(names, model.probs(batch, present), present):
-            w.writerow([n, LABELS[int(p.argmax())], *(f"{v:.6f}" for v in p),
-                        "".join(m for m, u in zip(model.mods, used) if u)])
+        probs, used = model.score(clips, [texts.get(n, "") for n in names])
+        for n, p, u in zip(names, probs, used):
+            w.writerow([n, LABELS[int(p.argmax())], *(f"{v:.6f}" for v in p), u])
         ok += len(clips)
     bar.close()
     if ok == 0:

@@ -54,7 +54,7 @@ def run(cfg: C.AblateConfig) -> dict:
                 m = finetune.run(C.load(C.FinetuneConfig, overrides={
                     "data": {**C.to_dict(al.data), "shards": shards}, "teacher": cfg.teacher, "visual": visual,
                     "visual_model": {**C.to_dict(al.model), "init": ""}, "modalities": list(view), "seed": seed,
-                    "folds": cfg.folds, "epochs": cfg.epochs, "test_split": "", "tracking": C.to_dict(cfg.tracking),
+                    "folds": cfg.folds, "epochs": cfg.epochs, "test_split": "", "tracking": {**C.to_dict(cfg.tracking), "log_model": False},
                     "out": str(Path(cfg.out) / "cells" / f"{view}-{name}-seed{seed}")}))
                 scores.setdefault(view, {}).setdefault(name, []).append(m["cv_waf"])
     lines, verdicts = _report(cfg, scores, guard_step)

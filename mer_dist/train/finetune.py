@@ -9,6 +9,7 @@ the test split (unless `transductive=true`, which is tagged on the run).
 from __future__ import annotations
 
 import copy
+import shutil
 import json
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from mer_dist.config import (
     save,
     to_dict,
 )
+from mer_dist.data.ingest import shard_urls
 from mer_dist.data.splits import holdout, kfold
 from mer_dist.eval import plots
 from mer_dist.eval.evaluate import load_model, predict, report
@@ -196,6 +198,18 @@ def train_fold(cfg: FinetuneConfig, ts: dict, y: np.ndarray, tr: np.ndarray, va:
     return best_state, history, best, best_probs
 
 
+def _mlflow_model(cfg: FinetuneConfig, out: Path) -> Path:
+    """The fold ensemble as an MLflow model directory (out/mlflow-model), its input example one training clip."""
+    from webdataset.tariterators import tarfile_samples
+
+    from mer_dist import serve
+    url = shard_urls(cfg.data.shards, "train")[0]
+    example = next((s[k] for s in tarfile_samples([{"url": url}]) for k in s if k in ("mp4", "avi", "mkv", "webm", "mov")),
+                   b"")
+    shutil.rmtree(out / "mlflow-model", ignore_errors=True)
+    return serve.save(out, out / "mlflow-model", example)
+
+
 def run(cfg: FinetuneConfig) -> dict:
     env = dist.setup()
     out = Path(cfg.out)
@@ -256,6 +270,8 @@ def run(cfg: FinetuneConfig) -> dict:
         tracker.metrics({k: v for k, v in metrics.items() if not isinstance(v, list)}, 0)
         for f in ("model.pt", "config.yaml", "cv_confusion.png"):
             tracker.artifact(out / f)
+        if cfg.tracking.enabled and cfg.tracking.log_model:
+            tracker.model(_mlflow_model(cfg, out), cfg.tracking.register_model)
         pseudo = f", {ts['n_pseudo']} pseudo-labelled clips" if cfg.pseudo else ""
         print(f"finetune[{''.join(cfg.modalities)}]: CV WAF {cv['waf']:.3f} (majority {metrics['majority_waf']:.3f}"
               f"{pseudo}) -> {out}")
