@@ -9,7 +9,10 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
+import time
 
 from mer_dist import config as C
 
@@ -119,19 +122,34 @@ def main(argv: list[str] | None = None) -> int:
     from mer_dist.errors import CheckpointError, DataError, LockError, ModelError
     user_errors = (C.ConfigError, DataError, ModelError, DecodeError, CheckpointError, LockError, FileNotFoundError,
                    ValueError)
+    from mer_dist import tracking
+    tracking.STAGE_START = time.time()      # a stage's MLflow run starts when the stage does
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupted)     # align installs its own (checkpoint, then exit 75)
     try:
         stage, cfg = parse(sys.argv[1:] if argv is None else argv)
         result = _runner(stage)(cfg)
     except user_errors as e:
+        tracking.close_open("FAILED")
         if os.environ.get("MER_DEBUG"):
             raise
         # one write (text and newline together): ranks sharing a terminal never run their lines together
         sys.stderr.write(f"mer-dist: error: {e}".splitlines()[0] + "\n")
         sys.stderr.flush()
         return 2
+    except KeyboardInterrupt:           # SIGINT, or SIGTERM through _interrupted: the runs end KILLED
+        tracking.close_open("KILLED")
+        return 130
+    except BaseException:
+        tracking.close_open("FAILED")
+        raise
     finally:
         _stop_loader_workers()
     return int(result) if isinstance(result, int) else 0
+
+
+def _interrupted(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _stop_loader_workers() -> None:

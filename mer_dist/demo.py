@@ -16,7 +16,7 @@ import numpy as np
 from mer_dist import config as C
 from mer_dist.dist import launch_local
 from mer_dist.eval import ablation
-from mer_dist.tracking import default_uri
+from mer_dist.tracking import Tracker, default_uri, parent_of
 
 # alignment variants: name -> (what it is, align overrides). The first one is the product's default objective.
 VARIANTS = {
@@ -58,6 +58,16 @@ def run(cfg: C.DemoConfig) -> int:
     out = Path(cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MLFLOW_TRACKING_URI", default_uri(out / "x"))
+    parent = Tracker(C.TrackingConfig(), out, "demo", describe=f"seeds={cfg.seeds} variants={','.join(cfg.align_variants)}"
+                     + (f" teacher={cfg.teacher}" if cfg.teacher != "weak" else ""), tags={"seeds": cfg.seeds})
+    parent.params(cfg)
+    with parent_of(parent):     # every stage's run nests under the demo's
+        code = _run(cfg, out, parent)
+    parent.close()
+    return code
+
+
+def _run(cfg: C.DemoConfig, out: Path, parent: Tracker) -> int:
     times: dict[str, float] = {}
 
     def stage(name, fn):
@@ -153,6 +163,7 @@ def run(cfg: C.DemoConfig) -> int:
                  for s in range(cfg.seeds)] for v in cfg.align_variants}
     (out / "results.json").write_text(json.dumps({"test_waf": results, "cv_waf": cv, "encoder_step": guard,
                                                   "self_train": rounds, "seconds": times}, indent=1))
+    parent.artifact(out / "RESULTS.md")
     print(f"\nLook at the runs:  mlflow ui --backend-store-uri {os.environ['MLFLOW_TRACKING_URI']} --host 127.0.0.1")
     return 0
 

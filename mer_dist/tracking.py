@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -29,6 +30,44 @@ from mer_dist.config import TrackingConfig, flatten, to_dict
 from mer_dist.io import write_text_atomic
 
 log = logging.getLogger("mer_dist.tracking")
+# when the stage started (set by the CLI before any work): a run's start is the stage's, not the moment a stage
+# that first extracts features opens its tracker
+STAGE_START = time.time()
+PARENT_ENV = "MER_DIST_PARENT_RUN"     # a demo / self-train run: the runs its stages open are its children
+_open: set = set()                     # trackers not closed yet: an error or a signal ends them FAILED / KILLED
+
+
+def close_open(status: str) -> None:
+    """End every run this process still has open (the CLI, when a stage fails or is stopped by a signal)."""
+    for t in list(_open):
+        t.close(status, timeout_s=10.0)
+
+
+@contextlib.contextmanager
+def parent_of(tracker: "Tracker"):
+    """Inside the block, every run a stage opens -- in this process or one it starts -- is a child of `tracker`'s
+    (a demo's stages, a self-train's rounds), so the runs table nests them."""
+    before, run_id = os.environ.get(PARENT_ENV), tracker.wait_run_id()
+    if run_id:
+        os.environ[PARENT_ENV] = run_id
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(PARENT_ENV, None)
+        else:
+            os.environ[PARENT_ENV] = before
+
+
+@functools.lru_cache(maxsize=1)
+def _git_commit() -> str:
+    """The commit of the checkout the package runs from ("" outside a git checkout)."""
+    import subprocess
+    try:
+        return subprocess.run(["git", "-C", str(Path(__file__).resolve().parents[1]), "rev-parse", "HEAD"],
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
 
 def default_uri(out: str | Path) -> str:
@@ -51,9 +90,10 @@ class _MlflowApi:
     """The mlflow names the worker thread uses, imported once on the constructing thread."""
 
     def __init__(self, uri: str, system_metrics: bool):
-        from mlflow.entities import Metric, Param, RunTag
+        from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
         from mlflow.tracking import MlflowClient
         self.Metric, self.Param, self.RunTag = Metric, Param, RunTag
+        self.Dataset, self.DatasetInput, self.InputTag = Dataset, DatasetInput, InputTag
         self.monitor_cls = None
         if system_metrics:
             try:
@@ -99,7 +139,10 @@ def _store_lock(uri: str):
 class Tracker:
     def __init__(self, cfg: TrackingConfig, out: str | Path, stage: str, active: bool = True,
                  tags: dict[str, Any] | None = None, retry_s: float = 30.0, run_id: str = "",
-                 resume_keys: tuple[str, ...] = ("loss",), node_id: str | None = None):
+                 resume_keys: tuple[str, ...] = ("loss",), node_id: str | None = None, describe: str = "",
+                 dataset: str = ""):
+        """`describe`: what the run is, in a few words (its name is "<stage> <describe>"); `dataset`: the shards
+        directory, logged as the run's dataset input (digest of its manifest.json)."""
         self.node_id = node_id                     # multi-node jobs: system/<node_id>/* metrics
         self.active = active                       # rank 0: local metrics.jsonl always
         self.mlflow = active and cfg.enabled       # ... and MLflow when enabled
@@ -126,6 +169,13 @@ class Tracker:
             return
         self._tags = {"stage": stage, **{k: str(v) for k, v in (tags or {}).items()},
                       **dict(t.split("=", 1) for t in cfg.tags)}
+        if _git_commit():
+            self._tags["mlflow.source.git.commit"] = _git_commit()
+        if os.environ.get(PARENT_ENV):
+            self._tags["mlflow.parentRunId"] = os.environ[PARENT_ENV]
+        self._name = cfg.run_name or (f"{stage} {describe}" if describe else f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}")
+        self._dataset = dataset
+        _open.add(self)
         self._q: queue.Queue = queue.Queue()
         self._monitor = None
         self._connected, self._attempted = threading.Event(), threading.Event()
@@ -149,8 +199,12 @@ class Tracker:
                 exp = c.get_experiment_by_name(self.cfg.experiment)
                 exp_id = exp.experiment_id if exp else c.create_experiment(
                     self.cfg.experiment, artifact_location=artifact_root(self.uri))
-                name = self.cfg.run_name or f"{self.stage}-{time.strftime('%Y%m%d-%H%M%S')}"
-                self.run_id = c.create_run(exp_id, tags=self._tags, run_name=name).info.run_id
+                if exp is None or "mlflow.experimentKind" not in exp.tags:    # the UI opens on runs, not traces
+                    c.set_experiment_tag(exp_id, "mlflow.experimentKind", "custom_model_development")
+                self.run_id = c.create_run(exp_id, start_time=int(STAGE_START * 1000), tags=self._tags,
+                                           run_name=self._name).info.run_id
+                if self._dataset:
+                    self._log_dataset(c)
                 log.info("MLflow run %s at %s", self.run_id, self.uri)
             if self._monitor is None and self._api.monitor_cls is not None:
                 self._start_system_metrics()
@@ -160,6 +214,16 @@ class Tracker:
         except Exception as e:  # noqa: BLE001 - tracking must never stop training
             self._fail(e)
             return False
+
+    def _log_dataset(self, c) -> None:
+        """The shards as the run's dataset input: name, digest of manifest.json, where they are."""
+        import hashlib
+        manifest = Path(self._dataset) / "manifest.json"
+        digest = hashlib.sha256(manifest.read_bytes()).hexdigest()[:16] if manifest.is_file() else ""
+        ds = self._api.Dataset(name=Path(self._dataset).resolve().name, digest=digest, source_type="local",
+                               source=json.dumps({"uri": str(Path(self._dataset).resolve())}))
+        c.log_inputs(self.run_id, datasets=[self._api.DatasetInput(ds, tags=[self._api.InputTag("mlflow.data.context",
+                                                                                                 "training")])])
 
     def _start_system_metrics(self) -> None:
         try:
@@ -202,7 +266,7 @@ class Tracker:
                     pass
                 c.create_model_version(name, f"runs:/{run}/model", run_id=run)
         elif kind == "end":
-            c.set_terminated(run, payload)
+            c.set_terminated(run, payload, end_time=int(time.time() * 1000))
 
     def _work(self) -> None:
         try:
@@ -284,8 +348,9 @@ class Tracker:
         return self.run_id if self.mlflow and self._connected.is_set() else ""
 
     def close(self, status: str = "FINISHED", timeout_s: float = 60.0) -> None:
-        if not self.mlflow:
+        if not self.mlflow or self not in _open:
             return
+        _open.discard(self)
         self._submit("end", status)
         self._q.put(None)
         self._thread.join(timeout_s)

@@ -112,3 +112,51 @@ def test_a_resumed_run_that_changes_a_setting_keeps_logging(tmp_path):
     assert run.data.params == {"train.steps": "1", "train.lr": "0.1"}
     assert run.data.tags["resumed.train.steps"] == "1 -> 2"
     assert [m.step for m in MlflowClient(cfg.uri).get_metric_history(run_id, "loss")] == [1, 2]
+
+
+@pytest.mark.slow
+def test_the_dashboard_says_what_each_run_is_nests_and_ends_runs_honestly(shards, teacher, mlflow_server, tmp_path):
+    """#23 item 4, through the MLflow client against a real server: the experiment is marked for model training,
+    a run's name and tags say what it is (and the commit), the shards are its dataset input, its start is the
+    stage's, a parent run nests the runs started under it, and a signal ends a run KILLED."""
+    import json
+    import signal
+    import time
+
+    from conftest import run_cli
+    from mlflow import MlflowClient
+    uri, exp_name = mlflow_server["uri"], "dashboard"
+    client = MlflowClient(uri)
+    common = ["tracking.system_metrics=false", f"tracking.uri={uri}", f"tracking.experiment={exp_name}",
+              "data.height=32", "data.width=32", "data.frames=4"]
+    parent = client.create_run(client.create_experiment("parents")).info.run_id
+    t0 = time.time()
+    run_cli("finetune", "--shards", shards, "--teacher", teacher, "--visual", "random", "--out", tmp_path / "m",
+            "folds=2", "epochs=3", "seed=3", "tracking.log_model=false", *common,
+            env={"MER_DIST_PARENT_RUN": parent})
+    exp = client.get_experiment_by_name(exp_name)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    run = client.get_run(json.loads((tmp_path / "m" / "metrics.json").read_text())["mlflow_run_id"])
+    assert run.info.run_name == "finetune a,v,t visual=random seed=3"
+    tags = run.data.tags
+    assert tags["modalities"] == "avt" and tags["visual"] == "random" and tags["seed"] == "3"
+    assert tags["mlflow.parentRunId"] == parent and len(tags.get("mlflow.source.git.commit", "x" * 40)) == 40
+    assert [d.dataset.name for d in run.inputs.dataset_inputs] == [shards.name]
+    assert len(run.inputs.dataset_inputs[0].dataset.digest) == 16
+    # the run starts with the stage (before its feature extraction), not when the stage opens its tracker
+    assert t0 - 1 <= run.info.start_time / 1000 <= t0 + 30 and run.info.status == "FINISHED"
+    assert run.info.end_time >= run.info.start_time
+    # a signal ends the run KILLED
+    p = subprocess.Popen([sys.executable, "-m", "mer_dist", "pretrain-audio", "--shards", str(shards), "--out",
+                          str(tmp_path / "h"), "steps=100000", *common], cwd=REPO, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not client.search_runs([exp.experiment_id], "attributes.run_name LIKE 'pretrain-audio%'"):
+        assert p.poll() is None and time.monotonic() < deadline, p.communicate()[1][-2000:]
+        time.sleep(1)
+    time.sleep(2)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err[-2000:]
+    (killed,) = client.search_runs([exp.experiment_id], "attributes.run_name LIKE 'pretrain-audio%'")
+    assert killed.info.status == "KILLED"

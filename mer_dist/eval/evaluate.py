@@ -107,7 +107,8 @@ def report(cfg: EvaluateConfig, names: list[str], y: np.ndarray, probs: np.ndarr
         print(f"evaluate[{cfg.split}]: {len(names)} predictions (no labels) -> {out / 'predictions.csv'}")
     write_json_atomic(out / "metrics.json", result)
     save(cfg, out / "config.yaml")
-    tracker = Tracker(cfg.tracking, out, "evaluate", tags={"split": cfg.split, "model": str(cfg.model)})
+    tracker = Tracker(cfg.tracking, out, "evaluate", tags={"split": cfg.split, "model": str(cfg.model)},
+                      describe=f"{Path(cfg.model).name} on {cfg.split}")
     tracker.params(cfg)
     if "waf" in result:
         tracker.metrics({k: result[k] for k in ("waf", "accuracy", "macro_f1")}, 0)

@@ -169,7 +169,8 @@ def run(cfg: AdaptConfig) -> dict:
     print(f"adapt-audio: {cfg.method} on layers {layers}: {n_adapter:,} adapter + "
           f"{n_total - n_adapter:,} head parameters trainable "
           f"({100 * n_total / sum(p.numel() for p in clf.parameters()):.2f}% of the model)")
-    tracker = Tracker(cfg.tracking, out, "adapt-audio", tags={"method": cfg.method, "layers": layers,
+    tracker = Tracker(cfg.tracking, out, "adapt-audio", dataset=cfg.data.shards,
+                      describe=f"{cfg.method} layers={','.join(map(str, layers))}" + (" pseudo" if cfg.pseudo else ""), tags={"method": cfg.method, "layers": layers,
                                                                "world_size": env.world_size, "launcher": env.launcher,
                                                                "pseudo": cfg.pseudo or "none",
                                                                "n_pseudo": len(train_idx) - len(tr)})

@@ -197,7 +197,8 @@ def resume(job: Job) -> None:
         print(f"align: resumed from checkpoint {c['tag']} at step {job.step}{was}{why}", flush=True)
     # one MLflow run per job: a resumed or requeued job reattaches to the run its checkpoint names
     job.tracker = Tracker(cfg.tracking, job.out, "align", active=env.is_main, run_id=job.client.get("mlflow_run_id", ""),
-                          node_id=env.node_id, tags={
+                          node_id=env.node_id, dataset=cfg.data.shards, describe=f"{','.join(cfg.loss)} "
+                          f"pairing={cfg.pairing} acoustic={cfg.acoustic} seed={cfg.train.seed}", tags={
         "world_size": env.world_size, "launcher": env.launcher, "slurm_job_id": env.job_id,
         "restart": os.environ.get("SLURM_RESTART_COUNT", "0"), "zero_stage": cfg.train.zero_stage,
         "targets": cfg.targets, "loss": ",".join(cfg.loss), "pairing": cfg.pairing, "acoustic": cfg.acoustic,

@@ -262,7 +262,11 @@ def run(cfg: FinetuneConfig) -> dict:
                 "pseudo": cfg.pseudo or "none", "n_pseudo": ts["n_pseudo"]}
         if cfg.pseudo:
             tags["transductive"] = str(cfg.transductive and ts.get("pseudo_test_clips", 0) > 0).lower()
-        tracker = Tracker(cfg.tracking, out, "finetune", tags=tags)
+        visual = "random" if cfg.visual == "random" else f"{Path(cfg.visual).parent.parent.name}/{Path(cfg.visual).parent.name}"
+        tags |= {"visual": visual, "seed": cfg.seed, "acoustic": cfg.acoustic, "visual_train": cfg.visual_train}
+        tracker = Tracker(cfg.tracking, out, "finetune", tags=tags, dataset=cfg.data.shards,
+                          describe=f"{','.join(cfg.modalities)} visual={visual} seed={cfg.seed}"
+                          + (f" pseudo={Path(cfg.pseudo).name}" if cfg.pseudo else ""))
         tracker.params(cfg)
         for k in range(len(splits)):
             for h in gathered[k][1]:

@@ -60,7 +60,8 @@ def run(cfg: PretrainAudioConfig) -> dict:
     if not env.is_main:             # one small model: rank 0 trains it
         dist.barrier()
         return {}
-    tracker = Tracker(cfg.tracking, out, "pretrain-audio", tags={"model": cfg.model, "clusters": cfg.clusters})
+    tracker = Tracker(cfg.tracking, out, "pretrain-audio", tags={"model": cfg.model, "clusters": cfg.clusters},
+                      describe=f"{cfg.model} steps={cfg.steps} clusters={cfg.clusters}", dataset=cfg.data.shards)
     save(cfg, out / "pretrain_audio.yaml")
     tracker.params(cfg)
 

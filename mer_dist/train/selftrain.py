@@ -29,6 +29,7 @@ from mer_dist.config import (LABELS, TRUTH_FILE, AdaptConfig, AlignConfig, Confi
                              SelfTrainConfig, load, save)
 from mer_dist.data.ingest import load_manifest
 from mer_dist.io import write_json_atomic
+from mer_dist.tracking import Tracker, parent_of
 from mer_dist.train import adapt, finetune, pseudo
 
 
@@ -58,6 +59,20 @@ def run(cfg: SelfTrainConfig) -> dict:
     if cfg.encoders:
         _check_encoder_sources(cfg)
     truth = read_truth(cfg)
+    tracker = Tracker(cfg.finetune.tracking, out, "self-train", active=dist.detect().is_main,
+                      tags={"rounds": cfg.rounds, "views": cfg.views,
+                                                                        "encoders": ",".join(cfg.encoders) or "none"},
+                      describe=f"rounds={cfg.rounds} views={cfg.views}" + (f" encoders={','.join(cfg.encoders)}"
+                                                                            if cfg.encoders else "") +
+                      f" seed={cfg.finetune.seed}", dataset=cfg.finetune.data.shards)
+    with parent_of(tracker):    # every round's runs nest under this one
+        rows = _rounds(cfg, out, truth)
+    if dist.detect().is_main:
+        _report(cfg, out, rows, tracker)
+    return {"rounds": rows}
+
+
+def _rounds(cfg: SelfTrainConfig, out: Path, truth: dict) -> list[dict]:
     rows, prev_model, prev_run, prev_pseudo = [], "", "", ""
     base = cfg.finetune         # its encoders change from round to round when `encoders` is set
     for r in range(cfg.rounds + 1):
@@ -108,10 +123,7 @@ def run(cfg: SelfTrainConfig) -> dict:
             row["test_waf_change"] = row[f"{ft.test_split}_waf"] - rows[-1][f"{ft.test_split}_waf"]
         rows.append(row)
         prev_model, prev_run, prev_pseudo = ft.out, m.get("mlflow_run_id", ""), pseudo_dir
-    env = dist.detect()
-    if env.is_main:
-        _report(cfg, out, rows)
-    return {"rounds": rows}
+    return rows
 
 
 def encoder_round(cfg: SelfTrainConfig, r: int, ft, prev_model: str, tracking, label, truth: dict) -> tuple:
@@ -180,8 +192,7 @@ def _encoder_cells(r: dict) -> str:
     return f"{kept} | " + (f"{r['encoders_test_waf']:.3f}" if "encoders_test_waf" in r else "-")
 
 
-def _report(cfg: SelfTrainConfig, out: Path, rows: list[dict]) -> None:
-    from mer_dist.tracking import Tracker
+def _report(cfg: SelfTrainConfig, out: Path, rows: list[dict], tracker: Tracker) -> None:
     keys = sorted({k for r in rows for k in r}, key=lambda k: (k != "round", k))
     with open(out / "rounds.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
@@ -205,7 +216,6 @@ def _report(cfg: SelfTrainConfig, out: Path, rows: list[dict]) -> None:
     table = "\n".join(lines)
     (out / "rounds.md").write_text(table + "\n")
     print("\nself-train rounds\n" + table, flush=True)
-    tracker = Tracker(cfg.finetune.tracking, out, "self-train", tags={"rounds": cfg.rounds})
     tracker.params({"rounds": cfg.rounds, "thresholds": cfg.thresholds, "top_per_class": cfg.top_per_class,
                     "views": cfg.views, "encoders": cfg.encoders, "control": cfg.control})
     for r in rows:
