@@ -59,11 +59,13 @@ def test_torchrun_zero2_mlflow_loss_falls_and_export(shards, teacher, tmp_path, 
     assert len(c.get_metric_history(run.info.run_id, "loss")) == 20
     assert {"cos", "loss_mse", "lr", "samples_per_s", "data_wait_frac", "eval_loss"} <= set(run.data.metrics)
     # exported encoder == consolidated DeepSpeed checkpoint, loaded in a fresh process without DeepSpeed engines
+    # (the final step's: encoder-last.pt where the guard kept another step as encoder.pt)
+    last = out / "encoder-last.pt" if (out / "encoder-last.pt").is_file() else out / "encoder.pt"
     code = f"""
 import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from mer_dist.models.visual import load_encoder
-m = load_encoder(r'{out / "encoder.pt"}')
+m = load_encoder(r'{last}')
 sd = get_fp32_state_dict_from_zero_checkpoint(r'{out / "checkpoints"}')
 ref = load_encoder(r'{out / "encoder.pt"}')
 ref.load_state_dict({{k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}})
@@ -170,7 +172,8 @@ def test_bf16_export_is_the_fp32_master_weights(shards, teacher, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     import yaml
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["precision"] == "bf16"
-    sd = torch.load(out / "encoder.pt", weights_only=True)["state_dict"]
+    last = out / "encoder-last.pt" if (out / "encoder-last.pt").is_file() else out / "encoder.pt"   # the final step
+    sd = torch.load(last, weights_only=True)["state_dict"]
     trained = [v for k, v in sd.items() if v.dtype == torch.float32 and v.numel() > 16]
     # fp32 master weights are not all representable in bf16 (rounded module copies would be)
     assert any((v.bfloat16().float() != v).any() for v in trained)
