@@ -16,8 +16,30 @@ from mer_dist.demo import SINGLE, VARIANTS
 from mer_dist.eval.ablation import mean_sd, row, verdict
 
 
+def _partial(folder: Path) -> dict:
+    """results.json of a demo stopped before its end, from the rows it finished (models/<row>-seed<s>/metrics.json
+    and align/<variant>-seed<s>/summary.json): only seeds every row of which finished."""
+    cells: dict[tuple[str, int], dict] = {}
+    for m in (folder / "models").glob("*-seed*/metrics.json"):
+        row, seed = m.parent.name.rsplit("-seed", 1)
+        cells[(row, int(seed))] = json.loads(m.read_text())
+    rows = {r for r, _ in cells}
+    seeds = [s for s in sorted({s for _, s in cells}) if all((r, s) in cells for r in rows)]
+    res: dict = {"test_waf": {}, "cv_waf": {}, "encoder_step": {}}
+    for r in sorted(rows):
+        key = r.replace("-", "/", 1) if r.startswith(("visual-", "fusion-")) else r
+        key = key[:-5] + "@last" if key.endswith("-last") else key
+        res["test_waf"][key] = [cells[(r, s)]["test_waf"] for s in seeds]
+        res["cv_waf"][key] = [cells[(r, s)]["cv_waf"] for s in seeds]
+    for summ in sorted((folder / "align").glob("*-seed*/summary.json")):
+        v, s = summ.parent.name.rsplit("-seed", 1)
+        if int(s) in seeds:
+            res["encoder_step"].setdefault(v, []).append(json.loads(summ.read_text()).get("encoder_step"))
+    return res
+
+
 def regime(name: str, folder: Path) -> list[str]:
-    res = json.loads((folder / "results.json").read_text())
+    res = json.loads((folder / "results.json").read_text()) if (folder / "results.json").is_file() else _partial(folder)
     waf, cv, steps = res["test_waf"], res["cv_waf"], res.get("encoder_step", {})
     c = ceiling(folder / "corpus")
     lines = [f"### {name}", "", "Bayes ceilings (test-free, every clip): " +
