@@ -7,6 +7,7 @@ from conftest import run_cli
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)     # the README's demo at a reduced size; a busy machine takes minutes more
 def test_demo_small(tmp_path):
     p = run_cli("demo", "--out", tmp_path / "demo", "synth.num_labeled=60", "synth.num_unlabeled=60",
                 "synth.num_test=24", "synth.height=32", "synth.width=32", "synth.seconds=1.2", "align_steps=12",
