@@ -51,18 +51,24 @@ def predict(ck: dict, split: str, shards: str = "", encoders: Encoders | None = 
     if not ck.get("visual_folds"):
         return names, y, fold_probs(ck["folds"], ck["dims"], FusionConfig(**ck["fusion"]), feats, present)
     # the visual encoder was fine-tuned with each fold: its features come from that fold's encoder
-    from mer_dist.models.visual import VisualEncoder
     _, clips = frames(data.shards, split, data, ck["cache"], rank)
     probs = []
-    for fusion_state, visual_state in zip(ck["folds"], ck["visual_folds"]):
-        enc = VisualEncoder(VisualConfig(**{**ck["visual_config"], "init": ""}), ck["image_size"])
-        enc.load_state_dict(visual_state)
-        enc.eval()
+    for fusion_state, enc in zip(ck["folds"], visual_fold_encoders(ck)):
         with torch.no_grad():
             v = torch.cat([enc.embed(torch.from_numpy(np.array(clips[i:i + 64])))
                            for i in range(0, len(names), 64)]).numpy()
         probs.append(fold_probs([fusion_state], ck["dims"], FusionConfig(**ck["fusion"]), {**feats, "v": v}, present)[0])
     return names, y, np.stack(probs)
+
+
+def visual_fold_encoders(ck: dict):
+    """The visual encoder fine-tuned with each fold (`finetune visual_train=top_k|full`), in eval mode, built one
+    at a time as the caller asks (none when the model's visual features come from one frozen encoder)."""
+    from mer_dist.models.visual import VisualEncoder
+    for state in ck.get("visual_folds") or []:
+        enc = VisualEncoder(VisualConfig(**{**ck["visual_config"], "init": ""}), ck["image_size"])
+        enc.load_state_dict(state)
+        yield enc.eval()
 
 
 def run(cfg: EvaluateConfig) -> dict:

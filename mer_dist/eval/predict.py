@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mer_dist.config import LABELS, DataConfig, FusionConfig, PredictConfig, VisualConfig
+from mer_dist.config import LABELS, DataConfig, FusionConfig, PredictConfig
 from mer_dist.data.decode import Clip, DecodeError, decode
 from mer_dist.data.stream import pad_audio
 from mer_dist.errors import DataError
-from mer_dist.eval.evaluate import load_model
+from mer_dist.eval.evaluate import load_model, visual_fold_encoders
 from mer_dist.features import Encoders
 from mer_dist.io import atomic_target
 from mer_dist.models.fusion import FusionModel
@@ -69,12 +69,7 @@ class Ensemble:
             model = FusionModel(ck["dims"], FusionConfig(**ck["fusion"]))
             model.load_state_dict(state)
             self.folds.append(model.to(device).eval())
-        self.visual_folds = []       # the visual encoder fine-tuned with each fold, where it was
-        for state in ck.get("visual_folds") or []:
-            from mer_dist.models.visual import VisualEncoder
-            enc = VisualEncoder(VisualConfig(**{**ck["visual_config"], "init": ""}), ck["image_size"])
-            enc.load_state_dict(state)
-            self.visual_folds.append(enc.to(device).eval())
+        self.visual_folds = [enc.to(device) for enc in visual_fold_encoders(ck)]
 
     def score(self, clips: list[Clip], texts: list[str]) -> tuple[np.ndarray, list[str]]:
         """Decoded clips and their transcripts ("" = none) -> the ensemble's probabilities [B, 6] and the
