@@ -19,8 +19,8 @@ import mlflow.pyfunc
 import pandas as pd
 import torch
 
-from mer_dist.config import LABELS, DataConfig
-from mer_dist.data.decode import DecodeError, decode
+from mer_dist.config import LABELS
+from mer_dist.data.decode import DecodeError
 from mer_dist.eval.evaluate import load_model
 from mer_dist.models.lexical import resolve
 
@@ -64,7 +64,6 @@ class EmotionModel(mlflow.pyfunc.PythonModel):
         from mer_dist.eval.predict import Ensemble
         root = Path(context.artifacts[MODEL_DIR])
         ck = _absolute(load_model(root), root)
-        self.data = DataConfig(**ck["data"])
         self.model = Ensemble(ck, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
@@ -74,8 +73,7 @@ class EmotionModel(mlflow.pyfunc.PythonModel):
             row = {"name": name, "discrete": "", **{k: float("nan") for k in LABELS}, "modalities": "", "error": ""}
             try:
                 source = r["path"] if r.get("path") else _bytes(r.get("video"))
-                clip = decode(source, self.data.frames, self.data.height, self.data.width, self.data.sample_rate,
-                              self.data.max_seconds, name, self.data.decode_threads)
+                clip = self.model.decode(source, name)
             except (DecodeError, ValueError, KeyError) as e:
                 row["error"] = str(e) or type(e).__name__
                 rows.append(row)

@@ -63,6 +63,7 @@ class Ensemble:
 
     def __init__(self, ck: dict, device: torch.device):
         self.ck, self.device, self.mods = ck, device, list(ck["modalities"])
+        self.data = DataConfig(**ck["data"])
         self.encoders = Encoders(ck["specs"], ck["image_size"], device)
         self.folds = []
         for state in ck["folds"]:
@@ -70,6 +71,11 @@ class Ensemble:
             model.load_state_dict(state)
             self.folds.append(model.to(device).eval())
         self.visual_folds = [enc.to(device) for enc in visual_fold_encoders(ck)]
+
+    def decode(self, source: str | Path | bytes, name: str) -> Clip:
+        """A video file or its bytes decoded as the model was trained (frames, size, audio); DecodeError if not."""
+        d = self.data
+        return decode(source, d.frames, d.height, d.width, d.sample_rate, d.max_seconds, name, d.decode_threads)
 
     def score(self, clips: list[Clip], texts: list[str]) -> tuple[np.ndarray, list[str]]:
         """Decoded clips and their transcripts ("" = none) -> the ensemble's probabilities [B, 6] and the
@@ -117,7 +123,6 @@ def run(cfg: PredictConfig) -> int:
 
 def _write(fh, files: list[Path], texts: dict[str, str], model: Ensemble, batch_size: int) -> tuple[int, int]:
     """Decode, encode and score `files` in batches, one CSV row per readable clip; (predicted, skipped)."""
-    data = DataConfig(**model.ck["data"])
     w = csv.writer(fh)
     w.writerow(["name", "discrete", *LABELS, "modalities"])
     ok = bad = 0
@@ -126,8 +131,7 @@ def _write(fh, files: list[Path], texts: dict[str, str], model: Ensemble, batch_
         clips, names = [], []
         for f in files[i:i + batch_size]:
             try:
-                clips.append(decode(f, data.frames, data.height, data.width, data.sample_rate, data.max_seconds,
-                                    f.stem, data.decode_threads))
+                clips.append(model.decode(f, f.stem))
                 names.append(f.stem)
             except DecodeError as e:
                 bad += 1
