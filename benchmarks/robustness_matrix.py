@@ -11,8 +11,8 @@ import json
 import sys
 from pathlib import Path
 
-from mer_dist.data.synth import ceiling
-from mer_dist.demo import SINGLE, VARIANTS
+from mer_dist.eval.ceiling import ceiling
+from mer_dist.stages.demo import SINGLE, VARIANTS
 from mer_dist.eval.ablation import mean_sd, row, verdict
 
 

@@ -6,7 +6,6 @@ Flags are shortcuts for config keys; anything else is a dotted override. Bad inp
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import signal
@@ -16,9 +15,6 @@ import time
 
 from mer_dist import config as C
 
-def _runner(stage: str):
-    module, fn = C.STAGES[stage].runner.split(":")
-    return getattr(importlib.import_module(module), fn)
 
 
 def _strip_local_rank(argv: list[str]) -> list[str]:
@@ -128,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, _interrupted)     # align installs its own (checkpoint, then exit 75)
     try:
         stage, cfg = parse(sys.argv[1:] if argv is None else argv)
-        result = _runner(stage)(cfg)
+        result = C.STAGES[stage].function()(cfg)
     except user_errors as e:
         tracking.close_open("FAILED")
         if os.environ.get("MER_DEBUG"):

@@ -6,12 +6,13 @@ fails in a second with a message naming the key instead of an hour later.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, ClassVar, Literal, Union
 
 import yaml
 
@@ -193,6 +194,22 @@ class PretrainAudioConfig:
 
 
 @dataclass
+class PseudoConfig:
+    """The pseudo-labelled clips a training stage learns from (adapt-audio, align's loss pseudo, finetune).
+    `pseudo=P` on the command line (or `pseudo: P` in YAML) is short for `pseudo.dir=P`."""
+    SHORTHAND: ClassVar[str] = "dir"
+    dir: str = ""  # a `mer-dist pseudo-label` output; its clips join the training part, never validation ("" = none)
+    split: str = "unlabeled"  # the split the pseudo-labelled clips come from
+    weight: float = 0.5  # loss weight of a pseudo-labelled clip (a labeled clip weighs 1; align: unused)
+    soft: bool = True  # train on the pseudo-labels' probabilities instead of their argmax
+    test_split: str = "test"  # pseudo-labelled clips of this split are left out ("" = none)
+    transductive: bool = False  # keep pseudo-labelled test clips (MER2024 hides test in the unlabeled pool); tagged on the run
+
+    def __post_init__(self):
+        _check(math.isfinite(self.weight) and self.weight >= 0, "pseudo.weight", "a number >= 0", self.weight)
+
+
+@dataclass
 class AdaptConfig:
     data: DataConfig = field(default_factory=DataConfig)  # which shards, and how clips are decoded
     model: str = "tiny:hubert"  # local HuBERT directory, or tiny:hubert
@@ -213,12 +230,7 @@ class AdaptConfig:
     patience: int = 6  # stop after this many epochs without a better validation WAF
     val_fraction: float = 0.25  # held-out part of train for early stopping (the probe's split)
     feature_reduce: Literal["mean", "concat", "sum_last4", "last"] = "mean"  # teacher target from the adapted layers
-    pseudo: str = ""               # a `mer-dist pseudo-label` output: its clips join the training part (never validation)
-    pseudo_split: str = "unlabeled"   # the split the pseudo-labelled clips come from
-    pseudo_weight: float = 0.5     # loss weight of a pseudo-labelled clip (a labeled clip weighs 1)
-    pseudo_soft: bool = True       # train on the pseudo-labels' probabilities instead of their argmax
-    test_split: str = "test"       # pseudo-labelled clips of this split are left out ("" = none)
-    transductive: bool = False     # keep pseudo-labelled test clips (MER2024 hides test in the unlabeled pool)
+    pseudo: PseudoConfig = field(default_factory=PseudoConfig)  # pseudo-labelled clips that join the training part
     seed: int = 0  # split, init and order seed
     tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow settings
 
@@ -276,14 +288,15 @@ class AlignTrainConfig:
 
 @dataclass
 class GuardConfig:
-    """Never hurt: alignment keeps the encoder whose frozen features a cross-validated linear probe on the labeled
-    split reads best, the initial encoder (step 0) included, so a corpus where audio and video share only nuisance
-    gets its initial encoder back, with one line saying so."""
+    """Never hurt: alignment keeps the encoder whose frozen features a cross-validated probe on the labeled split
+    reads best, the initial encoder (step 0) included, so a corpus where audio and video share only nuisance gets
+    its initial encoder back, with one line saying so."""
     enabled: bool = False  # score step 0 and every checkpoint; encoder.pt is the best one (off by default: its linear probe threw real gains away in 3 of 8 measured runs, RESULTS.md)
     split: str = "train"  # the labeled split the probe cross-validates on (never test)
     max_clips: int = 512  # clips of it held as uint8 frames, spread over the ranks (clips x F x 3 x H x W bytes in all)
     folds: int = 5  # stratified folds of the probe's cross-validation
     min_gain: float = 0.01  # an aligned checkpoint replaces the initial encoder only when it beats it by this much
+    probe: Literal["head", "linear"] = "head"  # what reads the features: finetune's own visual-only head (its recipe, out-of-fold) or a standardised logistic probe
 
     def __post_init__(self):
         _check(self.max_clips >= 2 * len(LABELS), "guard.max_clips", f"an integer >= {2 * len(LABELS)}", self.max_clips)
@@ -306,10 +319,7 @@ class AlignConfig:
     infonce_dim: int = 128         # infonce: width of the shared embedding both projection heads map to
     infonce_target: Literal["features", "posteriors"] = "features"  # infonce: the audio side is the teacher's pooled layer features, or its clip emotion posteriors (only what the teacher knows of emotion; online)
     pairing: Literal["matched", "shuffled"] = "matched"   # shuffled: each video meets a fixed other clip's audio (control)
-    pseudo: str = ""               # loss pseudo: a `mer-dist pseudo-label` output whose clips' labels the encoder learns
-    pseudo_soft: bool = True       # loss pseudo: the pseudo-labels' probabilities (true) or their argmax
-    test_split: str = "test"       # loss pseudo: pseudo-labelled clips of this split are left out ("" = none)
-    transductive: bool = False     # loss pseudo: keep pseudo-labelled test clips (MER2024 hides test in the unlabeled pool)
+    pseudo: PseudoConfig = field(default_factory=PseudoConfig)  # loss pseudo: the clips whose pseudo-labels the encoder learns
     acoustic: Literal["adapted", "base"] = "adapted"      # base: the teacher without its adapter (control)
     frame_weight: float = 1.0      # weight of the frame-level part of mse/cosine/kd
     utterance_weight: float = 1.0  # weight of the utterance-level part of mse/cosine/kd
@@ -329,8 +339,8 @@ class AlignConfig:
                    "targets", "online for kd and for logits targets (teacher.npy holds layer features only)",
                    self.targets)
         _check(self.kd_temperature > 0, "kd_temperature", "a number > 0", self.kd_temperature)
-        _check(("pseudo" in kinds) == bool(self.pseudo), "pseudo",
-               "a pseudo-label directory exactly when loss has pseudo", self.pseudo or "''")
+        _check(("pseudo" in kinds) == bool(self.pseudo.dir), "pseudo",
+               "a pseudo-label directory exactly when loss has pseudo", self.pseudo.dir or "''")
 
 
 @dataclass
@@ -365,11 +375,7 @@ class FinetuneConfig:
     batch_size: int = 32  # clips per step
     class_weights: bool = False  # weight the loss by inverse class frequency
     cache: str = ""                # feature cache dir ("" -> <shards>/../feature-cache)
-    pseudo: str = ""               # a `mer-dist pseudo-label` output: its clips join the training part of every fold
-    pseudo_split: str = "unlabeled"   # the split the pseudo-labelled clips come from
-    pseudo_weight: float = 0.5     # loss weight of a pseudo-labelled clip (a labeled clip weighs 1)
-    pseudo_soft: bool = False      # train on the pseudo-labels' probabilities instead of their argmax
-    transductive: bool = False     # allow pseudo-labelled test clips (MER2024 hides test in the unlabeled pool); tagged
+    pseudo: PseudoConfig = field(default_factory=lambda: PseudoConfig(soft=False))  # pseudo-labelled clips that join the training part of every fold
     out: str = "runs/model"  # model directory: model.pt, metrics.json, eval-<test_split>/
     test_split: str = "test"  # split evaluated at the end ("" = none)
     seed: int = 0  # folds, init and order seed
@@ -385,8 +391,6 @@ class FinetuneConfig:
         for key in ("lr", "visual_lr"):
             _check(math.isfinite(getattr(self, key)) and getattr(self, key) > 0, key, "a number > 0", getattr(self, key))
         _check(0 < self.val_fraction < 1, "val_fraction", "a number in (0, 1)", self.val_fraction)
-        _check(math.isfinite(self.pseudo_weight) and self.pseudo_weight >= 0, "pseudo_weight", "a number >= 0",
-               self.pseudo_weight)
 
 
 @dataclass
@@ -494,14 +498,14 @@ class DemoConfig:
     synth: SynthConfig = field(default_factory=SynthConfig)  # the synthetic corpus (its out is DIR/corpus)
     align_steps: int = 240  # optimizer steps per alignment run
     align_procs: int = 2  # alignment ranks (torchrun, ZeRO-2)
-    align_variants: list[str] = field(default_factory=lambda: ["infonce", "shuffled"])  # alignment runs (mer_dist/demo.py VARIANTS); the first feeds self-training
+    align_variants: list[str] = field(default_factory=lambda: ["infonce", "shuffled"])  # alignment runs (mer_dist/stages/demo.py VARIANTS); the first feeds self-training
     seeds: int = 1                 # seeds per ablation row (3 for the RESULTS.md table)
     folds: int = 5  # K-fold CV of every fine-tuning row
     self_train_rounds: int = 1     # self-training rounds on the fusion row (0 = none)
-    self_train_views: list[str] = field(default_factory=lambda: ["fusion"])  # self-training variants (mer_dist/demo.py SELF_TRAIN): fusion, cross, encoders, encoders-control
+    self_train_views: list[str] = field(default_factory=lambda: ["fusion"])  # self-training variants (mer_dist/stages/demo.py SELF_TRAIN): fusion, cross, encoders, encoders-control
     visual_top_k: bool = False     # also the rows that fine-tune the visual encoder's top block end to end
     audio_pretrain_steps: int = 0  # > 0: HuBERT's first iteration on the corpus audio; the teacher starts from it
-    single_rows: list[str] = field(default_factory=lambda: ["audio-base", "audio", "text"])  # single-modality rows (mer_dist/demo.py SINGLE): audio-base, audio, text
+    single_rows: list[str] = field(default_factory=lambda: ["audio-base", "audio", "text"])  # single-modality rows (mer_dist/stages/demo.py SINGLE): audio-base, audio, text
     ablate_seeds: int = 2  # >= 2: `mer-dist ablate` on seed 0's encoders with this many fine-tuning seeds (the verdict a user gets on their own corpus); 0 = skip
     teacher: Literal["weak", "oracle"] = "weak"  # oracle (a control): adapt-audio also learns the pool's hidden true labels, a stand-in for a strong pretrained teacher no offline corpus can give
 
@@ -523,6 +527,11 @@ class Stage:
     yaml: str                    # configs/<yaml>.yaml
     flags: dict[str, str]        # --flag -> config key
 
+    def function(self):
+        """The runner itself (its module imported now)."""
+        module, fn = self.runner.split(":")
+        return getattr(importlib.import_module(module), fn)
+
 
 STAGES: dict[str, Stage] = {     # in pipeline order
     "synth": Stage(SynthConfig, "mer_dist.data.synth:generate", "synth", {
@@ -532,35 +541,35 @@ STAGES: dict[str, Stage] = {     # in pipeline order
                          {"out": "out", "preset": "preset", "seed": "seed"}),
     "shard": Stage(ShardConfig, "mer_dist.data.ingest:write_shards", "shard", {
         "corpus": "corpus", "out": "out", "workers": "workers", "shard-mb": "shard_mb", "strict": "strict"}),
-    "pretrain-audio": Stage(PretrainAudioConfig, "mer_dist.train.pretrain_audio:run", "pretrain_audio", {
+    "pretrain-audio": Stage(PretrainAudioConfig, "mer_dist.stages.pretrain_audio:run", "pretrain_audio", {
         "shards": "data.shards", "out": "out", "steps": "steps", "clusters": "clusters"}),
-    "probe-layers": Stage(ProbeConfig, "mer_dist.train.probe:run", "probe", {
+    "probe-layers": Stage(ProbeConfig, "mer_dist.stages.probe_layers:run", "probe", {
         "shards": "data.shards", "model": "model", "out": "out", "top-k": "top_k"}),
-    "adapt-audio": Stage(AdaptConfig, "mer_dist.train.adapt:run", "adapt", {
+    "adapt-audio": Stage(AdaptConfig, "mer_dist.stages.adapt_audio:run", "adapt", {
         "shards": "data.shards", "model": "model", "out": "out", "layers": "layers", "probe": "probe",
         "method": "method", "epochs": "epochs"}),
-    "extract-targets": Stage(ExtractConfig, "mer_dist.train.extract:run", "extract", {
+    "extract-targets": Stage(ExtractConfig, "mer_dist.stages.extract_targets:run", "extract", {
         "shards": "data.shards", "teacher": "teacher", "out": "out"}),
-    "align": Stage(AlignConfig, "mer_dist.train.align:run", "align", {
+    "align": Stage(AlignConfig, "mer_dist.stages.align:run", "align", {
         "shards": "data.shards", "teacher": "teacher", "out": "out", "steps": "train.steps", "zero": "train.zero_stage",
         "targets": "targets"}),
-    "finetune": Stage(FinetuneConfig, "mer_dist.train.finetune:run", "finetune", {
+    "finetune": Stage(FinetuneConfig, "mer_dist.stages.finetune:run", "finetune", {
         "shards": "data.shards", "teacher": "teacher", "visual": "visual", "out": "out", "modalities": "modalities",
         "seed": "seed", "folds": "folds"}),
-    "evaluate": Stage(EvaluateConfig, "mer_dist.eval.evaluate:run", "evaluate", {
+    "evaluate": Stage(EvaluateConfig, "mer_dist.stages.evaluate:run", "evaluate", {
         "model": "model", "shards": "shards", "split": "split", "out": "out"}),
-    "predict": Stage(PredictConfig, "mer_dist.eval.predict:run", "predict", {
+    "predict": Stage(PredictConfig, "mer_dist.stages.predict:run", "predict", {
         "model": "model", "out": "out", "transcripts": "transcripts", "device": "device"}),
-    "pseudo-label": Stage(PseudoLabelConfig, "mer_dist.train.pseudo:run", "pseudo", {
+    "pseudo-label": Stage(PseudoLabelConfig, "mer_dist.stages.pseudo_label:run", "pseudo", {
         "model": "model", "shards": "shards", "split": "split", "out": "out", "threshold": "threshold",
         "top-per-class": "top_per_class", "agree-with": "agree_with"}),
-    "self-train": Stage(SelfTrainConfig, "mer_dist.train.selftrain:run", "selftrain", {
+    "self-train": Stage(SelfTrainConfig, "mer_dist.stages.self_train:run", "selftrain", {
         "shards": "finetune.data.shards", "teacher": "finetune.teacher", "visual": "finetune.visual", "out": "out",
         "rounds": "rounds", "seed": "finetune.seed"}),
-    "ablate": Stage(AblateConfig, "mer_dist.train.ablate:run", "ablate", {
+    "ablate": Stage(AblateConfig, "mer_dist.stages.ablate:run", "ablate", {
         "shards": "shards", "teacher": "teacher", "aligned": "aligned", "shuffled": "shuffled", "out": "out",
         "seeds": "seeds"}),
-    "demo": Stage(DemoConfig, "mer_dist.demo:run", "demo", {
+    "demo": Stage(DemoConfig, "mer_dist.stages.demo:run", "demo", {
         "out": "out", "seeds": "seeds", "self-train-rounds": "self_train_rounds"}),
 }
 
@@ -574,6 +583,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check (and gently coerce: int->float, "1,2"->list) `value` against annotation `tp`."""
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
+        if getattr(tp, "SHORTHAND", "") and not isinstance(value, dict):      # `pseudo: P` = `pseudo: {dir: P}`
+            value = {tp.SHORTHAND: value}
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
         return _build(tp, value, key + ".")
@@ -654,15 +665,32 @@ def _nearest(cls: type, key: str) -> str:
     return next(k for k in keys if k == close[0] or k.rsplit(".", 1)[-1] == close[0])
 
 
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+def _set_dotted(tree: dict, dotted: str, value: Any, cls: type) -> None:
+    """Set one `a.b.c=value` override; a section with a shorthand (`pseudo=P`) may be set by its value, before or
+    after its other keys (`pseudo=P pseudo.soft=true`)."""
     parts = dotted.split(".")
     node = tree
     for p in parts[:-1]:
+        cls = _section(cls, p)
         nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict) and getattr(cls, "SHORTHAND", ""):
+            nxt = node[p] = {cls.SHORTHAND: nxt}
         if not isinstance(nxt, dict):
             raise ConfigError(f"config key '{dotted}': '{p}' is not a section")
         node = nxt
-    node[parts[-1]] = value
+    short = getattr(_section(cls, parts[-1]), "SHORTHAND", "")
+    if short and not isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+        node[parts[-1]][short] = value
+    else:
+        node[parts[-1]] = value
+
+
+def _section(cls: type | None, key: str) -> type | None:
+    """The dataclass type of `cls.key` (None when it is not a section, or unknown: `_build` names the key)."""
+    if cls is None or not dataclasses.is_dataclass(cls):
+        return None
+    tp = typing.get_type_hints(cls).get(key)
+    return tp if tp is not None and dataclasses.is_dataclass(tp) else None
 
 
 def load(cls: type, path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Any:
@@ -678,10 +706,40 @@ def load(cls: type, path: str | Path | None = None, overrides: list[str] | dict 
             raise ConfigError(f"config file {p}: invalid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {p}: expected a mapping at top level")
+    _pseudo_keys_of_older_runs(cls, raw, path)
     items = overrides.items() if isinstance(overrides, dict) else [split_override(o) for o in overrides or []]
     for k, v in items:
-        _set_dotted(raw, k, yaml.safe_load(v) if isinstance(v, str) and v not in ("", "-") else v)
+        _set_dotted(raw, k, yaml.safe_load(v) if isinstance(v, str) and v not in ("", "-") else v, cls)
     return _build(cls, raw)
+
+
+_OLD_PSEUDO_KEYS = {"pseudo_split": "split", "pseudo_weight": "weight", "pseudo_soft": "soft",
+                    "transductive": "transductive"}
+
+
+def _pseudo_keys_of_older_runs(cls: type, raw: dict, path) -> None:
+    """A config.yaml saved before the pseudo-label options became one section (`pseudo_soft: true`, ...) still
+    loads -- self-train and ablate rerun stages from the config.yaml of a run directory -- with one warning."""
+    if not isinstance(raw, dict):
+        return
+    for f in dataclasses.fields(cls):      # sections of sections (self-train's finetune)
+        if f.name != "pseudo" and _section(cls, f.name) is not None and isinstance(raw.get(f.name), dict):
+            _pseudo_keys_of_older_runs(_section(cls, f.name), raw[f.name], path)
+    if _section(cls, "pseudo") is not PseudoConfig:
+        return
+    old = {k: k2 for k, k2 in _OLD_PSEUDO_KEYS.items() if k in raw}
+    if "test_split" in raw and "test_split" not in {f.name for f in dataclasses.fields(cls)}:
+        old["test_split"] = "test_split"
+    if not old and not isinstance(raw.get("pseudo", {}), str):
+        return
+    section = raw.get("pseudo", {})
+    section = {PseudoConfig.SHORTHAND: section} if not isinstance(section, dict) else section
+    raw["pseudo"] = {**section, **{k2: raw.pop(k) for k, k2 in old.items()}}
+    if old:
+        import logging
+        logging.getLogger("mer_dist.config").warning(
+            "%s: older pseudo-label keys %s read as pseudo.%s", path or "config", ", ".join(old),
+            ", pseudo.".join(old.values()))
 
 
 def split_override(text: str) -> tuple[str, str]:

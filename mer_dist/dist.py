@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import itertools
+import json
 import os
 import re
 import signal
@@ -124,12 +126,28 @@ def launch_local(args: list[str], procs: int) -> None:
                     f"--master_port={free_port()}", "-m", "mer_dist", *args], check=True)
 
 
+TIMEOUT_ENV = "MER_DIST_TIMEOUT_S"
+
+
+def timeout() -> datetime.timedelta:
+    """How long a collective may wait for the slowest rank before the job fails: `MER_DIST_TIMEOUT_S` seconds
+    (default 1800). Work only rank 0 does never counts against it (`on_main`)."""
+    raw = os.environ.get(TIMEOUT_ENV, "1800")
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < float("inf"):
+        raise ValueError(f"environment variable {TIMEOUT_ENV}: expected a number of seconds > 0, got {raw!r}")
+    return datetime.timedelta(seconds=seconds)
+
+
 def setup(threads: int = 0, always_group: bool = False) -> DistEnv:
     """Detect, export env:// variables, pin CPU threads, and init the process group (gloo/nccl).
 
     The group is created when world > 1, or always when asked (DeepSpeed wants one even alone).
     """
-    d = detect()
+    d, wait = detect(), timeout()       # a bad setting is one line before anything starts
     if d.world_size == 1 and "MASTER_PORT" not in os.environ:
         d.master_port = free_port()
     os.environ.update(RANK=str(d.rank), WORLD_SIZE=str(d.world_size), LOCAL_RANK=str(d.local_rank),
@@ -143,8 +161,53 @@ def setup(threads: int = 0, always_group: bool = False) -> DistEnv:
     if not tdist.is_initialized() and (d.world_size > 1 or always_group):
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         tdist.init_process_group(backend, init_method="env://", rank=d.rank, world_size=d.world_size,
-                                 timeout=datetime.timedelta(minutes=30))
+                                 timeout=wait)
     return d
+
+
+_ON_MAIN = itertools.count()
+
+
+def on_main(work, kind: type[Exception] = ValueError):
+    """Rank 0 runs `work()`; the other ranks wait for it *outside* any collective -- they poll the process group's
+    store, where rank 0 leaves the outcome -- so rank-0 work of any length (adapting a teacher, decoding a frame
+    cache, converting a checkpoint) never meets the group's timeout. Every rank returns rank 0's result (plain
+    JSON values: lists come back for tuples); an error on rank 0 reaches the others as `kind` with its one line
+    within seconds. Every rank must call it, the same number of times."""
+    if not tdist.is_initialized() or tdist.get_world_size() == 1:
+        return work()
+    # one key per call; the restart counts keep a requeued or restarted job from reading an earlier attempt's key
+    key = (f"mer-dist/on-main/{os.environ.get('SLURM_RESTART_COUNT', '0')}."
+           f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{next(_ON_MAIN)}")
+    store = tdist.distributed_c10d._get_default_store()
+    if tdist.get_rank() == 0:
+        try:
+            result = work()
+            outcome = json.dumps({"result": result}, default=_plain)
+        except BaseException as e:
+            line = (str(e).splitlines() or [""])[0]
+            store.set(key, json.dumps({"error": line if isinstance(e, ValueError) else f"{type(e).__name__}: {line}"}))
+            raise
+        store.set(key, outcome)
+        return result
+    while True:
+        try:
+            store.wait([key], datetime.timedelta(seconds=30))
+            break
+        except tdist.DistStoreError as e:     # not yet: wait on (a lost rank 0 raises another error, which ends us)
+            if "timeout" not in str(e).lower() and "timed out" not in str(e).lower():
+                raise
+    outcome = json.loads(store.get(key))
+    if "error" in outcome:
+        raise kind(outcome["error"])
+    return outcome["result"]
+
+
+def _plain(value):
+    """numpy numbers and arrays as JSON values (what stages return)."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not a plain value")
 
 
 def barrier() -> None:
@@ -157,6 +220,15 @@ def all_gather_object(obj) -> list:
         return [obj]
     out = [None] * tdist.get_world_size()
     tdist.all_gather_object(out, obj)
+    return out
+
+
+def gather_to_main(obj) -> list | None:
+    """Every rank's `obj` as a list on rank 0, None elsewhere (every rank must call it)."""
+    if not tdist.is_initialized() or tdist.get_world_size() == 1:
+        return [obj]
+    out = [None] * tdist.get_world_size() if tdist.get_rank() == 0 else None
+    tdist.gather_object(obj, out, dst=0)
     return out
 
 

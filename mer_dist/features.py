@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 from webdataset.tariterators import tarfile_samples
 
 from mer_dist import dist
@@ -47,6 +48,29 @@ def index(shards: str, split: str) -> tuple[list[str], np.ndarray, list[dict], l
     order = np.argsort(names)
     return ([names[i] for i in order], np.asarray(labels)[order], [texts[i] for i in order],
             [keys[i] for i in order])
+
+
+def map_split(shards: str, split: str, data: DataConfig, env: dist.DistEnv, fn, desc: str
+              ) -> tuple[list[str], list, list[int]]:
+    """(names, `fn(batch)`'s per-sample outputs, labels) of a split's audio in name order, on rank 0; every rank
+    applies `fn` to its exact share and the shares are gathered onto rank 0 only (the others get empty lists: a
+    split's audio is never copied onto every rank). Corrupt samples are skipped and counted."""
+    names, outs, labels = [], [], []
+    totals = SkipTotals()
+    loader = eval_loader(shard_urls(shards, split), data, env.rank, env.world_size, frames=0)
+    for batch in tqdm(iterate(loader, totals), desc=desc, unit="batch", disable=not env.is_main):
+        names += batch["name"]
+        outs += list(fn(batch))
+        labels += batch["label"].tolist()
+    if totals.samples:
+        log.warning("%s: skipped %d corrupt sample(s) on rank %d", desc, totals.samples, env.rank)
+    # `env` may be one rank's own view (a single-process env inside a multi-rank job): then nothing is gathered
+    parts = dist.gather_to_main((names, outs, labels)) if env.world_size > 1 else [(names, outs, labels)]
+    if parts is None:
+        return [], [], []
+    names, outs, labels = (sum((p[i] for p in parts), []) for i in range(3))
+    order = np.argsort(names)
+    return [names[i] for i in order], [outs[i] for i in order], [labels[i] for i in order]
 
 
 class Cache:
@@ -92,7 +116,8 @@ class Encoders:
     def fingerprint(self, m: str) -> str:
         s = self.specs[m]
         if m == "a":
-            tj = json.loads((Path(s["teacher"]) / "teacher.json").read_text())
+            from mer_dist.models.teacher import read_spec
+            tj = read_spec(s["teacher"])
             return f"a|{tj['base_model']}|{tj['adapter_hash'] if s['adapted'] else 'base'}|{tj['feature_layers']}|{tj['feature_reduce']}"
         if m == "v":
             if s["encoder"] == "random":
@@ -165,12 +190,10 @@ def extract(encoders: Encoders, modalities: list[str], shards: str, split: str, 
             new, skipped = {m: {k: v for p, _ in parts for k, v in p[m].items()} for m in caches}, sum(s for _, s in parts)
         for m, c in caches.items():
             c.put(list(new[m]), list(new[m].values()))
-            if rank == 0 and new[m]:
-                c.save()
         if skipped:
             log.warning("%s: %d sample(s) could not be decoded; they are predicted from the other modalities",
                         split, skipped)
-        dist.barrier()
+        dist.on_main(lambda: [c.save() for m, c in caches.items() if new[m]] and None)   # one writer, rank 0
     dims = {m: (next(iter(c.data.values())).shape[0] if c.data else 1) for m, c in caches.items()}
     feats, present = {}, np.ones((len(names), len(modalities)), bool)
     for j, m in enumerate(modalities):
@@ -191,28 +214,52 @@ def specs_for(cfg) -> dict:
             "t": {"model": cfg.text_model, "column": cfg.text_column}}
 
 
-def frames(shards: str, split: str, data: DataConfig, cache_dir: str | Path,
-           rank: int = 0) -> tuple[list[str], np.ndarray]:
+def frames(shards: str, split: str, data: DataConfig, cache_dir: str | Path) -> tuple[list[str], np.ndarray]:
     """Decoded frames of a split, [N, F, 3, H, W] uint8 in name order, for fine-tuning the visual encoder end
     to end: decoded once into `<cache>/frames-<key>.npy` and then memory-mapped (disk, not RAM, bounds it).
     Clips that fail to decode get zero frames (and are counted in the log). Every rank must call it: rank 0
-    alone decodes (one writer), the others wait and then map the file."""
+    alone decodes (one writer), the others wait for it outside any collective, then map the file."""
     names, _, _, keys = index(shards, split)
     key = hashlib.sha256(json.dumps([keys, data.frames, data.height, data.width]).encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"frames-{key}.npy"
-    if rank == 0 and not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_target(path, ".npy") as tmp:
-            out = np.lib.format.open_memmap(tmp, "w+", np.uint8, (len(names), data.frames, 3, data.height, data.width))
-            out[:] = 0
-            where = {n: i for i, n in enumerate(names)}
-            totals = SkipTotals()
-            for batch in iterate(eval_loader(shard_urls(shards, split), data, 0, 1), totals):
-                for n, f in zip(batch["name"], batch["frames"].numpy()):
-                    out[where[n]] = f
-            out.flush()
-            del out
-        if totals.samples:
-            log.warning("%s: %d clip(s) could not be decoded; their frames are blank", split, totals.samples)
-    dist.barrier()
+    dist.on_main(lambda: None if path.is_file() else _decode_frames(path, names, shards, split, data))
     return names, np.load(path, mmap_mode="r")
+
+
+def _decode_frames(path: Path, names: list[str], shards: str, split: str, data: DataConfig) -> None:
+    """Rank 0 decodes a split's frames into `path` (memory-mapped while it writes: memory stays one batch)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_target(path, ".npy") as tmp:
+        out = np.lib.format.open_memmap(tmp, "w+", np.uint8, (len(names), data.frames, 3, data.height, data.width))
+        out[:] = 0
+        where = {n: i for i, n in enumerate(names)}
+        totals = SkipTotals()
+        for batch in iterate(eval_loader(shard_urls(shards, split), data, 0, 1), totals):
+            for n, f in zip(batch["name"], batch["frames"].numpy()):
+                out[where[n]] = f
+        out.flush()
+        del out
+    if totals.samples:
+        log.warning("%s: %d clip(s) could not be decoded; their frames are blank", split, totals.samples)
+
+
+class StackedRows:
+    """Rows of several arrays (memory-mapped frame caches), each through its own row indices, read as the rows of
+    one array without copying them: `rows[idx]` reads just those rows, so a pool's frames stay on disk."""
+
+    def __init__(self, *parts: tuple[np.ndarray, np.ndarray]):
+        self.parts = [arr for arr, _ in parts]
+        self.part = np.concatenate([np.full(len(rows), k) for k, (_, rows) in enumerate(parts)])
+        self.row = np.concatenate([np.asarray(rows, dtype=np.int64) for _, rows in parts])
+
+    def __len__(self) -> int:
+        return len(self.row)
+
+    def __getitem__(self, idx) -> np.ndarray:
+        idx = np.asarray(idx, dtype=np.int64)
+        out = np.empty((len(idx), *self.parts[0].shape[1:]), self.parts[0].dtype)
+        for k, arr in enumerate(self.parts):
+            m = self.part[idx] == k
+            if m.any():
+                out[m] = arr[self.row[idx[m]]]
+        return out

@@ -11,6 +11,7 @@ name, discrete, the 6 probabilities, the modalities used, and `error` (the reaso
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -21,7 +22,8 @@ import torch
 
 from mer_dist.config import LABELS
 from mer_dist.data.decode import DecodeError
-from mer_dist.eval.evaluate import load_model
+from mer_dist.models.ensemble import FoldEnsemble, load_model
+from mer_dist.models.teacher import read_spec, write_spec
 from mer_dist.models.lexical import resolve
 
 MODEL_DIR = "mer-dist-model"      # the artifact the pyfunc model carries
@@ -30,33 +32,33 @@ MODEL_DIR = "mer-dist-model"      # the artifact the pyfunc model carries
 def pack(model_dir: str | Path, dst: str | Path) -> Path:
     """A self-contained copy of a finetune output (see the module docstring); returns `dst`."""
     ck, dst = load_model(model_dir), Path(dst)
-    specs = json.loads(json.dumps(ck["specs"]))
+    specs = json.loads(json.dumps(ck.specs))
     dst.mkdir(parents=True)
-    if "a" in ck["modalities"]:
+    if "a" in ck.modalities:
         shutil.copytree(specs["a"]["teacher"], dst / "teacher")
-        meta = json.loads((dst / "teacher" / "teacher.json").read_text())
+        meta = read_spec(dst / "teacher")
         base = meta["base_model"]
         if not base.startswith(("tiny:", "./")):        # a local HuBERT directory travels inside the teacher
             shutil.copytree(base, dst / "teacher" / "base")
-            (dst / "teacher" / "teacher.json").write_text(json.dumps({**meta, "base_model": "./base"}, indent=1))
+            write_spec(dst / "teacher", {**meta, "base_model": "./base"})
         specs["a"]["teacher"] = "teacher"
-    if "v" in ck["modalities"] and specs["v"]["encoder"] != "random":
+    if "v" in ck.modalities and specs["v"]["encoder"] != "random":
         shutil.copy(specs["v"]["encoder"], dst / "encoder.pt")
         specs["v"]["encoder"] = "encoder.pt"
-    if "t" in ck["modalities"] and specs["t"]["model"] != "minilm":
+    if "t" in ck.modalities and specs["t"]["model"] != "minilm":
         shutil.copytree(resolve(specs["t"]["model"]), dst / "text")
         specs["t"]["model"] = "text"
-    torch.save({**ck, "specs": specs}, dst / "model.pt")
+    dataclasses.replace(ck, specs=specs).save(dst / "model.pt")
     return dst
 
 
-def _absolute(ck: dict, root: Path) -> dict:
-    specs = json.loads(json.dumps(ck["specs"]))
+def _absolute(ck: FoldEnsemble, root: Path) -> FoldEnsemble:
+    specs = json.loads(json.dumps(ck.specs))
     for m, key in (("a", "teacher"), ("v", "encoder"), ("t", "model")):
         v = specs[m][key]
         if v not in ("random", "minilm") and not Path(v).is_absolute() and (root / v).exists():
             specs[m][key] = str(root / v)
-    return {**ck, "specs": specs}
+    return dataclasses.replace(ck, specs=specs)
 
 
 class EmotionModel(mlflow.pyfunc.PythonModel):

@@ -141,3 +141,52 @@ def test_a_mistyped_key_suggests_the_nearest_valid_one():
             C.load(C.AlignConfig, overrides=[f"{typo}=1"])
     with pytest.raises(C.ConfigError, match=r"unknown config key 'zzz' \(valid: acoustic"):
         C.load(C.AlignConfig, overrides=["zzz=1"])
+
+
+def _imports(path) -> set[str]:
+    """The mer_dist modules a source file imports (module level and inside functions)."""
+    import ast
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("mer_dist"):
+            found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("mer_dist")}
+    return found
+
+
+def test_stages_sit_above_the_library_rooms_and_never_import_each_other():
+    """The layering the README's Layout promises: a stage module imports library code only; library code never
+    imports a stage; every runner in the registry is a stage module or a library entry point (synth, shard,
+    init-models) -- so a stage can be read, tested and replaced alone."""
+    from pathlib import Path
+
+    import mer_dist
+    root = Path(mer_dist.__file__).parent
+    stage_modules = {f"mer_dist.stages.{p.stem}" for p in (root / "stages").glob("*.py") if p.stem != "__init__"}
+    assert {"mer_dist.stages.align", "mer_dist.stages.finetune", "mer_dist.stages.demo"} <= stage_modules
+    for path in root.rglob("*.py"):
+        module = "mer_dist." + ".".join(path.relative_to(root).with_suffix("").parts)
+        wrong = _imports(path) & stage_modules
+        assert not wrong, f"{module} imports the stage(s) {sorted(wrong)}"
+    runners = {s.runner.split(":")[0] for s in C.STAGES.values()}
+    assert runners - stage_modules == {"mer_dist.data.synth", "mer_dist.data.ingest", "mer_dist.models.presets"}
+
+
+def test_pseudo_options_are_one_section_with_a_shorthand(tmp_path):
+    """adapt-audio, align and finetune share one PseudoConfig; `pseudo=P` (command line or YAML) names its directory,
+    in any order with its other keys; each stage keeps its own default for `soft`."""
+    for overrides in (["pseudo=runs/p", "pseudo.soft=true"], ["pseudo.soft=true", "pseudo=runs/p"]):
+        cfg = C.load(C.FinetuneConfig, overrides=overrides)
+        assert (cfg.pseudo.dir, cfg.pseudo.soft, cfg.pseudo.weight) == ("runs/p", True, 0.5)
+    (tmp_path / "a.yaml").write_text("pseudo: runs/q\nloss: [infonce, pseudo]\n")
+    assert C.load(C.AlignConfig, tmp_path / "a.yaml").pseudo == C.PseudoConfig(dir="runs/q")
+    assert C.FinetuneConfig().pseudo.soft is False and C.AdaptConfig().pseudo.soft is True
+    # a run directory's config.yaml from before the section (self-train and ablate rerun from them) still loads
+    (tmp_path / "old.yaml").write_text("pseudo: runs/p\npseudo_soft: false\ntest_split: ''\ntransductive: true\n")
+    assert C.load(C.AdaptConfig, tmp_path / "old.yaml").pseudo == C.PseudoConfig(dir="runs/p", soft=False, test_split="",
+                                                                               transductive=True)
+    with pytest.raises(C.ConfigError, match="config key 'pseudo.weight': expected a number >= 0"):
+        C.load(C.AdaptConfig, overrides=["pseudo.weight=-1"])
+    with pytest.raises(C.ConfigError, match="config key 'lr': expected float"):
+        C.load(C.FinetuneConfig, overrides=["lr.x=1"])

@@ -233,3 +233,54 @@ def test_lock_file_is_never_opened_through_a_symlink(tmp_path):
     with pytest.raises(LockError, match="symlink is refused"):
         OutputLock(tmp_path / "run").acquire()
     assert victim.read_text() == "keep me\n"
+
+
+def _lying_avi(path, seconds: float, claimed_s: float, fps: int = 10) -> None:
+    """An .avi whose headers (avih total frames, each stream's strh length) claim `claimed_s` seconds."""
+    import struct
+    from mer_dist.data.decode import write_av
+    rng = np.random.default_rng(0)
+    write_av(path, rng.integers(0, 255, (int(seconds * fps), 32, 48, 3), dtype=np.uint8),
+             (0.1 * rng.standard_normal(int(seconds * 16000))).astype(np.float32), fps, "avi")
+    b = bytearray(path.read_bytes())
+    i = 0
+    while (i := b.find(b"strh", i)) >= 0:
+        struct.pack_into("<I", b, i + 40, int(claimed_s * (fps if b[i + 8:i + 12] == b"vids" else 16000)))
+        i += 4
+    struct.pack_into("<I", b, b.find(b"avih") + 24, int(claimed_s * fps))
+    path.write_bytes(bytes(b))
+
+
+def test_reencode_follows_the_video_not_the_duration_its_header_claims(tmp_path):
+    """#22 item 8: a clip whose header claims an hour (2 s of video) is re-encoded in one streaming pass: memory
+    stays a few frames (numpy allocations traced), the output holds the 2 s it really has, at the target fps, with
+    its audio; the sample's JSON records that duration."""
+    import tracemalloc
+
+    from mer_dist.config import ReencodeConfig
+    from mer_dist.data.decode import decode, probe
+    from mer_dist.data.ingest import _reencode
+    src = tmp_path / "liar.avi"
+    _lying_avi(src, seconds=2.0, claimed_s=3600.0)
+    assert probe(src)["duration_s"] == 3600.0           # the header's claim (what sizing by duration would trust)
+    tracemalloc.start()
+    data, duration = _reencode(str(src), ReencodeConfig(enabled=True, fps=10, height=64, width=64), tmp_path)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 32 * 2 ** 20, f"peak {peak / 2 ** 20:.0f} MiB"       # an hour of 64x64 frames would be 442 MiB
+    assert duration == pytest.approx(2.0, abs=0.15)
+    info = probe(data)
+    assert info["has_audio"] and info["fps"] == 10.0 and info["duration_s"] == pytest.approx(2.0, abs=0.15)
+    clip = decode(data, 4, 64, 64, max_seconds=6.0)
+    assert clip.audio.size == pytest.approx(2.0 * 16000, rel=0.05)
+    # shard writes the real duration into the sample's JSON
+    root = tmp_path / "c"
+    (root / "video-labeled").mkdir(parents=True)
+    shutil.copy(src, root / "video-labeled" / "liar.avi")
+    (root / "label-disdim.csv").write_text("name,discrete,valence\nliar,happy,0\n")
+    (root / "label-transcription.csv").write_text("name,english,chinese\nliar,hello,\n")
+    write_shards(ShardConfig(corpus=str(root), out=str(tmp_path / "s"), workers=1,
+                             reencode=ReencodeConfig(enabled=True, fps=10, height=32, width=32)))
+    with tarfile.open(shard_urls(tmp_path / "s", "train")[0]) as t:
+        meta = json.loads(t.extractfile(next(m for m in t.getmembers() if m.name.endswith(".json"))).read())
+    assert meta["duration_s"] == pytest.approx(2.0, abs=0.15)

@@ -80,3 +80,33 @@ def test_missing_transcript_still_predicted(shards, teacher, tmp_path):
     model = FusionModel({m: f.shape[1] for m, f in feats.items()}, cfg.fusion).eval()
     out = model({m: torch.from_numpy(f) for m, f in feats.items()}, torch.from_numpy(present))
     assert out.shape == (24, 6) and torch.isfinite(out).all()
+
+
+@pytest.mark.slow
+def test_two_finetunes_share_one_feature_cache_at_once(shards, teacher, tmp_path):
+    """#22 item 7: a seed sweep's jobs start together on one fresh cache: both compute and save the same features
+    at the same time (unique temp names in the cache directory, merged on save). Both succeed, train on equal
+    features (same seed: equal CV scores fold for fold), and the cache they leave holds every clip, readable."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    from mer_dist.features import Cache, Encoders, index, specs_for
+    cache = tmp_path / "cache"
+    args = ["finetune", "--shards", shards, "--teacher", teacher, "--visual", "random", "--modalities", "a,v",
+            "folds=2", "epochs=3", "test_split=", f"cache={cache}", *DATA]
+    procs = [subprocess.Popen([sys.executable, "-m", "mer_dist", *map(str, args), "--out", str(tmp_path / f"m{i}")],
+                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    m0, m1 = (json.loads((tmp_path / f"m{i}" / "metrics.json").read_text()) for i in range(2))
+    assert m0["cv_waf"] == m1["cv_waf"] and m0["fold_val_waf"] == m1["fold_val_waf"]
+    cfg = C.load(C.FinetuneConfig, overrides=[f"data.shards={shards}", f"teacher={teacher}", "visual=random",
+                                              "modalities=a,v", f"cache={cache}", *DATA])
+    keys = index(str(shards), "train")[3]
+    encoders = Encoders(specs_for(cfg), cfg.data.height)
+    for m in ("a", "v"):
+        saved = Cache(cache, m, encoders.fingerprint(m))
+        assert not saved.missing(keys)                   # every clip, in a file that reads
+    assert not [f for f in cache.iterdir() if f.name.startswith(".")]     # no temp file left behind

@@ -442,3 +442,70 @@ def test_a_pseudo_labelled_clip_another_stage_cannot_read_is_skipped_not_fatal(s
     assert unreadable("P", names[:3], set(names), str(shards), "unlabeled", "finetune") == set()
     with pytest.raises(ValueError, match="not in split 'unlabeled'.*no_such_clip"):
         unreadable("P", ["no_such_clip"], set(), str(shards), "unlabeled", "finetune")
+
+
+_ON_MAIN_WORKER = '''
+import os, sys, time
+from mer_dist import dist
+mode = sys.argv[1]
+env = dist.setup()
+t0 = time.time()
+
+
+def work():
+    time.sleep(float(os.environ["WORK_S"]))
+    if mode == "fail":
+        raise ValueError("rank 0: the work failed")
+    return [env.rank, "done"]
+
+
+try:
+    if mode == "barrier":          # the control: rank 0 works while the others wait in a collective
+        if env.is_main:
+            work()
+        dist.barrier()
+        r = "barrier"
+    else:
+        r = dist.on_main(work)
+    dist.barrier()
+    print(f"rank {env.rank}: {r} after {time.time() - t0:.1f}s", flush=True)
+except Exception as e:
+    print(f"rank {env.rank}: {type(e).__name__}: {str(e).splitlines()[0][:160]} after {time.time() - t0:.1f}s", flush=True)
+    sys.exit(3)
+'''
+
+
+@pytest.mark.slow
+def test_rank0_work_outlasts_the_group_timeout_setting(tmp_path, shards):
+    """#22 item 3: MER_DIST_TIMEOUT_S is the process group's timeout (README: Waits between ranks); work
+    that only rank 0 does (`dist.on_main`: adapting the teacher, pretraining HuBERT, decoding a frame cache, writing
+    a feature cache, converting a checkpoint) may last longer than it, because the other ranks wait outside any
+    collective. Under the same setting a plain barrier times out (the control); a failure of rank 0's work reaches
+    the other rank with its one line; a bad setting is one line and exit 2; a real adapt-audio on 2 ranks whose
+    rank-0 training outlasts a 2 s timeout completes."""
+    (tmp_path / "w.py").write_text(_ON_MAIN_WORKER)
+    env = {**os.environ, "MER_DIST_TIMEOUT_S": "2", "WORK_S": "6", "PYTHONPATH": str(REPO)}
+
+    def launch(mode):
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                               f"--master_port={free_port()}", str(tmp_path / "w.py"), mode],
+                              capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
+    ok = launch("ok")
+    assert ok.returncode == 0, ok.stdout + ok.stderr[-2000:]
+    assert "rank 1: [0, 'done']" in ok.stdout and "rank 0: [0, 'done']" in ok.stdout
+    control = launch("barrier")
+    assert control.returncode != 0 and "Timed out" in control.stdout + control.stderr
+    fail = launch("fail")
+    lines = [x for x in fail.stdout.splitlines() if x.startswith("rank ")]
+    assert len(lines) == 2 and all("ValueError: rank 0: the work failed" in x for x in lines), fail.stdout
+    assert all(float(x.rsplit("after ", 1)[1].rstrip("s")) < 15 for x in lines)      # promptly, not at a timeout
+    bad = run_cli("evaluate", "--model", tmp_path / "none", env={"MER_DIST_TIMEOUT_S": "soon"}, check=False)
+    assert bad.returncode == 2 and "MER_DIST_TIMEOUT_S" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    out, t0 = tmp_path / "teacher", time.time()
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        f"--master_port={free_port()}", "-m", "mer_dist", "adapt-audio", "--shards", shards,
+                        "--layers", "1,2", "--out", out, "epochs=3", "patience=3", *DATA],
+                       capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads((out / "teacher.json").read_text())["layers"] == [1, 2]
+    assert time.time() - t0 > 5 * 2      # rank 1 waited far longer than the timeout

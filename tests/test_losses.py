@@ -160,11 +160,11 @@ def test_pseudo_term_learns_only_from_clips_with_a_pseudo_label():
 
 
 def test_pseudo_loss_and_pseudo_dir_come_together():
-    from mer_dist.config import AlignConfig
+    from mer_dist.config import AlignConfig, PseudoConfig
     with pytest.raises(ConfigError, match="config key 'pseudo'"):
         AlignConfig(loss=["infonce", "pseudo"])
     with pytest.raises(ConfigError, match="config key 'pseudo'"):
-        AlignConfig(loss=["infonce"], pseudo="runs/pseudo")
-    cfg = AlignConfig(loss=["infonce", "pseudo:0.5"], pseudo="runs/pseudo")      # together: the head exists
+        AlignConfig(loss=["infonce"], pseudo=PseudoConfig(dir="runs/pseudo"))
+    cfg = AlignConfig(loss=["infonce", "pseudo:0.5"], pseudo=PseudoConfig(dir="runs/pseudo"))      # together: the head exists
     obj = AlignmentObjective(parse_loss(cfg.loss), 8, audio_dim=4)
     assert obj.pseudo_head is not None and [t.weight for t in obj.terms if t.kind == "pseudo"] == [0.5]

@@ -9,7 +9,8 @@ import torch
 
 from conftest import DATA, run_cli
 from mer_dist.config import AblateConfig, ConfigError, SynthConfig, VisualConfig, load
-from mer_dist.data.synth import ClipSpec, ceiling, make_clip
+from mer_dist.data.synth import ClipSpec, make_clip
+from mer_dist.eval.ceiling import ceiling
 from mer_dist.eval.ablation import verdict
 from mer_dist.eval.linear_probe import cv_waf
 from mer_dist.train.guard import choose
@@ -77,6 +78,23 @@ def test_cv_probe_reads_separable_features_and_not_noise():
     signal = noise + 3.0 * np.eye(6, 16)[y]
     assert cv_waf(signal, y, 5, 0) > 0.9 and cv_waf(noise, y, 5, 0) < 0.35
     assert cv_waf(signal, y, 5, 0) == cv_waf(signal, y, 5, 0)          # deterministic: every rank agrees
+
+
+def test_guard_head_probe_is_finetunes_own_head_out_of_fold():
+    """guard.probe=head scores features with finetune's visual-only head and recipe, out of fold: it reads signal,
+    not noise, gives the same answer every time, and leaves align's random stream where it was."""
+    from mer_dist.train.folds import head_cv_waf
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(6), 10)
+    noise = rng.normal(size=(60, 16)).astype(np.float32)
+    signal = noise + 3.0 * np.eye(6, 16, dtype=np.float32)[y]
+    torch.manual_seed(123)
+    before, threads = torch.rand(1), torch.get_num_threads()
+    torch.manual_seed(123)
+    with torch.no_grad():                      # as the guard calls it
+        good = head_cv_waf(signal, y, 5, 0)
+    assert torch.equal(torch.rand(1), before) and torch.get_num_threads() == threads
+    assert good > 0.9 and head_cv_waf(noise, y, 5, 0) < 0.35 and head_cv_waf(signal, y, 5, 0) == good
 
 
 def test_verdict_needs_the_gain_to_clear_the_seed_spread():

@@ -11,7 +11,7 @@ import torch
 from conftest import DATA, REPO, free_port, run_cli
 
 from mer_dist import config as C
-from mer_dist.train.finetune import fold_train_indices
+from mer_dist.train.folds import fold_train_indices
 from mer_dist.train.losses import soft_cross_entropy
 from mer_dist.train.pseudo import select
 
@@ -145,8 +145,8 @@ def test_align_pseudo_targets_leave_out_test_clips(shards, tmp_path):
     _pseudo_csv(tmp_path / "p", [(unl[0], 2), (test[0], 1), (unl[1], 5)])
     assert for_training(tmp_path / "p", str(shards), "test", False, "x", "v")[0] == [unl[0], unl[1]]
     assert for_training(tmp_path / "p", str(shards), "test", True, "x", "v")[0] == [unl[0], test[0], unl[1]]
-    cfg = C.AlignConfig(data=C.DataConfig(shards=str(shards)), loss=["infonce", "pseudo"], pseudo=str(tmp_path / "p"),
-                        pseudo_soft=False)
+    cfg = C.AlignConfig(data=C.DataConfig(shards=str(shards)), loss=["infonce", "pseudo"],
+                        pseudo=C.PseudoConfig(dir=str(tmp_path / "p"), soft=False))
     b = PseudoTargets(cfg).batch([unl[1], train[0], test[0]], torch.device("cpu"))
     assert b["pseudo_weight"].tolist() == [1.0, 0.0, 0.0]        # a labeled clip has none; the test clip was left out
     assert b["pseudo"][0].tolist() == [0.0, 0.0, 0.0, 0.0, 0.0, 1.0]      # pseudo_soft=false: the argmax, one-hot
@@ -183,7 +183,7 @@ def test_adapt_audio_and_align_learn_from_pseudo_labels(base_model, shards, teac
 
 
 def test_views_mask_rows_and_combine_keeps_each_view(tmp_path):
-    from mer_dist.train.finetune import view_mask
+    from mer_dist.train.folds import view_mask
     from mer_dist.train.pseudo import combine, for_training, read_pseudo, write
     assert view_mask(["", "v", "at"], ["a", "v", "t"]).tolist() == [[True, True, True], [False, True, False],
                                                                   [True, False, True]]
@@ -215,7 +215,7 @@ def test_self_train_cross_views_co_training(shards, teacher, tmp_path):
     out = tmp_path / "co"
     run_cli("self-train", "--shards", shards, "--teacher", teacher, "--visual", "random", "--out", out,
             "--rounds", "1", "thresholds=[0.0]", "views=cross", "finetune.modalities=a,t", "finetune.folds=2",
-            "finetune.epochs=10", "finetune.pseudo_soft=true", *[f"finetune.{d}" for d in DATA if not d.startswith("tracking")])
+            "finetune.epochs=10", "finetune.pseudo.soft=true", *[f"finetune.{d}" for d in DATA if not d.startswith("tracking")])
     from mer_dist.features import index
     from mer_dist.train.pseudo import read_pseudo
     unl = index(str(shards), "unlabeled")[0]
@@ -241,21 +241,56 @@ def test_finetune_pseudo_left_out_test_clip_is_not_an_error_unknown_clip_is(shar
             "folds=2", "epochs=2", *DATA]
     _pseudo_csv(tmp_path / "p", [(unl[0], 2), (test[0], 1)])       # test clips are not in the unlabeled split here
     r = run_cli(*args, "--out", tmp_path / "ok", f"pseudo={tmp_path / 'p'}")
-    assert "1 pseudo-labelled clip(s) are test clips: left out" in r.stdout
+    assert "1 pseudo-labelled clip(s) are 'test' clips: left out" in r.stdout
     assert json.loads((tmp_path / "ok" / "metrics.json").read_text())["n_pseudo"] == 1
     _pseudo_csv(tmp_path / "q", [(unl[0], 2), ("no_such_clip", 1)])
     bad = run_cli(*args, "--out", tmp_path / "bad", f"pseudo={tmp_path / 'q'}", check=False)
     assert bad.returncode == 2 and "not in split 'unlabeled'" in bad.stderr and "no_such_clip" in bad.stderr
 
 
+def _damaged_pool(shards, dst) -> list[str]:
+    """A copy of the shards whose first two pool clips cannot be decoded, as shard may keep them: one truncated
+    (its header claims the whole clip), one without an audio stream. Returns their names."""
+    import io
+    import shutil
+    import tarfile
+
+    import numpy as np
+
+    from mer_dist.data.decode import write_av
+    from mer_dist.data.ingest import shard_urls
+    shutil.copytree(shards, dst)
+    url = shard_urls(str(dst), "unlabeled")[0]
+    with tarfile.open(url) as t:
+        members = [(m, t.extractfile(m).read()) for m in t.getmembers()]
+    videos = [m.name for m, _ in members if m.name.endswith(".mp4")][:2]
+    silent = dst / "silent.mp4"
+    write_av(silent, np.zeros((10, 32, 32, 3), np.uint8), None, 10, "mp4")
+    with tarfile.open(url, "w") as t:
+        for m, data in members:
+            if m.name == videos[0]:
+                data = data[: len(data) // 3]
+            elif m.name == videos[1]:
+                data = silent.read_bytes()
+            m.size = len(data)
+            t.addfile(m, io.BytesIO(data))
+    silent.unlink()
+    names = {m.name.rsplit(".", 1)[0]: json.loads(d)["name"] for m, d in members if m.name.endswith(".json")}
+    return [names[v.rsplit(".", 1)[0]] for v in videos]
+
+
 @pytest.mark.slow
 def test_self_train_encoders_round_and_its_control(shards, teacher, tmp_path):
     """encoders=[visual,audio]: the round's pseudo-labels (every clip, soft) continue the visual encoder's
     alignment with a pseudo-label head and re-adapt the teacher, each from its run's config.yaml; a fusion model
-    on the new encoders labels the pool for the head. control=true: the same round, no pseudo-label anywhere."""
+    on the new encoders labels the pool for the head. control=true: the same round, no pseudo-label anywhere.
+    #22 item 9: two pool clips cannot be decoded (truncated; no audio stream): pseudo-label still labels them
+    (from the modalities it has), and every later stage skips them with one line naming them, never an error."""
     import yaml
 
     from mer_dist.features import index
+    clean, shards = shards, tmp_path / "shards"
+    bad = _damaged_pool(clean, shards)
     enc = tmp_path / "align0"
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1",
                         f"--master_port={free_port()}", "-m", "mer_dist", "align", "--shards", shards,
@@ -265,25 +300,29 @@ def test_self_train_encoders_round_and_its_control(shards, teacher, tmp_path):
     ft = [f"finetune.{d}" for d in DATA if not d.startswith("tracking")] + [
         "finetune.folds=2", "finetune.epochs=10", "finetune.modalities=a,v", "align_steps=3", "align_procs=1"]
     out = tmp_path / "st"
-    run_cli("self-train", "--shards", shards, "--teacher", teacher, "--visual", enc / "encoder.pt", "--out", out,
-            "--rounds", "1", "encoders=[visual,audio]", "thresholds=[0.3]", *ft)
+    r = run_cli("self-train", "--shards", shards, "--teacher", teacher, "--visual", enc / "encoder.pt", "--out", out,
+                "--rounds", "1", "encoders=[visual,audio]", "thresholds=[0.0]", *ft)
+    for stage in ("adapt-audio", "finetune"):       # the clips pseudo-label labelled but these cannot read
+        line = next(x for x in r.stdout.splitlines() if x.startswith(f"{stage}: 2 pseudo-labelled clip(s) of "
+                                                                     f"'unlabeled' could not be read here: skipped"))
+        assert any(b in line for b in bad)
     rows = json.loads((out / "rounds.json").read_text())
     n_unlabeled = len(index(str(shards), "unlabeled")[0])
     assert rows[1]["kept_encoders"] == n_unlabeled and 0 <= rows[1]["precision_encoders"] <= 1
     assert 0 <= rows[1]["encoders_test_waf"] <= 1 and rows[1]["kept"] > 0 and rows[1]["n_pseudo_trained"] > 0
     a = yaml.safe_load((out / "align1.yaml").read_text())
-    assert a["loss"] == ["infonce", "pseudo"] and a["pseudo"] == str(out / "pseudo1-encoders")
+    assert a["loss"] == ["infonce", "pseudo"] and a["pseudo"]["dir"] == str(out / "pseudo1-encoders")
     assert a["model"]["init"] == str(enc / "encoder.pt") and a["train"]["steps"] == 3 and a["data"]["height"] == 32
     m = [json.loads(x) for x in open(out / "align1" / "metrics.jsonl") if '"loss_pseudo"' in x]
     assert m and all(r["loss_pseudo"] > 0 for r in m)
     t1 = yaml.safe_load((out / "teacher1" / "config.yaml").read_text())
-    assert t1["pseudo"] == str(out / "pseudo1-encoders") and t1["epochs"] == 8     # the teacher's own recipe
+    assert t1["pseudo"]["dir"] == str(out / "pseudo1-encoders") and t1["epochs"] == 8     # the teacher's own recipe
     spec = lambda d: json.loads((d / "teacher.json").read_text())   # noqa: E731
     assert spec(out / "teacher1")["adapter_hash"] != spec(teacher)["adapter_hash"]
     # the labeller and the round's model both stand on the new encoders; only the round's model sees pseudo-labels
     for d, pl in (("round1-encoders", ""), ("round1", str(out / "pseudo1"))):
         c = yaml.safe_load((out / d / "config.yaml").read_text())
-        assert (c["visual"], c["teacher"], c["pseudo"]) == (str(out / "align1" / "encoder.pt"), str(out / "teacher1"), pl)
+        assert (c["visual"], c["teacher"], c["pseudo"]["dir"]) == (str(out / "align1" / "encoder.pt"), str(out / "teacher1"), pl)
     assert "encoders: test WAF before the head's pseudo-labels" in (out / "rounds.md").read_text()
 
     ctl = tmp_path / "ctl"
@@ -291,6 +330,6 @@ def test_self_train_encoders_round_and_its_control(shards, teacher, tmp_path):
             "--rounds", "1", "encoders=[audio]", "control=true", f"start={out / 'round0'}", *ft)
     rows = json.loads((ctl / "rounds.json").read_text())
     assert rows[1]["n_pseudo_trained"] == 0 and "kept_encoders" not in rows[1] and "kept" not in rows[1]
-    assert yaml.safe_load((ctl / "teacher1" / "config.yaml").read_text())["pseudo"] == ""
+    assert yaml.safe_load((ctl / "teacher1" / "config.yaml").read_text())["pseudo"]["dir"] == ""
     assert not list(ctl.glob("pseudo*")) and not (ctl / "align1").exists()
     assert yaml.safe_load((ctl / "round1" / "config.yaml").read_text())["teacher"] == str(ctl / "teacher1")

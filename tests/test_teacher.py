@@ -85,7 +85,7 @@ def test_adaptation_learns_and_teacher_round_trips(teacher, shards, tmp_path):
 
 def test_peft_touches_only_chosen_layers():
     from mer_dist.models.teacher import add_bottlenecks, add_lora
-    from mer_dist.train.adapt import trainable_layers
+    from mer_dist.models.teacher import trainable_layers
     assert trainable_layers(add_lora(build_hubert("tiny:hubert"), [2, 4], 4, 8, 0.0, ["q_proj", "v_proj"])) == {2, 4}
     assert trainable_layers(add_bottlenecks(build_hubert("tiny:hubert"), [3], 8)) == {3}
 
@@ -135,7 +135,7 @@ def test_frame_posteriors_average_to_the_utterance_prediction(teacher):
 
 
 def test_mfcc_frames_line_up_with_hubert_frames():
-    from mer_dist.train.pretrain_audio import mfcc
+    from mer_dist.stages.pretrain_audio import mfcc
     model = build_hubert("tiny:hubert")
     for n in (400, 401, 16000, 16123, 33333):
         f = mfcc(np.random.default_rng(n).normal(0, 0.1, n).astype(np.float32))

@@ -163,7 +163,8 @@ def test_synthetic_ceiling_is_bayes_optimal_reading(corpus, tmp_path):
     """`synth.ceiling`: with no confusable expressions a perfect reader of any modality is always right; with the
     defaults, reading all three beats reading any one (the gap fusion can close)."""
     from mer_dist.config import SynthConfig
-    from mer_dist.data.synth import ceiling, generate
+    from mer_dist.data.synth import generate
+    from mer_dist.eval.ceiling import ceiling
     clean = generate(SynthConfig(out=str(tmp_path / "c"), num_labeled=8, num_unlabeled=4, num_test=4, seconds=0.8,
                                  seconds_jitter=0.0, height=16, width=16, visual_noise=0.0, audio_noise=0.0,
                                  text_noise=0.0, workers=1))
@@ -206,3 +207,19 @@ def test_feature_cache_survives_a_torn_file_and_merges_concurrent_writers(tmp_pa
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]       # no temp file left behind
     a.path.write_bytes(a.path.read_bytes()[:40])                               # a file torn by an older version
     assert Cache(tmp_path, "a", "enc").data == {} and "unreadable feature cache" in caplog.text
+
+
+def test_stacked_rows_read_frame_caches_without_copying_them(tmp_path):
+    """#22 item 8: fine-tuning the visual encoder on pseudo-labelled pool clips reads their frames from the pool's
+    memory-mapped cache row by row (`StackedRows`) instead of copying every candidate's frames into memory."""
+    from mer_dist.features import StackedRows
+    a = np.lib.format.open_memmap(tmp_path / "a.npy", "w+", np.uint8, (5, 2, 3))
+    b = np.lib.format.open_memmap(tmp_path / "b.npy", "w+", np.uint8, (4, 2, 3))
+    a[:] = np.arange(5)[:, None, None]
+    b[:] = 100 + np.arange(4)[:, None, None]
+    rows = StackedRows((a, np.arange(5)), (b, np.array([3, 0, 3])))
+    whole = np.concatenate([np.asarray(a), np.asarray(b)[[3, 0, 3]]])
+    assert len(rows) == 8
+    for idx in ([0, 5, 7], [7, 6, 1], np.arange(8)):
+        assert (rows[idx] == whole[idx]).all()
+    assert all(isinstance(p, np.memmap) for p in rows.parts)      # the data stays in the files

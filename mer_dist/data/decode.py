@@ -6,6 +6,7 @@ is resampled once, inside the same pass over the container: one open, one demux.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,15 +55,28 @@ def _duration(c, v, a) -> float:
     return float(c.duration / av.time_base) if c.duration else 0.0
 
 
-def decode(source: str | Path | bytes, frames: int, height: int, width: int, sample_rate: int = 16000,
-           max_seconds: float = 0.0, name: str = "", threads: int = 0, need_audio: bool = True) -> Clip:
-    """Decode a clip. `frames=0` decodes audio only (teacher targets); raises DecodeError on bad input."""
-    name = name or str(source)[:80]
+@contextlib.contextmanager
+def _container(source: str | Path | bytes, name: str):
+    """The opened container, closed after; a clip that cannot be opened or read is a DecodeError with its reason."""
     try:
         container = av.open(io.BytesIO(source) if isinstance(source, bytes) else str(source))
     except (av.error.FFmpegError, OSError) as e:
         raise DecodeError(name, f"cannot open container ({e.__class__.__name__})") from None
     try:
+        yield container
+    except DecodeError:
+        raise
+    except (av.error.FFmpegError, ValueError, IndexError) as e:
+        raise DecodeError(name, f"corrupt stream ({e.__class__.__name__}: {e})") from None
+    finally:
+        container.close()
+
+
+def decode(source: str | Path | bytes, frames: int, height: int, width: int, sample_rate: int = 16000,
+           max_seconds: float = 0.0, name: str = "", threads: int = 0, need_audio: bool = True) -> Clip:
+    """Decode a clip. `frames=0` decodes audio only (teacher targets); raises DecodeError on bad input."""
+    name = name or str(source)[:80]
+    with _container(source, name) as container:
         v = container.streams.video[0] if container.streams.video else None
         a = container.streams.audio[0] if container.streams.audio else None
         if v is None and frames > 0:
@@ -144,12 +158,6 @@ def decode(source: str | Path | bytes, frames: int, height: int, width: int, sam
         if need_audio and audio.size == 0:
             raise DecodeError(name, "audio stream decoded to zero samples")
         return Clip(out.transpose(0, 3, 1, 2).copy(), targets, audio, duration)
-    except DecodeError:
-        raise
-    except (av.error.FFmpegError, ValueError, IndexError) as e:
-        raise DecodeError(name, f"corrupt stream ({e.__class__.__name__}: {e})") from None
-    finally:
-        container.close()
 
 
 class _KeepWindows:
@@ -175,47 +183,127 @@ class _KeepWindows:
 _BITEXACT = Interpolation.BILINEAR | Interpolation.ACCURATE_RND | Interpolation.BITEXACT
 
 
-def write_av(path: Path, frames: np.ndarray | None, audio: np.ndarray | None, fps: int, container: str,
-             sample_rate: int = 16000) -> None:
-    """Encode frames (uint8 [T,H,W,3]) and mono float audio into one container (H.264+AAC, or MPEG-4+PCM in .avi):
-    the project's one encoder (synthetic corpora and shard re-encoding)."""
-    vcodec, acodec = ("libx264", "aac") if container == "mp4" else ("mpeg4", "pcm_s16le")
-    # bitexact: no build/version strings or timing in the container or streams, so bytes depend on the input only
-    with av.open(str(path), "w", options={"fflags": "+bitexact"}) as out:
-        vs = as_ = None
-        if frames is not None:
-            vs = out.add_stream(vcodec, rate=fps)
-            vs.width, vs.height, vs.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+class _Encoder:
+    """The project's one encoder (H.264 + AAC in .mp4, MPEG-4 + PCM in .avi), fed frame by frame and audio block by
+    block: memory stays one frame and one audio block whatever the clip's length. Bytes depend on the input only."""
+
+    def __init__(self, path: Path, fps: int, size: tuple[int, int] | None, audio: bool, container: str,
+                 sample_rate: int = 16000):
+        vcodec, acodec = ("libx264", "aac") if container == "mp4" else ("mpeg4", "pcm_s16le")
+        # bitexact: no build/version strings or timing in the container or streams, so bytes depend on the input only
+        self.out = av.open(str(path), "w", options={"fflags": "+bitexact"})
+        self.vs = self.as_ = None
+        self.n_frames = self.n_samples = 0
+        if size is not None:
+            self.vs = vs = self.out.add_stream(vcodec, rate=fps)
+            vs.height, vs.width = size
+            vs.pix_fmt = "yuv420p"
             vs.thread_count = 1                      # deterministic bytes
             if vcodec == "libx264":
                 # one x264 thread, whatever FFmpeg's thread_count does, and no macroblock-tree rate control: its
                 # float SIMD gave other bytes for the same frames depending on the process's heap (seen in CI)
                 vs.options = {"preset": "veryfast", "crf": "23", "threads": "1", "flags": "+bitexact",
                               "x264-params": "threads=1:lookahead-threads=1:sliced-threads=0:mbtree=0"}
+        if audio:
+            self.as_ = self.out.add_stream(acodec, rate=sample_rate, layout="mono")
+            self.as_.options = {"flags": "+bitexact"}
+            self.sample_rate, self.pending = sample_rate, np.zeros(0, np.float32)
+
+    def frame(self, img: np.ndarray) -> None:
+        """One uint8 [H, W, 3] frame."""
+        # converted here, not by the encoder: PyAV's implicit conversion carries state from one encode to the
+        # next, so the same frames gave other bytes (and pixels) depending on what the process encoded before.
+        # One thread and BITEXACT: swscale's default is one slice per CPU, whose output differed between runs
+        frame = av.VideoFrame.from_ndarray(img, format="rgb24").reformat(
+            format=self.vs.pix_fmt, interpolation=_BITEXACT, threads=1)
+        frame.pts = self.n_frames
+        self.n_frames += 1
+        for pkt in self.vs.encode(frame):
+            self.out.mux(pkt)
+
+    def end_video(self) -> None:
+        if self.vs is not None:
+            for pkt in self.vs.encode():
+                self.out.mux(pkt)
+            self.vs = None
+
+    def audio(self, samples: np.ndarray, final: bool = False) -> None:
+        """Mono float samples, encoded in the codec's frame size as they fill (`final`: the rest too)."""
+        fmt = self.as_.codec_context.format.name
+        chunk = self.as_.codec_context.frame_size or 1024
+        self.pending = np.concatenate([self.pending, samples.astype(np.float32, copy=False)])
+        while len(self.pending) >= chunk or (final and len(self.pending)):
+            block, self.pending = self.pending[:chunk], self.pending[chunk:]
+            arr = (block * 32767).astype(np.int16)[None] if fmt.startswith("s16") else block[None]
+            frame = av.AudioFrame.from_ndarray(arr, format=fmt, layout="mono")
+            frame.sample_rate, frame.pts = self.sample_rate, self.n_samples
+            self.n_samples += len(block)
+            for pkt in self.as_.encode(frame):
+                self.out.mux(pkt)
+
+    def close(self) -> None:
+        self.end_video()
+        if self.as_ is not None:
+            self.audio(np.zeros(0, np.float32), final=True)
+            for pkt in self.as_.encode():
+                self.out.mux(pkt)
+        self.out.close()
+
+
+def write_av(path: Path, frames: np.ndarray | None, audio: np.ndarray | None, fps: int, container: str,
+             sample_rate: int = 16000) -> None:
+    """Encode frames (uint8 [T,H,W,3]) and mono float audio into one container (H.264+AAC, or MPEG-4+PCM in .avi)."""
+    enc = _Encoder(path, fps, frames.shape[1:3] if frames is not None else None, audio is not None, container,
+                   sample_rate)
+    try:
+        for img in frames if frames is not None else ():
+            enc.frame(img)
+        enc.end_video()
         if audio is not None:
-            as_ = out.add_stream(acodec, rate=sample_rate, layout="mono")
-            as_.options = {"flags": "+bitexact"}
-        if vs is not None:
-            for i, img in enumerate(frames):
-                # converted here, not by the encoder: PyAV's implicit conversion carries state from one encode to the
-                # next, so the same frames gave other bytes (and pixels) depending on what the process encoded before.
-                # One thread and BITEXACT: swscale's default is one slice per CPU, whose output differed between runs
-                frame = av.VideoFrame.from_ndarray(img, format="rgb24").reformat(
-                    format=vs.pix_fmt, interpolation=_BITEXACT, threads=1)
-                frame.pts = i
-                for pkt in vs.encode(frame):
-                    out.mux(pkt)
-            for pkt in vs.encode():
-                out.mux(pkt)
-        if as_ is not None:
-            fmt = as_.codec_context.format.name
-            chunk = as_.codec_context.frame_size or 1024
-            for start in range(0, len(audio), chunk):
-                block = audio[start:start + chunk]
-                arr = (block * 32767).astype(np.int16)[None] if fmt.startswith("s16") else block[None]
-                frame = av.AudioFrame.from_ndarray(arr, format=fmt, layout="mono")
-                frame.sample_rate, frame.pts = sample_rate, start
-                for pkt in as_.encode(frame):
-                    out.mux(pkt)
-            for pkt in as_.encode():
-                out.mux(pkt)
+            enc.audio(audio, final=True)
+    finally:
+        enc.close()
+
+
+def transcode(source: str | Path, path: Path, fps: int, height: int, width: int, sample_rate: int = 16000,
+              name: str = "") -> int:
+    """Re-encode a clip to `fps` frames a second at height x width with mono `sample_rate` audio (H.264 + AAC mp4)
+    in one streaming pass: frame i is the decoded frame shown at (i + 0.5) / fps, as `decode` picks them, until
+    the video really ends -- neither memory nor the output follows the duration a header claims (ten hours, or a
+    genuinely long clip, cost one frame and one audio block of memory). Returns the number of frames written."""
+    name = name or str(source)[:80]
+    with _container(source, name) as container:
+        v = container.streams.video[0] if container.streams.video else None
+        a = container.streams.audio[0] if container.streams.audio else None
+        if v is None:
+            raise DecodeError(name, "no video stream")
+        half = 0.5 / float(v.average_rate) if v.average_rate else 0.0
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate) if a is not None else None
+        reformatter = av.video.reformatter.VideoReformatter()
+        enc = _Encoder(path, fps, (height, width), a is not None, "mp4", sample_rate)
+        try:
+            last, t_last = None, 0.0
+            for packet in container.demux([s for s in (v, a) if s is not None]):
+                for fr in packet.decode():
+                    if packet.stream.type == "video":
+                        t = float(fr.time) if fr.time is not None else t_last
+                        img = None
+                        while (enc.n_frames + 0.5) / fps <= t + half:     # every output time this frame covers
+                            img = img if img is not None else reformatter.reformat(fr, width, height, "rgb24",
+                                                                                    threads=1).to_ndarray()
+                            enc.frame(img)
+                        last, t_last = fr, t
+                    else:
+                        for rf in resampler.resample(fr):
+                            enc.audio(rf.to_ndarray().reshape(-1))
+            if last is None:
+                raise DecodeError(name, "no video frames decoded")
+            img = reformatter.reformat(last, width, height, "rgb24", threads=1).to_ndarray()
+            while enc.n_frames == 0 or (enc.n_frames + 0.5) / fps < t_last + 2 * half:   # the last frame's span
+                enc.frame(img)
+            if resampler is not None:
+                for rf in resampler.resample(None):
+                    enc.audio(rf.to_ndarray().reshape(-1))
+            return enc.n_frames
+        finally:
+            enc.close()

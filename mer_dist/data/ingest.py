@@ -24,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from mer_dist.config import LABELS, ReencodeConfig, ShardConfig
-from mer_dist.data.decode import DecodeError, decode, probe, write_av
+from mer_dist.data.decode import DecodeError, probe, transcode
 from mer_dist.errors import DataError
 from mer_dist.io import atomic_target, write_json_atomic
 
@@ -134,17 +134,15 @@ def _check(rec: dict) -> dict:
     return {**rec, **info, "bytes": os.path.getsize(rec["path"])}
 
 
-def _reencode(path: str, cfg: ReencodeConfig, workdir: Path) -> bytes:
-    """Decode every frame at the target fps/size and write a fresh H.264+AAC mp4 (via a private temp file in
-    the output directory: created exclusively, so a planted link cannot redirect the write)."""
-    info = probe(path)
-    n = max(1, int(round(info["duration_s"] * cfg.fps)))
-    clip = decode(path, n, cfg.height, cfg.width)
+def _reencode(path: str, cfg: ReencodeConfig, workdir: Path) -> tuple[bytes, float]:
+    """A fresh H.264+AAC mp4 at the target fps/size and its real duration, streamed frame by frame (`transcode`:
+    memory and length follow the video, never the duration its header claims), via a private temp file in the
+    output directory (created exclusively, so a planted link cannot redirect the write)."""
     fd, tmp = tempfile.mkstemp(prefix=".reencode-", suffix=".mp4", dir=workdir)
     os.close(fd)
     try:
-        write_av(Path(tmp), clip.frames.transpose(0, 2, 3, 1), clip.audio, cfg.fps, "mp4")
-        return Path(tmp).read_bytes()
+        n = transcode(path, Path(tmp), cfg.fps, cfg.height, cfg.width)
+        return Path(tmp).read_bytes(), n / cfg.fps
     finally:
         os.unlink(tmp)
 
@@ -161,12 +159,13 @@ def _write_shard(job: tuple[str, list[dict], ReencodeConfig]) -> str:
     path, samples, reenc = job
     with atomic_target(path) as tmp, tarfile.open(tmp, "w") as tar:
         for s in samples:
+            duration = s["duration_s"]
             if reenc.enabled:
-                data, ext, fps = _reencode(s["path"], reenc, Path(path).parent), "mp4", reenc.fps
+                (data, duration), ext, fps = _reencode(s["path"], reenc, Path(path).parent), "mp4", reenc.fps
             else:
                 data, ext = Path(s["path"]).read_bytes(), Path(s["path"]).suffix.lstrip(".").lower()
                 fps = s["fps"]
-            meta = {"name": s["name"], "split": s["split"], "duration_s": round(s["duration_s"], 4), "fps": fps,
+            meta = {"name": s["name"], "split": s["split"], "duration_s": round(duration, 4), "fps": fps,
                     "source": s["path"], "transcript": s["text"]["english"] or s["text"]["chinese"],
                     "text": s["text"], "sha256": hashlib.sha256(data).hexdigest()}   # content key of caches
             if s["label"] is not None:

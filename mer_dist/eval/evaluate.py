@@ -1,8 +1,6 @@
-"""`mer-dist evaluate`: fold-ensemble predictions on a split; metrics where labels exist; MER2024 submission CSV.
-
-`load_model` reads a finetune output (`model.pt`: tensors and plain values only, `weights_only=True`)
-and `predict` gives the fold ensemble's probabilities on any split of any shards; `pseudo-label` uses
-both. Features are extracted with the model's own encoders, keyed by clip content, spread over ranks.
+"""A fold ensemble on a split of shards: `predict` gives each fold's probabilities (features extracted with the
+model's own encoders, keyed by clip content, spread over ranks), `report` writes the evaluation directory
+(predictions, probabilities, metrics and per-class tables where labels exist) for `evaluate` and `finetune`.
 """
 from __future__ import annotations
 
@@ -12,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mer_dist import dist
 from mer_dist.config import (
     LABELS,
     DataConfig,
@@ -21,62 +18,43 @@ from mer_dist.config import (
     VisualConfig,
     save,
 )
-from mer_dist.errors import ModelError
 from mer_dist.eval import plots
 from mer_dist.eval.metrics import summary
 from mer_dist.features import Encoders, extract, frames
-from mer_dist.io import load_tensors, write_json_atomic
+from mer_dist.io import write_json_atomic
+from mer_dist.models.ensemble import FoldEnsemble
 from mer_dist.models.fusion import fold_probs
 from mer_dist.tracking import Tracker
 
 
-def load_model(model_dir: str | Path) -> dict:
-    model_file = Path(model_dir) / "model.pt"
-    if not model_file.is_file():
-        raise FileNotFoundError(f"{model_file}: model not found (run `mer-dist finetune` first)")
-    ck = load_tensors(model_file)
-    need = {"folds", "dims", "fusion", "modalities", "specs", "image_size", "data", "shards", "cache"}
-    if not isinstance(ck, dict) or not need <= set(ck):
-        raise ModelError(f"{model_file}: expected a model.pt written by `mer-dist finetune` (keys {sorted(need)})")
-    return ck
-
-
-def predict(ck: dict, split: str, shards: str = "", encoders: Encoders | None = None, rank: int = 0,
+def predict(ck: FoldEnsemble, split: str, shards: str = "", encoders: Encoders | None = None, rank: int = 0,
             world: int = 1) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(names, labels or -1, each fold model's probabilities [K, N, 6]) for a split; every rank must call it.
     The ensemble's prediction is their mean over K."""
-    data = DataConfig(**{**ck["data"], "shards": shards or ck["shards"]})
-    encoders = encoders or Encoders(ck["specs"], ck["image_size"])
-    names, y, feats, present = extract(encoders, ck["modalities"], data.shards, split, data, ck["cache"], rank, world)
-    if not ck.get("visual_folds"):
-        return names, y, fold_probs(ck["folds"], ck["dims"], FusionConfig(**ck["fusion"]), feats, present)
+    data = DataConfig(**{**ck.data, "shards": shards or ck.shards})
+    encoders = encoders or Encoders(ck.specs, ck.image_size)
+    names, y, feats, present = extract(encoders, ck.modalities, data.shards, split, data, ck.cache, rank, world)
+    if not ck.visual_folds:
+        return names, y, fold_probs(ck.folds, ck.dims, FusionConfig(**ck.fusion), feats, present)
     # the visual encoder was fine-tuned with each fold: its features come from that fold's encoder
-    _, clips = frames(data.shards, split, data, ck["cache"], rank)
+    _, clips = frames(data.shards, split, data, ck.cache)
     probs = []
-    for fusion_state, enc in zip(ck["folds"], visual_fold_encoders(ck)):
+    for fusion_state, enc in zip(ck.folds, visual_fold_encoders(ck)):
         with torch.no_grad():
             v = torch.cat([enc.embed(torch.from_numpy(np.array(clips[i:i + 64])))
                            for i in range(0, len(names), 64)]).numpy()
-        probs.append(fold_probs([fusion_state], ck["dims"], FusionConfig(**ck["fusion"]), {**feats, "v": v}, present)[0])
+        probs.append(fold_probs([fusion_state], ck.dims, FusionConfig(**ck.fusion), {**feats, "v": v}, present)[0])
     return names, y, np.stack(probs)
 
 
-def visual_fold_encoders(ck: dict):
+def visual_fold_encoders(ck: FoldEnsemble):
     """The visual encoder fine-tuned with each fold (`finetune visual_train=top_k|full`), in eval mode, built one
     at a time as the caller asks (none when the model's visual features come from one frozen encoder)."""
     from mer_dist.models.visual import VisualEncoder
-    for state in ck.get("visual_folds") or []:
-        enc = VisualEncoder(VisualConfig(**{**ck["visual_config"], "init": ""}), ck["image_size"])
+    for state in ck.visual_folds:
+        enc = VisualEncoder(VisualConfig(**{**ck.visual_config, "init": ""}), ck.image_size)
         enc.load_state_dict(state)
         yield enc.eval()
-
-
-def run(cfg: EvaluateConfig) -> dict:
-    env = dist.setup()
-    names, y, probs = predict(load_model(cfg.model), cfg.split, cfg.shards, None, env.rank, env.world_size)
-    result = report(cfg, names, y, probs.mean(0)) if env.is_main else {}
-    dist.cleanup()
-    return result
 
 
 def report(cfg: EvaluateConfig, names: list[str], y: np.ndarray, probs: np.ndarray) -> dict:

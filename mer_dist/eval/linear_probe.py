@@ -1,10 +1,15 @@
 """Linear probes on frozen features: how much of the emotion a representation makes linearly readable.
 
 `probe-layers` scores each HuBERT layer on a held-out part; the alignment guard scores encoders by
-stratified cross-validation on the labeled split (never the test split)."""
+stratified cross-validation on the labeled split (never the test split). This module owns the probe's output
+(`layers.csv` + `layers.json`: per layer WAF/accuracy, the top-k layers, the held-out split's sizes), which
+`adapt-audio` reads to choose the layers it adapts."""
 from __future__ import annotations
 
+import csv
+import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
@@ -12,7 +17,9 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from mer_dist.errors import ModelError
 from mer_dist.eval.metrics import summary
+from mer_dist.io import write_json_atomic
 
 
 def _probe(seed: int):
@@ -33,3 +40,20 @@ def cv_waf(x: np.ndarray, y: np.ndarray, folds: int, seed: int) -> float:
         warnings.simplefilter("ignore")
         pred = cross_val_predict(_probe(seed), x, y, cv=StratifiedKFold(k, shuffle=True, random_state=seed))
     return summary(y, pred)["waf"]
+
+
+def write_layers(out: Path, result: dict) -> None:
+    """`result`: {"layers": [{"layer", "waf", "accuracy"}...], "top_k": [...], ...} -> layers.csv + layers.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "layers.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["layer", "waf", "accuracy"])
+        w.writeheader()
+        w.writerows(result["layers"])
+    write_json_atomic(out / "layers.json", result)
+
+
+def read_layers(probe_dir: str | Path) -> dict:
+    p = Path(probe_dir) / "layers.json"
+    if not p.is_file():
+        raise ModelError(f"{p}: probe result not found (run `mer-dist probe-layers` first)")
+    return json.loads(p.read_text())

@@ -1,14 +1,22 @@
 """HuBERT: loading, per-layer features, adapters (LoRA / bottleneck), and the frozen teacher.
 
-A teacher directory (written by `adapt-audio`) holds `teacher.json` (base model, adapted layers,
-method, feature spec, content hash), the adapter (`adapter/` for LoRA via peft's
-`save_pretrained`, `bottleneck.pt` otherwise), the classification head and per-dimension
-feature statistics (`stats.npz`) used to standardise alignment targets.
+This module owns the teacher directory (`save_teacher` writes it, `Teacher.load` / `read_spec` read it; no other
+module opens its files):
+- `teacher.json`: base model (a preset, a local directory, or `./base` inside the teacher), adapted layers,
+  method and its settings, feature spec (`feature_layers`, `feature_reduce`, `dim`, `frame_rate`), emotion head
+  kind, `adapter_hash` (content hash of adapter + head: the cache key of every feature computed with it), and
+  the adaptation's validation history;
+- the adapter: `adapter/` (LoRA, peft's `save_pretrained`) or `bottleneck.pt` (tensors only);
+- `head.pt`: the `EmotionHead` (tensors only); `stats.npz`: per-dimension feature mean/std on the labeled
+  training part (standardised alignment targets); `base/`: a tiny random base model's weights.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import re
+import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +25,7 @@ from torch import nn
 from transformers import HubertConfig, HubertModel
 
 from mer_dist.errors import ModelError
-from mer_dist.io import load_tensors
+from mer_dist.io import load_tensors, write_json_atomic
 from mer_dist.timing import FRAME_RATE, frame_window
 
 TINY = {
@@ -227,10 +235,7 @@ class Teacher(nn.Module):
         """`adapted=False`: the base model without its adapter (the "does adaptation matter" control); the
         emotion head and statistics are the adapted teacher's, so both variants give targets in one space."""
         path = Path(path)
-        meta = path / "teacher.json"
-        if not meta.is_file():
-            raise ModelError(f"teacher directory {path}: no teacher.json (run `mer-dist adapt-audio` first)")
-        spec = json.loads(meta.read_text())
+        spec = read_spec(path)
         base = spec["base_model"]
         hubert = build_hubert(base if not base.startswith("./") else str(path / base[2:]))
         if adapted and spec["method"] == "lora":
@@ -276,3 +281,82 @@ class Teacher(nn.Module):
     def utterance(self, audio: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
         f, m = self.features(audio, lens)
         return masked_mean(f, m)
+
+
+def read_spec(path: str | Path) -> dict:
+    """A teacher directory's `teacher.json` (ModelError with one line when there is none)."""
+    meta = Path(path) / "teacher.json"
+    if not meta.is_file():
+        raise ModelError(f"teacher directory {path}: no teacher.json (run `mer-dist adapt-audio` first)")
+    return json.loads(meta.read_text())
+
+
+def write_spec(path: str | Path, spec: dict) -> None:
+    write_json_atomic(Path(path) / "teacher.json", spec)
+
+
+class AudioClassifier(nn.Module):
+    """HuBERT (with adapter) -> pooled chosen layers -> the teacher's `EmotionHead` (saved as head.pt)."""
+
+    def __init__(self, hubert: nn.Module, layers: list[int], head: str, dim: int, num_classes: int):
+        super().__init__()
+        self.hubert, self.layers = hubert, layers
+        self.head = EmotionHead(len(layers), dim, head, num_classes)
+
+    def pooled(self, audio, lens) -> torch.Tensor:
+        """[B, len(layers), D] pooled features of the chosen layers."""
+        hs, mask = hidden_states(self.hubert, audio, lens)
+        return torch.stack([masked_mean(hs[layer], mask) for layer in self.layers], 1)
+
+    def forward(self, audio, lens):
+        return self.head(self.pooled(audio, lens))
+
+    @torch.no_grad()
+    def fit_standardisation(self, batches) -> None:
+        self.eval()
+        x = torch.cat([self.pooled(a, n) for a, n in batches])
+        self.head.feat_mean.copy_(x.mean(0))
+        self.head.feat_std.copy_(x.std(0).clamp(min=1e-5))
+
+
+def trainable_layers(model: nn.Module) -> set[int]:
+    """Encoder layers (1-based) that own a trainable parameter."""
+    found = set()
+    for name, p in model.named_parameters():
+        m = re.search(r"encoder\.layers\.(\d+)\.", name)
+        if p.requires_grad and m:
+            found.add(int(m.group(1)) + 1)
+    return found
+
+
+def save_teacher(out: Path, clf: AudioClassifier, method: str, model: str, spec: dict,
+                 batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict:
+    """Write a teacher directory from an adapted classifier: adapter, head, `teacher.json` (`spec` plus the base
+    model, frame rate and content hash) and the feature statistics over `batches` (audio, lengths) of the
+    labeled training part, computed with the saved teacher itself. Returns the full spec."""
+    for p in ("adapter", "bottleneck.pt", "base"):
+        if (out / p).is_dir():
+            shutil.rmtree(out / p)
+    if method == "lora":
+        clf.hubert.save_pretrained(str(out / "adapter"))
+        adapter_files = [out / "adapter"]
+    else:
+        torch.save({k: v for k, v in clf.hubert.state_dict().items() if ".down." in k or ".up." in k},
+                   out / "bottleneck.pt")
+        adapter_files = [out / "bottleneck.pt"]
+    torch.save(clf.head.state_dict(), out / "head.pt")
+    base_model = model
+    if model.startswith("tiny:"):   # random tiny weights travel with the teacher
+        build_hubert(model).save_pretrained(str(out / "base"))
+        base_model = "./base"
+    spec = {"base_model": base_model, "method": method, **spec, "frame_rate": FRAME_RATE,
+            "adapter_hash": dir_hash(adapter_files + [out / "head.pt"])}
+    write_spec(out, spec)
+    teacher = Teacher.load(out)
+    feats = []
+    for x, lens in batches:
+        f, m = teacher.features(x, lens)
+        feats.append(f[m].numpy())
+    allf = np.concatenate(feats)
+    np.savez(out / "stats.npz", mean=allf.mean(0), std=allf.std(0))
+    return spec

@@ -38,7 +38,7 @@ import torch
 
 from mer_dist import dist
 from mer_dist.errors import CheckpointError
-from mer_dist.io import load_tensors, write_text_atomic
+from mer_dist.io import load_tensors, write_json_atomic, write_text_atomic
 
 MANIFEST = "mer-dist-manifest.json"
 
@@ -268,19 +268,23 @@ def load(engine, ckdir: str | Path, env: dist.DistEnv, trust: bool = False) -> d
     A checkpoint of another world size goes through a universal checkpoint (the engine must have been built
     with `checkpoint.load_universal`: `peek` tells before)."""
     ckdir = Path(ckdir)
-    error, written_by, tag, why = "", 0, None, ""
-    if env.is_main:       # one rank checks (hashing is I/O); every rank learns the verdict, whatever it is
+
+    def choose() -> list:
+        """Rank 0 verifies (hashing is I/O) and converts to another world size (minutes at real size); every rank
+        learns the verdict, whatever it is, without waiting in a collective."""
         try:
             tag, manifest, why = _choose(ckdir, trust)
             written_by = int(manifest.get("world_size") or env.world_size)
             if tag is not None and written_by != env.world_size:
                 _to_universal(ckdir / tag, _universal_dir(ckdir) / tag)
-        except CheckpointError as e:
-            error = str(e)
-        except Exception as e:  # noqa: BLE001 - an unexpected error on rank 0 must not leave the others waiting
-            error = f"{ckdir}: cannot resume ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-    dist.raise_if_any(error, CheckpointError)
-    tag, written_by, why = dist.all_gather_object((tag, written_by, why))[0]
+            return [tag, written_by, why]
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 - an unexpected error on rank 0 is one line on every rank
+            raise CheckpointError(f"{ckdir}: cannot resume ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+    tag, written_by, why = dist.on_main(choose, CheckpointError)
     if tag is None:
         return None
     source = _universal_dir(ckdir) if written_by != env.world_size else ckdir
@@ -320,3 +324,13 @@ def _to_universal(src: Path, dst: Path) -> None:
     except Exception as e:  # noqa: BLE001 - DeepSpeed's tool raises anything; one line, every rank
         raise CheckpointError(f"{src}: conversion to a universal checkpoint failed: "
                               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+
+
+def write_summary(out: Path, summary: dict) -> None:
+    """`<run>/summary.json`: how an align run ended (step, exit code, skipped samples, memory, the guard's choice)."""
+    write_json_atomic(out / "summary.json", summary)
+
+
+def read_summary(out: str | Path) -> dict:
+    f = Path(out) / "summary.json"
+    return json.loads(f.read_text()) if f.is_file() else {}

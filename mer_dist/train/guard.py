@@ -2,9 +2,10 @@
 on a corpus where that is lip motion, loudness and identity rather than emotion it makes the encoder worse.
 
 The guard takes up to `guard.max_clips` labeled clips of `guard.split` (each rank holds the uint8 frames of its
-share of the batches) and scores an encoder by the cross-validated WAF of a linear probe on its frozen clip
-features, gathered from the ranks -- the initial
-encoder before training, then each checkpoint. `align` keeps the best checkpoint out of rotation and exports
+share of the batches) and scores an encoder by the out-of-fold WAF of a probe on its frozen clip features,
+gathered from the ranks -- the initial encoder before training, then each checkpoint. The probe is finetune's own
+visual-only head (`guard.probe=head`): what the encoder is used for next, so the guard scores what the user will
+see; a standardised logistic probe (`linear`) favoured random-init features and threw real gains away. `align` keeps the best checkpoint out of rotation and exports
 it; the initial encoder wins unless a checkpoint beats it by `guard.min_gain`. The test split is never read.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ from mer_dist.config import LABELS, AlignConfig
 from mer_dist.data.ingest import load_manifest, shard_urls
 from mer_dist.data.stream import eval_loader, iterate
 from mer_dist.eval.linear_probe import cv_waf
+from mer_dist.train.folds import head_cv_waf
 
 
 def choose(scores: dict[int, float], min_gain: float) -> int:
@@ -61,7 +63,7 @@ class Guard:
     def score(self, embed, step: int) -> float:
         """CV probe WAF of `embed` (frames -> clip features) at `step`. Every rank calls it and runs the same number
         of forwards (ZeRO-3 gathers parameters in each: a rank out of batches repeats one); rank 0 fits the probe
-        on the gathered features and every rank gets its answer."""
+        on the features gathered onto it and every rank gets its answer."""
         mine = [i for i in sorted(self.batches) if i % self.world == self.rank]
         feats = {}
         for j in range(-(-self.n_batches // self.world)):
@@ -69,12 +71,13 @@ class Guard:
             f = embed(self.batches[i].to(self.device))
             if j < len(mine):
                 feats[i] = f.float().cpu().numpy()
-        parts = dist.all_gather_object(feats)
-        waf = 0.0
-        if self.rank == 0:
+        parts = dist.gather_to_main(feats)
+
+        def fit() -> float:     # rank 0; the others wait outside any collective (a head per fold takes a while)
             merged = {i: f for part in parts for i, f in part.items()}
-            waf = cv_waf(np.concatenate([merged[i] for i in range(self.n_batches)]), self.y, self.cfg.folds, self.seed)
-        self.scores[step] = float(dist.all_gather_object(waf)[0])
+            x = np.concatenate([merged[i] for i in range(self.n_batches)])
+            return float((head_cv_waf if self.cfg.probe == "head" else cv_waf)(x, self.y, self.cfg.folds, self.seed))
+        self.scores[step] = float(dist.on_main(fit))
         return self.scores[step]
 
     def best_step(self) -> int:
@@ -89,7 +92,7 @@ class Guard:
     def verdict(self, final: int) -> str:
         """One line for the log: what the probe said and which encoder encoder.pt is."""
         best = self.best_step()
-        where = f"CV probe WAF on '{self.cfg.split}' ({len(self.y)} clips, {self.cfg.folds} folds)"
+        where = f"CV {self.cfg.probe} probe WAF on '{self.cfg.split}' ({len(self.y)} clips, {self.cfg.folds} folds)"
         trail = ", ".join(f"{v:.3f}@{s}" for s, v in sorted(self.scores.items()))
         if best == 0 and 0 in self.scores:
             return (f"align: guard: alignment did not help this encoder: {where} {trail}; encoder.pt is the initial "

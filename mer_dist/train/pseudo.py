@@ -1,10 +1,11 @@
-"""`mer-dist pseudo-label`: the fold ensemble of a finetuned model labels the unlabeled pool.
+"""Pseudo-labels: the selection rule and the pseudo-label directory, which this module alone reads and writes.
 
-Every clip of the split is predicted exactly once (features extracted over the ranks, as `evaluate`
-does); `select` keeps the confident ones -- a probability threshold, then at most N per predicted
-class (class-balanced: a frequent class cannot drown a rare one), optionally only where a second
-model agrees. Writes `pseudo.csv` (name, discrete, confidence, the 6 probabilities) and
-`summary.json` (counts per class, the rule, the source model). Truth is never read here.
+`select` keeps the confident predictions -- a probability threshold, then at most N per predicted class
+(class-balanced: a frequent class cannot drown a rare one), optionally only where a second model agrees. A
+pseudo-label directory (written by `mer-dist pseudo-label`, read by adapt-audio, align and finetune) holds
+`pseudo.csv` (the kept rows: name, discrete, confidence, the 6 probabilities, the modalities a row may teach),
+`summary.json` (counts per class, the rule, the source model and its folds) and `folds.npz` (every candidate's
+probabilities under each fold model, for cross-fitting). Truth is never read here.
 """
 from __future__ import annotations
 
@@ -14,10 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mer_dist import dist
-from mer_dist.config import LABEL_TO_ID, LABELS, PseudoLabelConfig
+from mer_dist.config import LABEL_TO_ID, LABELS
 from mer_dist.data.ingest import load_manifest
-from mer_dist.eval.evaluate import load_model, predict
 from mer_dist.io import atomic_target, write_json_atomic
 
 
@@ -72,15 +71,27 @@ def for_training(folder: str | Path, shards: str, test_split: str, transductive:
     names, probs, views = read_pseudo(folder)
     seen: set[str] = set()
     rows = [i for i, (n, v) in enumerate(zip(names, views)) if (not v or modality in v) and not (n in seen or seen.add(n))]
-    if test_split and not transductive and test_split in load_manifest(shards)["splits"]:
-        from mer_dist.features import index
-        test = set(index(shards, test_split)[0])
-        kept = [i for i in rows if names[i] not in test]
-        if len(kept) < len(rows):
-            print(f"{stage}: {len(rows) - len(kept)} pseudo-labelled clip(s) are '{test_split}' clips: left out "
-                  f"(transductive=true uses them)")
-        rows = kept
+    out = leave_out_test([names[i] for i in rows], shards, test_split, transductive, stage)
+    rows = [i for i in rows if names[i] not in out]
     return [names[i] for i in rows], probs[rows]
+
+
+def test_clips(names: list[str], shards: str, test_split: str) -> set[str]:
+    """Those of `names` that are clips of `test_split` (MER2024 hides its test clips in the unlabeled pool)."""
+    if not test_split or test_split not in load_manifest(shards)["splits"]:
+        return set()
+    from mer_dist.features import index
+    return set(names) & set(index(shards, test_split)[0])
+
+
+def leave_out_test(names: list[str], shards: str, test_split: str, transductive: bool, stage: str) -> set[str]:
+    """The pseudo-labelled clips no training stage learns from: `test_split`'s, unless `transductive`; one line
+    counts them. Returns the names left out."""
+    test = set() if transductive else test_clips(names, shards, test_split)
+    if test:
+        print(f"{stage}: {len(test)} pseudo-labelled clip(s) are '{test_split}' clips: left out "
+              f"(transductive=true uses them)")
+    return test
 
 
 def unreadable(folder: str | Path, wanted: list[str], read: set[str], shards: str, split: str, stage: str) -> set[str]:
@@ -130,11 +141,11 @@ def write(out: Path, names: list[str], probs: np.ndarray, views: list[str], kept
 
 def combine(parts: list[Path], out: Path) -> dict:
     """One pseudo-label directory from several (co-training: one per student view), for `finetune pseudo=out`."""
-    summaries = [json.loads((Path(p) / "summary.json").read_text()) for p in parts]
-    read = [(read_pseudo(p), np.load(Path(p) / "folds.npz", allow_pickle=False)) for p in parts]
-    names = [n for _, z in read for n in z["names"].tolist()]
-    views = [str(v) for _, z in read for v in z["views"].tolist()]
-    fold_probs = np.concatenate([z["probs"] for _, z in read], 1)       # [K, candidates of every part, 6]
+    summaries = [read_summary(p) for p in parts]
+    read = [(read_pseudo(p), read_folds(p)) for p in parts]
+    names = [n for _, z in read for n in z[0]]
+    views = [v for _, z in read for v in z[2]]
+    fold_probs = np.concatenate([z[1] for _, z in read], 1)       # [K, candidates of every part, 6]
     kept_keys = {(n, v) for (pn, _, pv), _ in read for n, v in zip(pn, pv)}
     kept = np.array([i for i, key in enumerate(zip(names, views)) if key in kept_keys], dtype=int)
     probs = fold_probs.mean(0)
@@ -148,37 +159,16 @@ def combine(parts: list[Path], out: Path) -> dict:
     return summary
 
 
-def run(cfg: PseudoLabelConfig) -> dict:
-    from mer_dist.tracking import Tracker
-    env = dist.setup()
-    ck = load_model(cfg.model)
-    names, _, per_fold = predict(ck, cfg.split, cfg.shards, None, env.rank, env.world_size)
-    probs = per_fold.mean(0)
-    agree = None
-    if cfg.agree_with:
-        other_names, _, agree = predict(load_model(cfg.agree_with), cfg.split, cfg.shards, None, env.rank,
-                                        env.world_size)
-        agree = agree.mean(0)
-        if other_names != names:
-            raise ValueError(f"agree_with={cfg.agree_with}: predicts other clips than {cfg.model} on '{cfg.split}'")
-    summary: dict = {}
-    if env.is_main:
-        kept = select(probs, cfg.threshold, cfg.top_per_class, agree)
-        pred = probs.argmax(1)
-        view = "".join(cfg.student_modalities)
-        summary = {"source_model": str(Path(cfg.model).resolve()), "split": cfg.split, "candidates": len(names),
-                   "kept": int(len(kept)), "threshold": cfg.threshold, "top_per_class": cfg.top_per_class,
-                   "agree_with": cfg.agree_with, "folds": ck.get("split"), "student_modalities": view,
-                   "per_class": {lab: int((pred[kept] == c).sum()) for c, lab in enumerate(LABELS)},
-                   "mean_confidence": float(probs[kept].max(1).mean()) if len(kept) else 0.0}
-        write(Path(cfg.out), names, probs, [view] * len(names), kept, summary, per_fold)
-        tracker = Tracker(cfg.tracking, cfg.out, "pseudo-label", tags={"model": cfg.model, "split": cfg.split})
-        tracker.params(cfg)
-        tracker.metrics({"kept": len(kept), **{f"kept_{k}": v for k, v in summary["per_class"].items()}}, 0)
-        tracker.artifact(Path(cfg.out) / "summary.json")
-        tracker.close()
-        print(f"pseudo-label: kept {len(kept)}/{len(names)} clips of '{cfg.split}' "
-              f"({', '.join(f'{k} {v}' for k, v in summary['per_class'].items())}) -> {Path(cfg.out) / 'pseudo.csv'}")
-    dist.barrier()
-    dist.cleanup()
-    return summary
+def read_summary(folder: str | Path) -> dict:
+    f = Path(folder) / "summary.json"
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def read_folds(folder: str | Path) -> tuple[list[str], np.ndarray, list[str]] | None:
+    """folds.npz: (candidate names, [K, N, 6] probabilities under each fold model, views), or None without one."""
+    f = Path(folder) / "folds.npz"
+    if not f.is_file():
+        return None
+    z = np.load(f, allow_pickle=False)
+    names = [str(n) for n in z["names"]]
+    return names, z["probs"], [str(v) for v in z["views"]] if "views" in z else [""] * len(names)

@@ -15,7 +15,7 @@ from mer_dist.dist import launch_local
 from mer_dist.eval.ablation import mean_sd, row, verdict
 from mer_dist.io import write_json_atomic
 from mer_dist.models.visual import read_encoder
-from mer_dist.train import finetune
+from mer_dist.stages import run_stage
 
 ROWS = {"random": "random-init encoder", "aligned": "aligned encoder", "shuffled": "shuffled-pairs control encoder"}
 
@@ -51,7 +51,7 @@ def run(cfg: C.AblateConfig) -> dict:
     for view in cfg.views:
         for name, visual in encoders.items():
             for seed in range(cfg.seeds):
-                m = finetune.run(C.load(C.FinetuneConfig, overrides={
+                m = run_stage("finetune", C.load(C.FinetuneConfig, overrides={
                     "data": {**C.to_dict(al.data), "shards": shards}, "teacher": cfg.teacher, "visual": visual,
                     "visual_model": {**C.to_dict(al.model), "init": ""}, "modalities": list(view), "seed": seed,
                     "folds": cfg.folds, "epochs": cfg.epochs, "test_split": "", "tracking": {**C.to_dict(cfg.tracking), "log_model": False},

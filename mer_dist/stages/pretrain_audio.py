@@ -29,7 +29,7 @@ from mer_dist.data.stream import pad_audio
 from mer_dist.io import write_json_atomic
 from mer_dist.models.teacher import build_hubert, hidden_states
 from mer_dist.tracking import Tracker
-from mer_dist.train.probe import labeled_audio
+from mer_dist.features import map_split
 
 log = logging.getLogger("mer_dist.pretrain_audio")
 WINDOW, HOP = 400, 320          # HuBERT's conv stack: receptive field and stride, in samples at 16 kHz
@@ -49,17 +49,20 @@ def mfcc(wave: np.ndarray, sample_rate: int = 16000) -> np.ndarray:
 
 def run(cfg: PretrainAudioConfig) -> dict:
     env = dist.setup()
-    out = Path(cfg.out)
     # built first, so a bad preset fails before any decoding; mask_time_prob > 0 gives the model its learned mask
     # embedding (the masks themselves are ours, below)
     model = build_hubert(cfg.model, cfg.seed, mask_time_prob=cfg.mask_prob, mask_time_length=cfg.mask_length)
     clips: list[np.ndarray] = []
-    for split in cfg.splits:        # every rank decodes its share; all ranks get all clips
-        clips += labeled_audio(cfg.data.shards, split, cfg.data, env, lambda b: [
+    for split in cfg.splits:        # every rank decodes its share; rank 0 gets all clips
+        clips += map_split(cfg.data.shards, split, cfg.data, env, lambda b: [
             b["audio"][i, : int(n)].numpy() for i, n in enumerate(b["audio_lens"])], f"audio[{split}]")[1]
-    if not env.is_main:             # one small model: rank 0 trains it
-        dist.barrier()
-        return {}
+    # one small model: rank 0 trains it, the others wait outside any collective (however long it takes)
+    return dist.on_main(lambda: train(cfg, model, clips))
+
+
+def train(cfg: PretrainAudioConfig, model, clips: list[np.ndarray]) -> dict:
+    """k-means units of MFCC frames, then masked prediction of them; saves the model and pretrain.json."""
+    out = Path(cfg.out)
     tracker = Tracker(cfg.tracking, out, "pretrain-audio", tags={"model": cfg.model, "clusters": cfg.clusters},
                       describe=f"{cfg.model} steps={cfg.steps} clusters={cfg.clusters}", dataset=cfg.data.shards)
     save(cfg, out / "pretrain_audio.yaml")
@@ -129,5 +132,4 @@ def run(cfg: PretrainAudioConfig) -> dict:
     tracker.close()
     print(f"pretrain-audio: masked-unit accuracy {summary['masked_accuracy_first']:.3f} -> "
           f"{summary['masked_accuracy_last']:.3f} (largest cluster {majority:.3f}) -> {out}", flush=True)
-    dist.barrier()
     return summary

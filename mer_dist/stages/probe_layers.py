@@ -5,9 +5,7 @@ sees its own exact share), gathered on rank 0 and probed there. Test data is nev
 """
 from __future__ import annotations
 
-import csv
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -16,33 +14,12 @@ from tqdm import tqdm
 
 from mer_dist import dist
 from mer_dist.config import ProbeConfig, save
-from mer_dist.data.ingest import shard_urls
 from mer_dist.data.splits import holdout
-from mer_dist.data.stream import SkipTotals, eval_loader, iterate
 from mer_dist.eval import plots
-from mer_dist.eval.linear_probe import probe_scores
-from mer_dist.io import write_json_atomic
+from mer_dist.eval.linear_probe import probe_scores, write_layers
+from mer_dist.features import map_split
 from mer_dist.models.teacher import build_hubert, hidden_states, masked_mean
 from mer_dist.tracking import Tracker
-
-log = logging.getLogger("mer_dist.probe")
-
-
-def labeled_audio(shards: str, split: str, data, env: dist.DistEnv, fn, desc: str) -> tuple[list[str], list, list[int]]:
-    """Apply `fn(batch) -> per-sample outputs` to this rank's exact share of a split; gather on all ranks."""
-    names, outs, labels = [], [], []
-    totals = SkipTotals()
-    loader = eval_loader(shard_urls(shards, split), data, env.rank, env.world_size, frames=0)
-    for batch in tqdm(iterate(loader, totals), desc=desc, unit="batch", disable=not env.is_main):
-        names += batch["name"]
-        outs += list(fn(batch))
-        labels += batch["label"].tolist()
-    if totals.samples:
-        log.warning("%s: skipped %d corrupt sample(s) on rank %d", desc, totals.samples, env.rank)
-    parts = dist.all_gather_object((names, outs, labels))
-    names, outs, labels = (sum((p[i] for p in parts), []) for i in range(3))
-    order = np.argsort(names)
-    return [names[i] for i in order], [outs[i] for i in order], [labels[i] for i in order]
 
 
 def run(cfg: ProbeConfig) -> dict:
@@ -57,9 +34,9 @@ def run(cfg: ProbeConfig) -> dict:
             hs, mask = hidden_states(model, batch["audio"], batch["audio_lens"])
             return torch.stack([masked_mean(h, mask) for h in hs], 1).numpy()   # [B, L+1, D]
 
-    names, feats, labels = labeled_audio(cfg.data.shards, "train", cfg.data, env, pooled, "probe: features")
-    result: dict = {}
-    if env.is_main:
+    names, feats, labels = map_split(cfg.data.shards, "train", cfg.data, env, pooled, "probe: features")
+
+    def probe_and_report() -> dict:     # rank 0 probes every layer; the others wait outside any collective
         x, y = np.stack(feats), np.asarray(labels)
         tr, va = holdout(names, y, cfg.val_fraction, cfg.seed)
         rows = []
@@ -67,14 +44,9 @@ def run(cfg: ProbeConfig) -> dict:
             rows.append({"layer": layer, **probe_scores(x[:, layer], y, tr, va, cfg.seed)})
         ranked = sorted((r for r in rows if r["layer"] > 0), key=lambda r: -r["waf"])
         top = sorted(r["layer"] for r in ranked[: cfg.top_k])
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / "layers.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["layer", "waf", "accuracy"])
-            w.writeheader()
-            w.writerows(rows)
         result = {"model": cfg.model, "layers": rows, "top_k": top, "n_train": len(tr), "n_val": len(va),
                   "val_fraction": cfg.val_fraction, "seed": cfg.seed}
-        write_json_atomic(out / "layers.json", result)
+        write_layers(out, result)
         plots.layer_curve([r["layer"] for r in rows], [r["waf"] for r in rows], [r["accuracy"] for r in rows],
                           out / "layers.png", top)
         save(cfg, out / "config.yaml")
@@ -88,7 +60,9 @@ def run(cfg: ProbeConfig) -> dict:
             print(f"{r['layer']:>5}  {r['waf']:.3f}  {r['accuracy']:.3f}{'  *' if r['layer'] in top else ''}")
         print(f"probe-layers: top-{cfg.top_k} layers {top} -> {out / 'layers.json'}")
         print(json.dumps({"top_k": top}))
+        return result
+
+    result = dist.on_main(probe_and_report)
     tracker.close()
-    dist.barrier()
     dist.cleanup()
     return result

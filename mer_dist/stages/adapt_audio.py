@@ -7,10 +7,7 @@ the same held-out part of train that the probe used, so the two WAFs are compara
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import re
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,49 +18,23 @@ from tqdm import tqdm
 from mer_dist import dist
 from mer_dist.config import LABELS, AdaptConfig, save
 from mer_dist.data.splits import holdout
+from mer_dist.data.stream import pad_audio
+from mer_dist.eval.linear_probe import read_layers
 from mer_dist.eval.metrics import summary
-from mer_dist.io import write_json_atomic
+from mer_dist.features import map_split
 from mer_dist.models.teacher import (
-    EmotionHead,
-    Teacher,
+    AudioClassifier,
     add_bottlenecks,
     add_lora,
     build_hubert,
-    dir_hash,
-    hidden_states,
-    masked_mean,
+    save_teacher,
+    trainable_layers,
 )
-from mer_dist.timing import FRAME_RATE
 from mer_dist.tracking import Tracker
 from mer_dist.train.losses import soft_cross_entropy
-from mer_dist.train.probe import labeled_audio
 from mer_dist.train.pseudo import as_targets, for_training, refuse_labeled, unreadable
 
 log = logging.getLogger("mer_dist.adapt")
-
-
-class AudioClassifier(nn.Module):
-    """HuBERT (with adapter) -> pooled chosen layers -> the teacher's `EmotionHead` (saved as head.pt)."""
-
-    def __init__(self, hubert: nn.Module, layers: list[int], head: str, dim: int):
-        super().__init__()
-        self.hubert, self.layers = hubert, layers
-        self.head = EmotionHead(len(layers), dim, head, len(LABELS))
-
-    def pooled(self, audio, lens) -> torch.Tensor:
-        """[B, len(layers), D] pooled features of the chosen layers."""
-        hs, mask = hidden_states(self.hubert, audio, lens)
-        return torch.stack([masked_mean(hs[layer], mask) for layer in self.layers], 1)
-
-    def forward(self, audio, lens):
-        return self.head(self.pooled(audio, lens))
-
-    @torch.no_grad()
-    def fit_standardisation(self, batches) -> None:
-        self.eval()
-        x = torch.cat([self.pooled(a, n) for a, n in batches])
-        self.head.feat_mean.copy_(x.mean(0))
-        self.head.feat_std.copy_(x.std(0).clamp(min=1e-5))
 
 
 def choose_layers(cfg: AdaptConfig) -> tuple[list[int], dict]:
@@ -71,33 +42,16 @@ def choose_layers(cfg: AdaptConfig) -> tuple[list[int], dict]:
         return sorted(cfg.layers), {}
     if not cfg.probe:
         raise ValueError("adapt-audio: set `layers` (e.g. --layers 2,3) or `probe` (a probe-layers output dir)")
-    p = Path(cfg.probe) / "layers.json"
-    if not p.is_file():
-        raise FileNotFoundError(f"{p}: probe result not found (run `mer-dist probe-layers` first)")
-    probe = json.loads(p.read_text())
+    probe = read_layers(cfg.probe)
     ranked = sorted((r for r in probe["layers"] if r["layer"] > 0), key=lambda r: -r["waf"])
     return sorted(r["layer"] for r in ranked[: cfg.top_k]), probe
-
-
-def trainable_layers(model: nn.Module) -> set[int]:
-    """Encoder layers (1-based) that own a trainable parameter."""
-    found = set()
-    for name, p in model.named_parameters():
-        m = re.search(r"encoder\.layers\.(\d+)\.", name)
-        if p.requires_grad and m:
-            found.add(int(m.group(1)) + 1)
-    return found
 
 
 def _batches(idx: np.ndarray, audio: list[np.ndarray], bs: int, rng: np.random.Generator | None):
     order = rng.permutation(idx) if rng is not None else idx
     for i in range(0, len(order), bs):
         part = order[i:i + bs]
-        lens = torch.tensor([audio[j].size for j in part])
-        x = torch.zeros(len(part), int(lens.max()))
-        for k, j in enumerate(part):
-            x[k, : audio[j].size] = torch.from_numpy(audio[j])
-        yield part, x, lens
+        yield part, *pad_audio([audio[j] for j in part])
 
 
 def _predict(clf: AudioClassifier, idx, audio, bs) -> np.ndarray:
@@ -110,46 +64,50 @@ def _predict(clf: AudioClassifier, idx, audio, bs) -> np.ndarray:
 
 
 def pseudo_audio(cfg: AdaptConfig, labeled: set[str], env: dist.DistEnv) -> tuple[list[np.ndarray], np.ndarray]:
-    """Audio and training targets of the pseudo-labelled clips (`cfg.pseudo`), in pseudo.csv order. Test clips are
+    """Audio and training targets of the pseudo-labelled clips (`cfg.pseudo.dir`), in pseudo.csv order. Test clips are
     left out unless `transductive`; a labeled clip or a name missing from the split is an error."""
-    pnames, probs = for_training(cfg.pseudo, cfg.data.shards, cfg.test_split, cfg.transductive, "adapt-audio",
+    pnames, probs = for_training(cfg.pseudo.dir, cfg.data.shards, cfg.pseudo.test_split, cfg.pseudo.transductive, "adapt-audio",
                                   "a")
-    refuse_labeled(cfg.pseudo, pnames, labeled)
+    refuse_labeled(cfg.pseudo.dir, pnames, labeled)
     wanted = set(pnames)
-    names, audio, _ = labeled_audio(cfg.data.shards, cfg.pseudo_split, cfg.data, env, lambda b: [
+    names, audio, _ = map_split(cfg.data.shards, cfg.pseudo.split, cfg.data, env, lambda b: [
         a[:n].numpy().copy() if nm in wanted else None for nm, a, n in zip(b["name"], b["audio"], b["audio_lens"])],
         "adapt: load pseudo-labelled audio")
     where = {n: a for n, a in zip(names, audio) if a is not None}
-    skip = unreadable(cfg.pseudo, pnames, set(where), cfg.data.shards, cfg.pseudo_split, "adapt-audio")
+    skip = unreadable(cfg.pseudo.dir, pnames, set(where), cfg.data.shards, cfg.pseudo.split, "adapt-audio")
     keep = [i for i, n in enumerate(pnames) if n not in skip]
-    return [where[pnames[i]] for i in keep], as_targets(probs[keep], cfg.pseudo_soft)
+    return [where[pnames[i]] for i in keep], as_targets(probs[keep], cfg.pseudo.soft)
 
 
 def run(cfg: AdaptConfig) -> dict:
     env = dist.setup()
-    if env.world_size > 1 and not env.is_main:   # the labeled split is small: rank 0 adapts, others wait
-        dist.barrier()
-        dist.cleanup()
-        return {}
+    # the labeled split is small: rank 0 adapts, the others wait outside any collective (however long it takes)
+    result = dist.on_main(lambda: adapt(cfg, env))
+    dist.cleanup()
+    return result
+
+
+def adapt(cfg: AdaptConfig, env: dist.DistEnv) -> dict:
+    """Choose the layers, train adapter + head with early stopping, save the teacher directory."""
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     layers, probe = choose_layers(cfg)
     single = dist.DistEnv()
-    names, audio, labels = labeled_audio(cfg.data.shards, "train", cfg.data, single, lambda b: [
+    names, audio, labels = map_split(cfg.data.shards, "train", cfg.data, single, lambda b: [
         a[:n].numpy().copy() for a, n in zip(b["audio"], b["audio_lens"])], "adapt: load audio")
     y = np.asarray(labels)
     tr, va = holdout(names, y, cfg.val_fraction, cfg.seed)
     # targets and weights of every clip the adapter may train on: the labeled ones, then the pseudo-labelled ones
     target, weight = np.eye(len(LABELS), dtype=np.float32)[y], np.ones(len(y), np.float32)
-    if cfg.pseudo:
+    if cfg.pseudo.dir:
         p_audio, p_target = pseudo_audio(cfg, set(names), single)
         audio = [*audio, *p_audio]
         target = np.concatenate([target, p_target])
-        weight = np.concatenate([weight, np.full(len(p_audio), cfg.pseudo_weight, np.float32)])
+        weight = np.concatenate([weight, np.full(len(p_audio), cfg.pseudo.weight, np.float32)])
         train_idx = np.concatenate([tr, np.arange(len(y), len(audio))])
-        print(f"adapt-audio: {len(p_audio)} pseudo-labelled clips of '{cfg.pseudo_split}' join the training part "
-              f"(weight {cfg.pseudo_weight}, {'soft' if cfg.pseudo_soft else 'hard'})")
+        print(f"adapt-audio: {len(p_audio)} pseudo-labelled clips of '{cfg.pseudo.split}' join the training part "
+              f"(weight {cfg.pseudo.weight}, {'soft' if cfg.pseudo.soft else 'hard'})")
     else:
         train_idx = tr
     base = build_hubert(cfg.model)
@@ -162,7 +120,7 @@ def run(cfg: AdaptConfig) -> dict:
     touched = trainable_layers(hubert)
     if touched != set(layers):
         raise RuntimeError(f"adapter touches layers {sorted(touched)}, expected exactly {layers}")
-    clf = AudioClassifier(hubert, layers, cfg.head, base.config.hidden_size)
+    clf = AudioClassifier(hubert, layers, cfg.head, base.config.hidden_size, len(LABELS))
     clf.fit_standardisation((x, lens) for _, x, lens in _batches(tr, audio, cfg.batch_size, None))
     n_adapter = sum(p.numel() for p in hubert.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in clf.parameters() if p.requires_grad)
@@ -170,9 +128,9 @@ def run(cfg: AdaptConfig) -> dict:
           f"{n_total - n_adapter:,} head parameters trainable "
           f"({100 * n_total / sum(p.numel() for p in clf.parameters()):.2f}% of the model)")
     tracker = Tracker(cfg.tracking, out, "adapt-audio", dataset=cfg.data.shards,
-                      describe=f"{cfg.method} layers={','.join(map(str, layers))}" + (" pseudo" if cfg.pseudo else ""), tags={"method": cfg.method, "layers": layers,
+                      describe=f"{cfg.method} layers={','.join(map(str, layers))}" + (" pseudo" if cfg.pseudo.dir else ""), tags={"method": cfg.method, "layers": layers,
                                                                "world_size": env.world_size, "launcher": env.launcher,
-                                                               "pseudo": cfg.pseudo or "none",
+                                                               "pseudo": cfg.pseudo.dir or "none",
                                                                "n_pseudo": len(train_idx) - len(tr)})
     tracker.params(cfg)
     tracker.metrics({"trainable_params": n_total, "adapter_params": n_adapter}, step=0)
@@ -204,7 +162,7 @@ def run(cfg: AdaptConfig) -> dict:
                 break
     clf.load_state_dict(best_state, strict=False)
     probe_waf = _probe_waf(probe, layers)
-    result = _save(cfg, out, clf, hubert, layers, names, audio, tr, best, probe_waf, history)
+    result = _save(cfg, out, clf, layers, audio, tr, best, probe_waf, history)
     print(f"adapt-audio: best validation WAF {best:.3f}" +
           (f" (linear probe of the same layers: {probe_waf:.3f})" if probe_waf is not None else "") + f" -> {out}")
     tracker.metrics({"best_val_waf": best, **({"probe_val_waf": probe_waf} if probe_waf is not None else {})},
@@ -212,8 +170,6 @@ def run(cfg: AdaptConfig) -> dict:
     for f in ("teacher.json", "config.yaml"):
         tracker.artifact(out / f)
     tracker.close()
-    dist.barrier()
-    dist.cleanup()
     return result
 
 
@@ -227,36 +183,13 @@ def _probe_waf(probe: dict, layers: list[int]) -> float | None:
     return max(scores[layer] for layer in layers) if probe and all(layer in scores for layer in layers) else None
 
 
-def _save(cfg, out, clf, hubert, layers, names, audio, tr, best, probe_waf, history) -> dict:
-    """Adapter + head + teacher.json + target statistics (computed with the adapted model)."""
-    for p in ("adapter", "bottleneck.pt", "base"):
-        if (out / p).is_dir():
-            shutil.rmtree(out / p)
-    if cfg.method == "lora":
-        hubert.save_pretrained(str(out / "adapter"))
-        adapter_files = [out / "adapter"]
-    else:
-        torch.save({k: v for k, v in hubert.state_dict().items() if ".down." in k or ".up." in k}, out / "bottleneck.pt")
-        adapter_files = [out / "bottleneck.pt"]
-    torch.save(clf.head.state_dict(), out / "head.pt")
-    base_model = cfg.model
-    if cfg.model.startswith("tiny:"):   # random tiny weights travel with the teacher
-        build_hubert(cfg.model).save_pretrained(str(out / "base"))
-        base_model = "./base"
+def _save(cfg, out, clf, layers, audio, tr, best, probe_waf, history) -> dict:
+    """The teacher directory (`models/teacher.save_teacher`) and this run's config."""
     dim = clf.head.feat_mean.shape[1] * (len(layers) if cfg.feature_reduce == "concat" else 1)
-    spec = {"base_model": base_model, "method": cfg.method, "layers": layers, "rank": cfg.rank, "alpha": cfg.alpha,
-            "dropout": cfg.dropout, "target_modules": cfg.target_modules, "bottleneck_dim": cfg.bottleneck_dim,
-            "feature_layers": layers, "feature_reduce": cfg.feature_reduce, "dim": dim, "frame_rate": FRAME_RATE,
-            "head": cfg.head,
-            "adapter_hash": dir_hash(adapter_files + [out / "head.pt"]), "val_waf": best, "probe_val_waf": probe_waf,
-            "history": history}
-    write_json_atomic(out / "teacher.json", spec)
-    teacher = Teacher.load(out)
-    feats = []
-    for _, x, lens in _batches(tr, audio, cfg.batch_size, None):
-        f, m = teacher.features(x, lens)
-        feats.append(f[m].numpy())
-    allf = np.concatenate(feats)
-    np.savez(out / "stats.npz", mean=allf.mean(0), std=allf.std(0))
+    spec = save_teacher(out, clf, cfg.method, cfg.model, {
+        "layers": layers, "rank": cfg.rank, "alpha": cfg.alpha, "dropout": cfg.dropout,
+        "target_modules": cfg.target_modules, "bottleneck_dim": cfg.bottleneck_dim, "feature_layers": layers,
+        "feature_reduce": cfg.feature_reduce, "dim": dim, "head": cfg.head, "val_waf": best,
+        "probe_val_waf": probe_waf, "history": history}, (b[1:] for b in _batches(tr, audio, cfg.batch_size, None)))
     save(cfg, out / "config.yaml")
     return spec

@@ -16,6 +16,8 @@ import numpy as np
 from mer_dist import config as C
 from mer_dist.dist import launch_local
 from mer_dist.eval import ablation
+from mer_dist.stages import run_stage
+from mer_dist.train.checkpoint import read_summary
 from mer_dist.tracking import Tracker, default_uri, parent_of
 
 # alignment variants: name -> (what it is, align overrides). The first one is the product's default objective.
@@ -34,7 +36,7 @@ VARIANTS = {
 SELF_TRAIN = {
     "fusion": ("the fusion model labels the pool (threshold 0.7, hard)", {"views": "fusion"}),
     "cross": ("co-training: a model without each modality labels the pool for it (all clips, soft)",
-              {"views": "cross", "thresholds": "[0.0]", "finetune.pseudo_soft": "true"}),
+              {"views": "cross", "thresholds": "[0.0]", "finetune.pseudo.soft": "true"}),
     "encoders": ("pseudo-labels into the visual encoder, the adapter and the head",
                  {"encoders": "[visual,audio]"}),
     "encoders-control": ("control: that round's extra alignment and re-adaptation without pseudo-labels",
@@ -79,24 +81,22 @@ def _run(cfg: C.DemoConfig, out: Path, parent: Tracker) -> int:
 
     from mer_dist.data.ingest import write_shards
     from mer_dist.data.synth import generate
-    from mer_dist.train import adapt, finetune, probe, selftrain
     synth = C.SynthConfig(**{**vars(cfg.synth), "out": str(out / "corpus")})
     stage("synth", lambda: generate(synth))
     stage("shard", lambda: write_shards(C.ShardConfig(corpus=str(out / "corpus"), out=str(out / "shards"))))
     data = {"data.shards": str(out / "shards")}
     hubert = "tiny:hubert"
     if cfg.audio_pretrain_steps > 0:     # HuBERT's first iteration on the corpus audio instead of random weights
-        from mer_dist.train import pretrain_audio
         hubert = str(out / "hubert-it1")
-        stage("pretrain-audio", lambda: pretrain_audio.run(C.load(C.PretrainAudioConfig, overrides={
+        stage("pretrain-audio", lambda: run_stage("pretrain-audio", C.load(C.PretrainAudioConfig, overrides={
             **data, "out": hubert, "steps": cfg.audio_pretrain_steps})))
-    stage("probe-layers", lambda: probe.run(C.load(C.ProbeConfig, overrides={
+    stage("probe-layers", lambda: run_stage("probe-layers", C.load(C.ProbeConfig, overrides={
         **data, "out": str(out / "probe"), "model": hubert})))
     oracle = {}
     if cfg.teacher == "oracle":     # the control: the pool's true labels join adaptation (test clips never do)
-        oracle = {"pseudo": str(_oracle_labels(out / "corpus", out / "oracle-labels")), "pseudo_weight": 1.0,
-                  "pseudo_soft": False}
-    stage("adapt-audio", lambda: adapt.run(C.load(C.AdaptConfig, overrides={
+        oracle = {"pseudo.dir": str(_oracle_labels(out / "corpus", out / "oracle-labels")), "pseudo.weight": 1.0,
+                  "pseudo.soft": False}
+    stage("adapt-audio", lambda: run_stage("adapt-audio", C.load(C.AdaptConfig, overrides={
         **data, "out": str(out / "teacher"), "probe": str(out / "probe"), "epochs": 15, "model": hubert, **oracle})))
 
     def align(variant: str, seed: int) -> Path:
@@ -107,7 +107,7 @@ def _run(cfg: C.DemoConfig, out: Path, parent: Tracker) -> int:
         return dst / "encoder.pt"
 
     def ft(row: str, seed: int, mods: list[str], visual: str, acoustic: str = "adapted", **extra) -> dict:
-        return finetune.run(C.load(C.FinetuneConfig, overrides={
+        return run_stage("finetune", C.load(C.FinetuneConfig, overrides={
             **data, "teacher": str(out / "teacher"), "modalities": mods, "acoustic": acoustic, "seed": seed,
             "folds": cfg.folds, "visual": visual, "out": str(out / "models" / f"{row}-seed{seed}"),
             # the MLflow model is logged for the row a user would deploy: fusion with the default encoder
@@ -146,13 +146,12 @@ def _run(cfg: C.DemoConfig, out: Path, parent: Tracker) -> int:
                 "start": str(out / "models" / f"fusion-{cfg.align_variants[0]}-seed{seed}"),   # round 0 = that row
                 "align_steps": cfg.align_steps, "align_procs": cfg.align_procs,
                 **SELF_TRAIN[view][1]})
-            rows = stage("self-train", lambda st=st: selftrain.run(st))["rounds"]
+            rows = stage("self-train", lambda st=st: run_stage("self-train", st))["rounds"]
             rounds.append({"view": view, "seed": seed, "rows": rows})
             results.setdefault(f"self-train/{view}", []).append(rows[-1]["test_waf"])
     if cfg.ablate_seeds:     # the control table a user runs on their own corpus, on this one
-        from mer_dist.train import ablate
         v0 = cfg.align_variants[0]
-        stage("ablate", lambda: ablate.run(C.load(C.AblateConfig, overrides={
+        stage("ablate", lambda: run_stage("ablate", C.load(C.AblateConfig, overrides={
             "shards": str(out / "shards"), "teacher": str(out / "teacher"), "aligned": str(out / "align" / f"{v0}-seed0"),
             "shuffled": str(out / "align" / "shuffled-seed0") if "shuffled" in cfg.align_variants else "",
             # visual only, 30 epochs a cell (finetune keeps each fold's best epoch): the demo stays under 10 minutes
@@ -161,7 +160,7 @@ def _run(cfg: C.DemoConfig, out: Path, parent: Tracker) -> int:
     table = _table(results, times, rounds, cfg) + _verdicts(cv, cfg)
     print("\n" + table)
     (out / "RESULTS.md").write_text(table + "\n")
-    guard = {v: [json.loads((out / "align" / f"{v}-seed{s}" / "summary.json").read_text()).get("encoder_step")
+    guard = {v: [read_summary(out / "align" / f"{v}-seed{s}").get("encoder_step")
                  for s in range(cfg.seeds)] for v in cfg.align_variants}
     (out / "results.json").write_text(json.dumps({"test_waf": results, "cv_waf": cv, "encoder_step": guard,
                                                   "self_train": rounds, "seconds": times}, indent=1))

@@ -80,7 +80,8 @@ def run(cfg: ExtractConfig) -> dict:
     all_counts: dict[str, list[int]] = {}
     for part in dist.all_gather_object(counts):
         all_counts.update(part)
-    if env.is_main:
+
+    def write_manifest() -> None:     # rank 0; the others wait outside any collective
         man = load_manifest(cfg.data.shards)
         prev = load_manifest(out)["splits"].get(cfg.split, {}) if (out / "manifest.json").is_file() else {}
         prev_counts = {s["name"]: s["samples"] for s in prev.get("shards", [])}
@@ -97,6 +98,7 @@ def run(cfg: ExtractConfig) -> dict:
         man["teacher"] = tmeta
         write_json_atomic(out / "manifest.json", man)
         print(f"extract-targets: {sum(s['samples'] for s in shards)} samples in {len(shards)} shards -> {out}")
-    dist.barrier()
+
+    dist.on_main(write_manifest)
     dist.cleanup()
     return all_counts

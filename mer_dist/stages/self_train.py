@@ -21,16 +21,17 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 from pathlib import Path
 
 from mer_dist import dist
-from mer_dist.config import (LABELS, TRUTH_FILE, AdaptConfig, AlignConfig, ConfigError, PseudoLabelConfig,
-                             SelfTrainConfig, load, save)
+from mer_dist.config import (LABELS, TRUTH_FILE, AdaptConfig, AlignConfig, ConfigError, FinetuneConfig, PseudoConfig,
+                             PseudoLabelConfig, SelfTrainConfig, load, save)
 from mer_dist.data.ingest import load_manifest
 from mer_dist.io import write_json_atomic
 from mer_dist.tracking import Tracker, parent_of
-from mer_dist.train import adapt, finetune, pseudo
+from mer_dist.models.ensemble import read_metrics
+from mer_dist.stages import run_stage
+from mer_dist.train import pseudo
 
 
 def read_truth(cfg: SelfTrainConfig) -> dict[str, str]:
@@ -45,12 +46,12 @@ def read_truth(cfg: SelfTrainConfig) -> dict[str, str]:
 
 def precision(pseudo_dir: Path, truth: dict[str, str]) -> dict[str, float]:
     """Fraction of pseudo-labels equal to the truth, overall and per predicted class (NaN-free: absent = -1)."""
-    with open(pseudo_dir / "pseudo.csv", newline="", encoding="utf-8") as f:
-        rows = [r for r in csv.DictReader(f) if r["name"] in truth]
-    out = {"precision": sum(r["discrete"] == truth[r["name"]] for r in rows) / len(rows) if rows else -1.0}
+    names, probs, _ = pseudo.read_pseudo(pseudo_dir)
+    rows = [(n, LABELS[int(p.argmax())]) for n, p in zip(names, probs) if n in truth]
+    out = {"precision": sum(d == truth[n] for n, d in rows) / len(rows) if rows else -1.0}
     for lab in LABELS:
-        mine = [r for r in rows if r["discrete"] == lab]
-        out[f"precision_{lab}"] = sum(truth[r["name"]] == lab for r in mine) / len(mine) if mine else -1.0
+        mine = [n for n, d in rows if d == lab]
+        out[f"precision_{lab}"] = sum(truth[n] == lab for n in mine) / len(mine) if mine else -1.0
     return out
 
 
@@ -85,17 +86,17 @@ def _rounds(cfg: SelfTrainConfig, out: Path, truth: dict) -> list[dict]:
         if r > 0:
             threshold = cfg.thresholds[min(r - 1, len(cfg.thresholds) - 1)]
             pseudo_dir = "" if cfg.control else out / f"pseudo{r}"     # control: no pseudo-label reaches the head
-            label = lambda model, dst, view=(), thr=threshold: pseudo.run(PseudoLabelConfig(  # noqa: E731
-                model=model, shards=cfg.finetune.data.shards, split=cfg.finetune.pseudo_split, out=str(dst),
+            label = lambda model, dst, view=(), thr=threshold: run_stage("pseudo-label", PseudoLabelConfig(  # noqa: E731
+                model=model, shards=cfg.finetune.data.shards, split=cfg.finetune.pseudo.split, out=str(dst),
                 threshold=thr, top_per_class=cfg.top_per_class, agree_with=cfg.agree_with,
                 student_modalities=list(view), tracking=tracking))
             if cfg.encoders:
                 base, enc_row = encoder_round(cfg, r, base, prev_model, tracking, label, truth)
                 row |= enc_row
                 if not cfg.control:     # the head's pseudo-labels come from a fusion model on the new encoders
-                    labeller = dataclasses.replace(base, out=str(out / f"round{r}-encoders"), pseudo="",
+                    labeller = dataclasses.replace(base, out=str(out / f"round{r}-encoders"), pseudo=_pseudo(base, ""),
                                                    tracking=tracking)
-                    row["encoders_test_waf"] = finetune.run(labeller).get(f"{base.test_split}_waf", -1.0)
+                    row["encoders_test_waf"] = run_stage("finetune", labeller).get(f"{base.test_split}_waf", -1.0)
                     prev_model = labeller.out
             if pseudo_dir:
                 if cfg.views == "fusion":
@@ -111,12 +112,12 @@ def _rounds(cfg: SelfTrainConfig, out: Path, truth: dict) -> list[dict]:
                         **{f"kept_{k}": v for k, v in summary.get("per_class", {}).items()}}
                 if truth and summary:
                     row |= precision(pseudo_dir, truth)
-        ft = dataclasses.replace(base, out=str(out / f"round{r}"), pseudo=str(pseudo_dir), tracking=tracking)
+        ft = dataclasses.replace(base, out=str(out / f"round{r}"), pseudo=_pseudo(base, pseudo_dir), tracking=tracking)
         if r == 0 and cfg.start:
             ft = dataclasses.replace(ft, out=cfg.start)
-            m = json.loads((Path(cfg.start) / "metrics.json").read_text())
+            m = read_metrics(cfg.start)
         else:
-            m = finetune.run(ft)
+            m = run_stage("finetune", ft)
         row |= {"cv_waf": m.get("cv_waf", -1.0), f"{ft.test_split}_waf": m.get(f"{ft.test_split}_waf", -1.0),
                 "n_pseudo_trained": m.get("n_pseudo", 0)}
         if rows:
@@ -124,6 +125,11 @@ def _rounds(cfg: SelfTrainConfig, out: Path, truth: dict) -> list[dict]:
         rows.append(row)
         prev_model, prev_run, prev_pseudo = ft.out, m.get("mlflow_run_id", ""), pseudo_dir
     return rows
+
+
+def _pseudo(ft: FinetuneConfig, folder) -> PseudoConfig:
+    """`ft`'s pseudo-label settings with another directory ("" = none)."""
+    return dataclasses.replace(ft.pseudo, dir=str(folder) if folder else "")
 
 
 def encoder_round(cfg: SelfTrainConfig, r: int, ft, prev_model: str, tracking, label, truth: dict) -> tuple:
@@ -138,11 +144,15 @@ def encoder_round(cfg: SelfTrainConfig, r: int, ft, prev_model: str, tracking, l
         row["kept_encoders"] = label(prev_model, pl, thr=cfg.encoder_threshold).get("kept", 0)
         if truth:
             row["precision_encoders"] = precision(Path(pl), truth)["precision"]
-    common = {"test_split": ft.test_split, "transductive": ft.transductive, "pseudo": pl, "tracking": tracking}
+    # the encoders' stages read the shards the pseudo-labels were made on (their names are that corpus's), leave
+    # out the clips fine-tuning leaves out, and read the split it reads
+    take = {"dir": pl, "split": ft.pseudo.split, "test_split": ft.pseudo.test_split, "transductive": ft.pseudo.transductive}
     if "visual" in cfg.encoders:
         a = load(AlignConfig, Path(ft.visual).parent / "config.yaml")
         loss = [x for x in a.loss if x.split(":")[0] != "pseudo"] + ([] if cfg.control else ["pseudo"])
-        a = dataclasses.replace(a, out=str(out / f"align{r}"), loss=loss, **common,
+        a = dataclasses.replace(a, out=str(out / f"align{r}"), loss=loss, tracking=tracking,
+                                data=dataclasses.replace(a.data, shards=ft.data.shards),
+                                pseudo=dataclasses.replace(a.pseudo, **take),
                                 model=dataclasses.replace(a.model, init=str(ft.visual)),
                                 train=dataclasses.replace(a.train, steps=cfg.align_steps, seed=ft.seed))
         out.mkdir(parents=True, exist_ok=True)
@@ -150,9 +160,11 @@ def encoder_round(cfg: SelfTrainConfig, r: int, ft, prev_model: str, tracking, l
         dist.launch_local(["align", "--config", str(out / f"align{r}.yaml")], cfg.align_procs)
         ft, row["align_steps"] = dataclasses.replace(ft, visual=str(Path(a.out) / "encoder.pt")), cfg.align_steps
     if "audio" in cfg.encoders:
-        ad = dataclasses.replace(load(AdaptConfig, Path(ft.teacher) / "config.yaml"), out=str(out / f"teacher{r}"),
-                                 seed=ft.seed, pseudo_split=ft.pseudo_split, **common)
-        adapt.run(ad)
+        ad = load(AdaptConfig, Path(ft.teacher) / "config.yaml")
+        ad = dataclasses.replace(ad, out=str(out / f"teacher{r}"), seed=ft.seed, tracking=tracking,
+                                 data=dataclasses.replace(ad.data, shards=ft.data.shards),
+                                 pseudo=dataclasses.replace(ad.pseudo, **take))
+        run_stage("adapt-audio", ad)
         ft = dataclasses.replace(ft, teacher=ad.out)
     return ft, row
 
@@ -179,8 +191,8 @@ def co_label(cfg: SelfTrainConfig, r: int, m: str, prev_pseudo, tracking, label)
     others = [x for x in cfg.finetune.modalities if x != m]
     tags = [*tracking.tags, f"self_train_view={m}"]
     ft = dataclasses.replace(cfg.finetune, modalities=others, out=str(Path(cfg.out) / f"round{r - 1}-without-{m}"),
-                             pseudo=str(prev_pseudo), tracking=dataclasses.replace(tracking, tags=tags))
-    finetune.run(ft)
+                             pseudo=_pseudo(cfg.finetune, prev_pseudo), tracking=dataclasses.replace(tracking, tags=tags))
+    run_stage("finetune", ft)
     dst = Path(cfg.out) / f"pseudo{r}-{m}"
     label(ft.out, dst, (m,))
     return dst
