@@ -193,7 +193,12 @@ def extract(encoders: Encoders, modalities: list[str], shards: str, split: str, 
         if skipped:
             log.warning("%s: %d sample(s) could not be decoded; they are predicted from the other modalities",
                         split, skipped)
-        dist.on_main(lambda: [c.save() for m, c in caches.items() if new[m]] and None)   # one writer, rank 0
+
+        def save() -> None:         # one writer, rank 0
+            for m, c in caches.items():
+                if new[m]:
+                    c.save()
+        dist.on_main(save)
     dims = {m: (next(iter(c.data.values())).shape[0] if c.data else 1) for m, c in caches.items()}
     feats, present = {}, np.ones((len(names), len(modalities)), bool)
     for j, m in enumerate(modalities):

@@ -5,8 +5,9 @@ The guard takes up to `guard.max_clips` labeled clips of `guard.split` (each ran
 share of the batches) and scores an encoder by the out-of-fold WAF of a probe on its frozen clip features,
 gathered from the ranks -- the initial encoder before training, then each checkpoint. The probe is finetune's own
 visual-only head (`guard.probe=head`): what the encoder is used for next, so the guard scores what the user will
-see; a standardised logistic probe (`linear`) favoured random-init features and threw real gains away. `align` keeps the best checkpoint out of rotation and exports
-it; the initial encoder wins unless a checkpoint beats it by `guard.min_gain`. The test split is never read.
+see; a standardised logistic probe (`linear`) favoured random-init features and threw real gains away. `align`
+keeps the best checkpoint out of rotation and exports it; the initial encoder wins unless a checkpoint beats it by
+`guard.min_gain`. The test split is never read.
 """
 from __future__ import annotations
 
