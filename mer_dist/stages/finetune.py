@@ -8,6 +8,7 @@ the test split (unless `transductive=true`, which is tagged on the run).
 """
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -25,6 +26,8 @@ from mer_dist.features import Encoders, extract, specs_for
 from mer_dist.models.ensemble import FoldEnsemble, load_model, write_metrics
 from mer_dist.tracking import Tracker
 from mer_dist.train.folds import cache_dir, train_fold, training_set, visual_encoder
+
+log = logging.getLogger("mer_dist.finetune")
 
 
 def _mlflow_model(cfg: FinetuneConfig, out: Path) -> Path:
@@ -100,7 +103,12 @@ def run(cfg: FinetuneConfig) -> dict:
         for f in ("model.pt", "config.yaml", "cv_confusion.png"):
             tracker.artifact(out / f)
         if cfg.tracking.enabled and cfg.tracking.log_model:
-            tracker.model(_mlflow_model(cfg, out), cfg.tracking.register_model)
+            try:
+                tracker.model(_mlflow_model(cfg, out), cfg.tracking.register_model)
+            except Exception as e:  # noqa: BLE001 - tracking never stops a stage (at real size the packed model is GBs)
+                shutil.rmtree(out / "mlflow-model", ignore_errors=True)
+                log.warning("finetune: the MLflow model was not logged (%s: %s); model.pt is complete and serves "
+                            "with `mer-dist predict`", type(e).__name__, (str(e).splitlines() or [""])[0][:200])
         pseudo = f", {ts['n_pseudo']} pseudo-labelled clips" if cfg.pseudo.dir else ""
         print(f"finetune[{''.join(cfg.modalities)}]: CV WAF {cv['waf']:.3f} (majority {metrics['majority_waf']:.3f}"
               f"{pseudo}) -> {out}")
