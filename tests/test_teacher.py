@@ -31,6 +31,21 @@ def test_local_directory_round_trip(tmp_path):
         build_hubert(str(tmp_path / "missing"))
 
 
+def test_a_saved_layerdrop_never_shifts_the_layer_indices(tmp_path):
+    """Released HuBERT-large configs carry layerdrop 0.1; transformers 5 records hidden states from the layers that
+    ran, so in train mode (adapt-audio, pretrain-audio) a dropped layer would shorten the tuple and shift index i to
+    another layer (seen on a GPU machine: IndexError at layer 21 of the recipe)."""
+    build_hubert("tiny:hubert", layerdrop=0.9).save_pretrained(tmp_path / "hub")
+    model = build_hubert(str(tmp_path / "hub")).train()
+    x, n = torch.randn(2, 8000), torch.tensor([8000, 8000])
+    for _ in range(5):
+        hs, _ = hidden_states(model, x, n)
+        assert len(hs) == model.config.num_hidden_layers + 1
+    raw = type(model).from_pretrained(str(tmp_path / "hub")).train()     # control: the saved config as it is
+    with torch.no_grad():
+        assert any(len(raw(input_values=x, output_hidden_states=True).hidden_states) < len(hs) for _ in range(5))
+
+
 def test_pool_to_frames_hand_built():
     # 10 feature frames at 50 Hz (0.2 s); value of frame j is j; second sample has 6 valid frames
     feats = torch.arange(10, dtype=torch.float32).view(1, 10, 1).repeat(2, 1, 1)

@@ -48,6 +48,10 @@ def test_ds_config_fills_every_auto_and_the_launch_file_chooses_the_stage(stage)
     assert ds["scheduler"]["params"]["total_num_steps"] == 50
     assert ds["scheduler"]["params"]["warmup_num_steps"] == 49       # never past the end of the run
     assert ds["optimizer"]["params"]["torch_adam"] is True and ds["bf16"]["enabled"] is False   # CPU
+    assert ds["optimizer"]["params"]["fused"] is False
+    # on a GPU: still torch's AdamW (no nvcc JIT build on the nodes), with its fused kernels
+    assert ds_config(cfg, 64, on_gpu=True, launch_file=str(REPO / f"configs/ds/zero{stage}.json"))[
+        "optimizer"]["params"] == {**ds["optimizer"]["params"], "fused": True}
     assert "train_batch_size" not in ds           # DeepSpeed derives it from world size (elastic resume)
 
 

@@ -44,7 +44,9 @@ TINY = {
 
 def build_hubert(spec: str, seed: int = 0, **config) -> HubertModel:
     """`tiny:<preset>` (random weights, deterministic in `seed`; `config` overrides the preset's HubertConfig)
-    or a local HuBERT directory."""
+    or a local HuBERT directory. LayerDrop is always off: layers are read by index (probe, adapter, teacher), and
+    transformers 5 records hidden states from the layers that ran, so a dropped layer shifts every index above it
+    (released HuBERT-large configs ship layerdrop 0.1)."""
     if spec.startswith("tiny:"):
         preset = spec.split(":", 1)[1]
         if preset not in TINY:
@@ -58,7 +60,7 @@ def build_hubert(spec: str, seed: int = 0, **config) -> HubertModel:
         raise ModelError(f"HuBERT model directory {path}: no config.json (expected a local save_pretrained "
                          f"directory, e.g. a copy of chinese-hubert-large, or tiny:hubert)")
     try:
-        return HubertModel.from_pretrained(str(path), local_files_only=True).eval()
+        return HubertModel.from_pretrained(str(path), local_files_only=True, layerdrop=0.0).eval()
     except (OSError, ValueError) as e:
         raise ModelError(f"HuBERT model directory {path}: cannot load ({str(e).splitlines()[0]})") from None
 

@@ -217,6 +217,8 @@ def _log_row(job: Job, window: _Window, skips: SkipTotals, bar) -> _Window:
                "samples_per_s": window.samples * job.env.world_size / dt,
                "epoch": job.samples_seen / max(job.epoch_samples, 1), "skipped_samples": skips.samples,
                "bad_shards": skips.shards}
+    if job.env.device.type == "cuda":       # rank 0's peak since start: what sizing a card needs (BENCHMARKS.md)
+        metrics["gpu_peak_gib"] = torch.cuda.max_memory_allocated(job.env.device) / 2**30
     job.tracker.metrics(metrics, job.step)
     bar.set_postfix(loss=f"{metrics['loss']:.3f}")
     return _Window()

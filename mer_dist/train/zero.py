@@ -13,7 +13,8 @@ from mer_dist.config import AlignConfig, ConfigError, resolve_repo_file
 
 def ds_config(cfg: AlignConfig, width: int, on_gpu: bool, launch_file: str = "") -> dict:
     """configs/ds/zero{N}.json (or the file the launch named) with every "auto" filled from the stage config,
-    so batch size, accumulation and schedule are set once and never disagree."""
+    so batch size, accumulation and schedule are set once and never disagree. The optimizer is torch's AdamW
+    (fused kernels on a GPU) rather than DeepSpeed's FusedAdam, whose JIT build needs nvcc on every node."""
     path = Path(launch_file) if launch_file else resolve_repo_file(f"configs/ds/zero{cfg.train.zero_stage}.json")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: DeepSpeed config not found (train.zero_stage must be 1, 2 or 3)")
@@ -21,7 +22,7 @@ def ds_config(cfg: AlignConfig, width: int, on_gpu: bool, launch_file: str = "")
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and on_gpu and torch.cuda.is_bf16_supported())
     fill = {"train_micro_batch_size_per_gpu": cfg.data.batch_size, "gradient_accumulation_steps": cfg.train.grad_accum,
             "gradient_clipping": cfg.train.grad_clip, "lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay,
-            "torch_adam": not on_gpu, "total_num_steps": cfg.train.steps,
+            "torch_adam": True, "fused": on_gpu, "total_num_steps": cfg.train.steps,
             # DeepSpeed's WarmupCosineLR refuses 0 (train.steps=1 or train.warmup_steps=0)
             "warmup_num_steps": max(1, min(cfg.train.warmup_steps, cfg.train.steps - 1)),
             "enabled": bf16, "stage3_param_persistence_threshold": 10 * width,
