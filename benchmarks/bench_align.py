@@ -122,7 +122,7 @@ def objectives(quick: bool) -> dict:
 def _align(env, nproc: int, steps: int, extra: list[str], out) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
            "-m", "mer_dist", "align", "--shards", str(env["shards"]), "--teacher", str(env["teacher"]), "--out", str(out),
-           "--steps", str(steps), "tracking.enabled=false", "train.eval_samples=0", "train.log_every=5",
+           "--steps", str(steps), "tracking.enabled=false", "guard.enabled=false", "train.eval_samples=0", "train.log_every=5",
            "train.threads=1", "data.workers=0", *extra]
     run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"})
     summary = json.loads((out / "summary.json").read_text())

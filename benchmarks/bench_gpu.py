@@ -80,7 +80,7 @@ def flops_per_sample(env: dict, size: dict, device: str, yaml=None, gc: bool = F
 def align_run(env: dict, size: dict, nproc: int, workers: int, out, extra: tuple = ()) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
            "-m", "mer_dist", "align", *extra, "--shards", str(env["shards"]), "--teacher", str(env["teacher"]),
-           "--out", str(out), "--steps", str(size["steps"]), "train.epochs=0", "tracking.enabled=false",
+           "--out", str(out), "--steps", str(size["steps"]), "train.epochs=0", "tracking.enabled=false", "guard.enabled=false",
            "train.eval_samples=0", "train.log_every=5", "train.ckpt_every=100000", "train.zero_stage=2",
            "train.precision=auto", f"model.backbone={size['backbone']}", f"data.frames={size['frames']}",
            f"data.height={size['size']}", f"data.width={size['size']}", f"data.batch_size={size['batch']}",

@@ -168,7 +168,8 @@ def _align(reh: Path, out: Path, nproc: int, zero: int, steps: int, frames: int)
            f"train.zero_stage={zero}", f"train.steps={steps}", "train.epochs=0", "targets=offline",
            f"data.frames={frames}", "data.batch_size=1",
            "data.workers=1", "data.shuffle_buffer=4", "train.warmup_steps=1", "train.log_every=1",
-           "train.ckpt_every=100000", "train.eval_samples=0", "train.threads=1", "tracking.enabled=false"]
+           "train.ckpt_every=100000", "train.eval_samples=0", "train.threads=1", "tracking.enabled=false",
+           "guard.enabled=false"]        # what is measured here is the training step
     run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"})
     s = json.loads((out / "summary.json").read_text())
     rows = [json.loads(x) for x in open(out / "metrics.jsonl") if '"samples_per_s"' in x]
@@ -205,7 +206,7 @@ def scaling(reh: Path, two_rank_rates: list[float], frames: int = 2, steps: int 
         out = tiny / f"r{n}"
         run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", f"--master_port={free_port()}",
              "-m", "mer_dist", "align", "--shards", str(env["shards"]), "--teacher", str(env["teacher"]), "--out", str(out),
-             "--steps", "120", "tracking.enabled=false", "train.eval_samples=0", "train.log_every=1", "train.threads=1",
+             "--steps", "120", "tracking.enabled=false", "guard.enabled=false", "train.eval_samples=0", "train.log_every=1", "train.threads=1",
              "data.workers=0", "train.zero_stage=2", "train.ckpt_every=100000"], env={**os.environ, "OMP_NUM_THREADS": "1"})
         rates = [json.loads(x)["samples_per_s"] for x in open(out / "metrics.jsonl") if '"samples_per_s"' in x][10:]
         per[n] = [8 * n / r for r in rates]                     # seconds per step (batch 8 per rank)

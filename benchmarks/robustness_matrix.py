@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import sys
+
+import yaml
 from pathlib import Path
 
 from mer_dist.eval.ceiling import ceiling
-from mer_dist.stages.demo import SINGLE, VARIANTS
+from mer_dist.stages.demo import SINGLE
 from mer_dist.eval.ablation import mean_sd, row, verdict
 
 
@@ -38,6 +40,24 @@ def _partial(folder: Path) -> dict:
     return res
 
 
+def describe(folder: Path, key: str) -> str:
+    """A row's encoder, from its seed-0 run's config.yaml (runs of older commits name their variants otherwise, and
+    their guard used the linear probe: a config without guard.probe is one of those)."""
+    base = key.split("@")[0]
+    a = yaml.safe_load((folder / "align" / f"{base}-seed0" / "config.yaml").read_text())
+    what = "InfoNCE, shuffled audio-video pairs (control)" if a.get("pairing") == "shuffled" else \
+        "InfoNCE onto the teacher's clip emotion posteriors" if a.get("infonce_target") == "posteriors" else \
+        " + ".join({"infonce": "InfoNCE", "kd": "KD", "mse": "MSE"}.get(x, x) for x in a["loss"])
+    guard = a.get("guard", {})
+    if key.endswith("@last"):
+        return f"{what}, no guard (the same runs' last step)"
+    if not guard.get("enabled"):
+        return f"{what}, no guard"
+    probe = guard.get("probe", "linear")
+    default = "; **today's default**" if probe == "head" and what == "InfoNCE" else ""
+    return f"{what}, with the guard ({probe} probe{default})"
+
+
 def regime(name: str, folder: Path) -> list[str]:
     res = json.loads((folder / "results.json").read_text()) if (folder / "results.json").is_file() else _partial(folder)
     waf, cv, steps = res["test_waf"], res["cv_waf"], res.get("encoder_step", {})
@@ -51,9 +71,7 @@ def regime(name: str, folder: Path) -> list[str]:
         lines += ["", {"visual": "visual only (frozen encoder)", "fusion": "fusion a+v+t"}[kind], "",
                   "| encoder | test WAF | per seed | minus random init | CV verdict (ablate's rule) |", "|---|---|---|---|---|"]
         for key in sorted((k.split("/", 1)[1] for k in waf if k.startswith(f"{kind}/")), key=lambda k: k != "random"):
-            base = key.split("@")[0]
-            desc = "random-init encoder" if key == "random" else VARIANTS[base][0] + (
-                ", last step (guard off)" if key.endswith("@last") else "")
+            desc = "random-init encoder" if key == "random" else describe(folder, key)
             m, sd = mean_sd(waf[f"{kind}/{key}"])
             diff = m - mean_sd(rand)[0]
             word = "" if key == "random" else verdict(cv[f"{kind}/{key}"], cv[f"{kind}/random"])[0]

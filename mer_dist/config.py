@@ -291,7 +291,7 @@ class GuardConfig:
     """Never hurt: alignment keeps the encoder whose frozen features a cross-validated probe on the labeled split
     reads best, the initial encoder (step 0) included, so a corpus where audio and video share only nuisance gets
     its initial encoder back, with one line saying so."""
-    enabled: bool = False  # score step 0 and every checkpoint; encoder.pt is the best one (off by default until the robustness matrix is rerun with it on, RESULTS.md)
+    enabled: bool = True  # score step 0 and every checkpoint; encoder.pt is the best one (on by default: the robustness matrix, RESULTS.md)
     split: str = "train"  # the labeled split the probe cross-validates on (never test)
     max_clips: int = 512  # clips of it held as uint8 frames, spread over the ranks (clips x F x 3 x H x W bytes in all)
     folds: int = 5  # stratified folds of the probe's cross-validation

@@ -11,7 +11,8 @@ import torch
 from conftest import REPO, free_port
 
 ARGS = ["data.height=32", "data.width=32", "data.frames=4", "data.batch_size=4", "data.workers=1",
-        "train.log_every=2", "train.eval_every=10", "train.eval_samples=8", "train.warmup_steps=4"]
+        "train.log_every=2", "train.eval_every=10", "train.eval_samples=8", "train.warmup_steps=4",
+        "guard.enabled=false"]    # the guard (on by default) has its own tests (test_method.py, test_demo.py)
 
 
 def align(launcher, shards, teacher, out, steps, extra=(), env=None, wait=True, timeout=400):

@@ -80,7 +80,7 @@ def test_sbatch_torchrun_mode(slurm, shards, teacher, tmp_path):
     out, log = tmp_path / "run", tmp_path / "job.out"
     overrides = (f"data.shards={shards} teacher={teacher} out={out} train.steps=12 train.ckpt_every=6 "
                  "train.log_every=2 train.eval_samples=0 data.height=32 data.width=32 data.frames=4 "
-                 "data.batch_size=4 data.workers=0 tracking.enabled=false")
+                 "data.batch_size=4 data.workers=0 tracking.enabled=false guard.enabled=false")
     env = {**slurm, "MER_OVERRIDES": overrides, "MER_WORKDIR": str(REPO), "MER_LAUNCH": "torchrun", "GPUS_PER_NODE": "2"}
     job = subprocess.run(["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=0",
                           "--cpus-per-task=2", "--time=10", f"--output={log}", "slurm/align.sh"],

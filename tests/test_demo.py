@@ -16,11 +16,18 @@ def test_demo_small(tmp_path):
     res = json.loads((tmp_path / "demo" / "results.json").read_text())
     rows = ["audio-base", "audio", "text", "visual/random", "visual/infonce", "visual/shuffled", "fusion/random",
             "fusion/infonce", "fusion/shuffled", "self-train/fusion"]
-    assert sorted(res["test_waf"]) == sorted(rows)
+    assert sorted(res["test_waf"]) == sorted(rows + ["visual/infonce@last", "fusion/infonce@last"])
     values = np.array([res["test_waf"][r] for r in rows])             # [rows, seeds]: computed, not copied
     assert values.shape == (len(rows), 2) and np.isfinite(values).all() and ((values >= 0) & (values <= 1)).all()
     assert len({tuple(v) for v in values.round(6)}) >= len(rows) - 2    # rows differ (ties only by chance)
-    assert res["encoder_step"]["infonce"] == [12, 12]                   # no guard by default: the last step
+    # the guard is on by default: encoder.pt is step 0 or the last step (12); the control runs without it
+    steps = res["encoder_step"]
+    assert set(steps["infonce"]) <= {0, 12} and steps["shuffled"] == [12, 12]
+    for s, step in enumerate(steps["infonce"]):                      # "@last" is the final step's encoder either way
+        for kind in ("visual", "fusion"):
+            same = res["test_waf"][f"{kind}/infonce@last"][s] == res["test_waf"][f"{kind}/infonce"][s]
+            assert same or step == 0
+    assert p.stdout.count("align: guard: ") == 2
     # the control table a user runs on their own corpus ran on this one: CV only, a verdict per modality set
     ab = json.loads((tmp_path / "demo" / "ablate" / "ablate.json").read_text())
     assert set(ab["verdicts"]) == {"v"} and all(len(x) == 2 for c in ab["cv_waf"].values() for x in c.values())

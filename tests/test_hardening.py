@@ -35,7 +35,8 @@ def error_line(stderr: str) -> str:
 
 
 ALIGN = ["data.height=32", "data.width=32", "data.frames=4", "data.batch_size=4", "data.workers=0",
-         "tracking.enabled=false", "train.eval_samples=0", "train.log_every=1", "train.warmup_steps=1"]
+         "tracking.enabled=false", "train.eval_samples=0", "train.log_every=1", "train.warmup_steps=1",
+         "guard.enabled=false"]    # the guard (on by default) has its own tests
 
 
 @pytest.mark.slow

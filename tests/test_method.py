@@ -128,7 +128,7 @@ def test_guard_returns_the_initial_encoder_when_alignment_does_not_beat_it(shard
     visual=random` builds with the same seed -- and encoder-last.pt the aligned one, and the log says so."""
     out = tmp_path / "run"
     p = _align(shards, teacher, out, "--steps", "6", "train.ckpt_every=3", "train.zero_stage=3", "train.seed=4",
-               "infonce_target=posteriors", "guard.enabled=true", "guard.min_gain=1.0", "train.keep_checkpoints=1")
+               "infonce_target=posteriors", "guard.min_gain=1.0", "train.keep_checkpoints=1")     # the guard: default
     assert p.returncode == 0, p.stderr[-3000:]
     assert "alignment did not help" in p.stdout and "initial encoder (step 0)" in p.stdout
     s = json.loads((out / "summary.json").read_text())

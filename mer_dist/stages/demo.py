@@ -22,15 +22,15 @@ from mer_dist.tracking import Tracker, default_uri, parent_of
 
 # alignment variants: name -> (what it is, align overrides). The first one is the product's default objective.
 VARIANTS = {
-    "infonce": ("InfoNCE, clip level (default)", ["loss=infonce"]),
-    "shuffled": ("InfoNCE, shuffled audio-video pairs (control)", ["loss=infonce", "pairing=shuffled"]),
-    "base": ("InfoNCE, teacher without adapter (control)", ["loss=infonce", "acoustic=base"]),
+    "infonce": ("InfoNCE, clip level, with the guard (default)", ["loss=infonce"]),
+    # the controls run without the guard: they show what that training does, not what the guard makes of it
+    "shuffled": ("InfoNCE, shuffled audio-video pairs (control)", ["loss=infonce", "pairing=shuffled", "guard.enabled=false"]),
+    "base": ("InfoNCE, teacher without adapter (control)", ["loss=infonce", "acoustic=base", "guard.enabled=false"]),
     "mse-features": ("MSE onto layer features (the method's recipe)", ["loss=mse", "target_space=features"]),
     "mse-logits": ("MSE onto frame emotion logits", ["loss=mse", "target_space=logits"]),
     "kd": ("KD of frame + utterance posteriors", ["loss=kd"]),
     "kd+infonce": ("KD + InfoNCE", ["loss=kd,infonce"]),
     "posteriors": ("InfoNCE onto the teacher's clip emotion posteriors", ["loss=infonce", "infonce_target=posteriors"]),
-    "infonce-guard": ("InfoNCE, with the guard", ["loss=infonce", "guard.enabled=true"]),
 }
 # self-training variants: name -> (what it is, self-train overrides)
 SELF_TRAIN = {
@@ -174,7 +174,7 @@ def last_step(encoders: dict[str, str]) -> dict[str, str]:
     another step, else encoder.pt itself (unguarded variants have no such row)."""
     out = {}
     for v, path in encoders.items():
-        if "guard.enabled=true" in VARIANTS[v][1]:
+        if "guard.enabled=false" not in VARIANTS[v][1]:
             last = Path(path).with_name("encoder-last.pt")
             out[f"{v}@last"] = str(last if last.is_file() else path)
     return out
