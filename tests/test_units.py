@@ -3,6 +3,8 @@ the synthetic corpus's Bayes ceiling."""
 import json
 import os
 import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -227,3 +229,26 @@ def test_stacked_rows_read_frame_caches_without_copying_them(tmp_path):
     for idx in ([0, 5, 7], [7, 6, 1], np.arange(8)):
         assert (rows[idx] == whole[idx]).all()
     assert all(isinstance(p, np.memmap) for p in rows.parts)      # the data stays in the files
+
+
+def test_plots_never_reach_into_a_half_imported_ipython(tmp_path):
+    """MLflow's tracker thread may be importing IPython while a stage draws its plot; pyplot would then call into
+    the half-initialised module (seen under load in test_serve). A stand-in IPython that fails like that one must
+    not matter: the plots use matplotlib's object API and never import pyplot."""
+    code = f"""
+import sys, types
+import numpy as np
+from mer_dist.eval import plots
+half = types.ModuleType("IPython")
+def get_ipython():
+    raise ImportError("cannot import name 'DummyMod' from partially initialized module 'IPython.core.interactiveshell'")
+half.get_ipython = get_ipython
+sys.modules["IPython"] = half     # appears after import, as when another thread is importing it
+plots.confusion_matrix(np.eye(6, dtype=int), r"{tmp_path / 'cm.png'}")
+plots.layer_curve([0, 1, 2], [0.2, 0.3, 0.25], [0.2, 0.3, 0.2], r"{tmp_path / 'layers.png'}", [1])
+assert "matplotlib.pyplot" not in sys.modules
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    for name in ("cm.png", "layers.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

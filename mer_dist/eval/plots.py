@@ -1,19 +1,25 @@
-"""PNG plots logged as MLflow artifacts (matplotlib, headless)."""
+"""PNG plots logged as MLflow artifacts (matplotlib, headless).
+
+Figures are built with matplotlib's object API, never pyplot: pyplot resolves a backend on first use and, when
+IPython sits in sys.modules, calls into it -- and MLflow's tracker thread may be importing IPython at that moment
+(seen under load: "cannot import name 'DummyMod' from partially initialized module"). Canvases look at IPython
+once per class (cached), so both are made here, at import, on the importing thread."""
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from mer_dist.config import LABELS
 
-from mer_dist.config import LABELS  # noqa: E402
+FigureCanvasAgg(Figure())
 
 
 def layer_curve(layers: list[int], wafs: list[float], accs: list[float], path: str | Path, top: list[int]) -> None:
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
     ax.plot(layers, wafs, "o-", label="WAF")
     ax.plot(layers, accs, "s--", alpha=0.6, label="accuracy")
     for layer in top:
@@ -24,12 +30,12 @@ def layer_curve(layers: list[int], wafs: list[float], accs: list[float], path: s
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def confusion_matrix(cm, path: str | Path, title: str = "Confusion matrix") -> None:
     cm = np.asarray(cm)
-    fig, ax = plt.subplots(figsize=(5, 4.5))
+    fig = Figure(figsize=(5, 4.5))
+    ax = fig.subplots()
     ax.imshow(cm, cmap="Blues")
     ax.set_xticks(range(len(LABELS)), LABELS, rotation=45, ha="right")
     ax.set_yticks(range(len(LABELS)), LABELS)
@@ -41,4 +47,3 @@ def confusion_matrix(cm, path: str | Path, title: str = "Confusion matrix") -> N
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
