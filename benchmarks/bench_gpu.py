@@ -87,8 +87,8 @@ def align_run(env: dict, size: dict, nproc: int, workers: int, out, extra: tuple
            f"data.workers={workers}"]
     t0 = time.perf_counter()
     run(cmd)
-    rows = [json.loads(x) for x in open(out / "metrics.jsonl") if '"samples_per_s"' in x][1:]   # after warm-up
-    rows = rows or [json.loads(x) for x in open(out / "metrics.jsonl") if '"samples_per_s"' in x]   # a dry run
+    logged = [json.loads(x) for x in open(out / "metrics.jsonl") if '"samples_per_s"' in x]
+    rows = logged[1:] or logged        # after the warm-up window (a dry run of one window keeps it)
     return {"samples_per_s": sum(r["samples_per_s"] for r in rows) / len(rows),
             "data_wait_frac": sum(r["data_wait_frac"] for r in rows) / len(rows),
             "gpu_peak_gib": max(r.get("gpu_peak_gib", 0.0) for r in rows), "wall_s": time.perf_counter() - t0}

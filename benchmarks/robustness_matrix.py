@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import yaml
-from pathlib import Path
 
 from mer_dist.eval.ceiling import ceiling
 from mer_dist.stages.demo import SINGLE
