@@ -120,12 +120,14 @@ class SynthConfig:
     faces: Literal["clip", "speaker"] = "clip"  # clip: a new face drawing per clip; speaker: one face (colouring, background) per speaker, whose voice is the speaker's too (an identity shortcut)
     speakers: int = 48  # speakers drawn when faces=speaker (voice pitch offset and face)
     expression: float = 1.0  # how strongly a face shows its emotion: 1 = full expression, 0 = a neutral face
+    prosody: float = 1.0  # how strongly a voice's pitch level and contour show its emotion: 1 = full, 0 = a neutral voice (shared=nuisance and prosody=0: audio carries no emotion at all)
     workers: int = 2  # encoder processes (the corpus is identical for any number)
     seed: int = 0  # everything the generator draws follows from it
 
     def __post_init__(self):
         _check(self.speakers >= 1, "synth.speakers", "an integer >= 1", self.speakers)
-        _check(0.0 <= self.expression <= 1.0, "synth.expression", "a number in [0, 1]", self.expression)
+        for key in ("expression", "prosody"):
+            _check(0.0 <= getattr(self, key) <= 1.0, f"synth.{key}", "a number in [0, 1]", getattr(self, key))
         for key in ("visual_noise", "audio_noise", "text_noise"):
             _check(0.0 <= getattr(self, key) <= 1.0, f"synth.{key}", "a probability in [0, 1]", getattr(self, key))
 

@@ -45,17 +45,32 @@ def test_speaker_faces_are_shared_by_a_speakers_clips_and_defaults_ignore_the_re
     assert base["meta"]["speaker"] == -1
 
 
-def test_a_neutral_face_has_no_visual_ceiling(tmp_path):
+def test_a_neutral_face_and_voice_have_no_ceiling(tmp_path):
     from mer_dist.data.synth import generate
     out = generate(SynthConfig(out=str(tmp_path / "c"), num_labeled=24, num_unlabeled=4, num_test=4, seconds=0.6,
-                               seconds_jitter=0.0, height=16, width=16, expression=0.0, workers=1))
+                               seconds_jitter=0.0, height=16, width=16, expression=0.0, prosody=0.0,
+                               shared="nuisance", workers=1))
     c = ceiling(out)
-    assert c["v"] < 0.2 and c["av"] == pytest.approx(c["a"])
+    assert c["v"] < 0.2 and c["a"] < 0.2 and c["avt"] == pytest.approx(c["t"]) and c["t"] > 0.3
+
+
+def test_a_neutral_voice_sounds_the_same_whatever_its_emotion():
+    from mer_dist.data.synth import _syllables, render_audio
+
+    def voice(emotion, prosody):
+        rng = np.random.default_rng(3)
+        return render_audio(rng, emotion, 0.5, 1.0, _syllables(np.random.default_rng(4), 1.0, 0.5), speaker_f0=0.0,
+                            loudness=0.6, prosody=prosody)
+    assert np.array_equal(voice("angry", 0.0), voice("sad", 0.0))          # pitch level and contour: neutral's
+    assert not np.array_equal(voice("angry", 0.5), voice("sad", 0.5))
+    assert np.array_equal(voice("angry", 1.0), voice("angry", 1))           # the default path: the emotion's own
 
 
 def test_synth_ranges_are_checked_at_load():
     with pytest.raises(ConfigError, match="expression"):
         load(SynthConfig, overrides=["expression=1.5"])
+    with pytest.raises(ConfigError, match="synth.prosody"):
+        load(SynthConfig, overrides=["prosody=-0.1"])
     with pytest.raises(ConfigError, match="speakers"):
         load(SynthConfig, overrides=["speakers=0"])
 

@@ -24,11 +24,14 @@ def ceiling(corpus: str | Path) -> dict[str, float]:
         return np.array([(1 - noise) * (shown == e) + noise * (shown in CONFUSABLE[e]) / len(CONFUSABLE[e])
                          for e in LABELS])
     y = np.array([LABELS.index(c["emotion"]) for c in clips])
+    # a neutral face shows nothing; so does a neutral voice whose loudness and tempo are energy (shared=nuisance)
+    faded = {"v": cfg.get("expression", 1.0) == 0.0, "t": False,
+             "a": cfg.get("prosody", 1.0) == 0.0 and cfg.get("shared", "emotion") == "nuisance"}
     out = {}
     for mods in ("v", "a", "t", "av", "at", "vt", "avt"):
         post = np.tile(prior, (len(clips), 1))
         for m, key in (("v", "visual"), ("a", "audio"), ("t", "text")):
-            if m in mods and not (m == "v" and cfg.get("expression", 1.0) == 0.0):    # a neutral face shows nothing
+            if m in mods and not faded[m]:
                 post *= np.stack([likelihood(c[key], cfg[f"{key}_noise"]) for c in clips])
         out[mods] = summary(y, post.argmax(1))["waf"]
     return out
