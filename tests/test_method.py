@@ -63,7 +63,7 @@ def test_a_neutral_voice_sounds_the_same_whatever_its_emotion():
                             loudness=0.6, prosody=prosody)
     assert np.array_equal(voice("angry", 0.0), voice("sad", 0.0))          # pitch level and contour: neutral's
     assert not np.array_equal(voice("angry", 0.5), voice("sad", 0.5))
-    assert np.array_equal(voice("angry", 1.0), voice("angry", 1))           # the default path: the emotion's own
+    assert np.array_equal(voice("angry", 0.0), voice("neutral", 1.0))       # ... the neutral emotion's own voice
 
 
 def test_synth_ranges_are_checked_at_load():

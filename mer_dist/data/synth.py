@@ -128,8 +128,7 @@ def render_audio(rng, emotion: str, arousal: float, seconds: float, syl, speaker
              "wave": 0.18 * np.sin(2 * np.pi * 1.5 * u), "rise": 0.45 * u ** 2,
              "tremolo": 0.07 * np.sin(2 * np.pi * 7.0 * t)}[contour]
     if prosody != 1.0:      # the default corpus keeps its exact samples
-        f0_base = VOICE["neutral"][0] + prosody * (f0_base - VOICE["neutral"][0])
-        shape = prosody * shape
+        f0_base, shape = _fade(f0_base, VOICE["neutral"][0], prosody), _fade(shape, 0.0, prosody)   # neutral: flat
     f0 = (f0_base + 50.0 * (arousal - 0.5) + speaker_f0) * (1.0 + shape)
     phase = 2 * np.pi * np.cumsum(f0) / SR
     env = _envelope(t, syl)
@@ -147,13 +146,18 @@ def render_audio(rng, emotion: str, arousal: float, seconds: float, syl, speaker
     return np.clip(audio, -1, 1).astype(np.float32)
 
 
+def _fade(value, neutral, strength: float):
+    """`value` moved `strength` of the way from `neutral` (expression and prosody: 0 = neutral's, 1 = its own)."""
+    return neutral + strength * (value - neutral)
+
+
 def _expression(emotion: str, strength: float) -> tuple:
     """FACE parameters of `emotion` moved `strength` of the way from the neutral face (1 = the full expression)."""
     if strength == 1.0:
         return FACE[emotion]
     emo, neu = FACE[emotion], FACE["neutral"]
-    mix = [n + strength * (e - n) for e, n in zip(emo[:4], neu[:4])]
-    return (*mix, tuple(n + strength * (e - n) for e, n in zip(emo[4], neu[4])))
+    return (*(_fade(e, n, strength) for e, n in zip(emo[:4], neu[:4])),
+            tuple(_fade(e, n, strength) for e, n in zip(emo[4], neu[4])))
 
 
 def render_video(rng, emotion: str, arousal: float, seconds: float, fps: int, h: int, w: int, syl,
