@@ -18,25 +18,49 @@ from mer_dist.stages.demo import SINGLE
 from mer_dist.eval.ablation import mean_sd, row, verdict
 
 
-def _partial(folder: Path) -> dict:
-    """results.json of a demo stopped before its end, from the rows it finished (models/<row>-seed<s>/metrics.json
-    and align/<variant>-seed<s>/summary.json): only seeds every row of which finished."""
+def _cells(folder: Path) -> dict[tuple[str, int], dict]:
+    """(row, seed) -> metrics of every fine-tuning run in a demo dir (models/<row>-seed<s>/metrics.json). A guarded
+    variant whose guard kept the last step has no "-last" run: its cell is the guarded one, as the demo counts it."""
     cells: dict[tuple[str, int], dict] = {}
     for m in (folder / "models").glob("*-seed*/metrics.json"):
         row, seed = m.parent.name.rsplit("-seed", 1)
         cells[(row, int(seed))] = json.loads(m.read_text())
-    rows = {r for r, _ in cells}
-    seeds = [s for s in sorted({s for _, s in cells}) if all((r, s) in cells for r in rows)]
-    res: dict = {"test_waf": {}, "cv_waf": {}, "encoder_step": {}}
-    for r in sorted(rows):
-        key = r.replace("-", "/", 1) if r.startswith(("visual-", "fusion-")) else r
-        key = key[:-5] + "@last" if key.endswith("-last") else key
-        res["test_waf"][key] = [cells[(r, s)]["test_waf"] for s in seeds]
-        res["cv_waf"][key] = [cells[(r, s)]["cv_waf"] for s in seeds]
-    for summ in sorted((folder / "align").glob("*-seed*/summary.json")):
+    for summ in (folder / "align").glob("*-seed*/summary.json"):
         v, s = summ.parent.name.rsplit("-seed", 1)
-        if int(s) in seeds:
-            res["encoder_step"].setdefault(v, []).append(json.loads(summ.read_text()).get("encoder_step"))
+        if json.loads(summ.read_text()).get("guard") and not (summ.parent / "encoder-last.pt").is_file():
+            for kind in ("visual", "fusion"):
+                if (f"{kind}-{v}", int(s)) in cells:
+                    cells.setdefault((f"{kind}-{v}-last", int(s)), cells[(f"{kind}-{v}", int(s))])
+    return cells
+
+
+def _key(row: str) -> str:
+    """A models/ folder's row name as results.json names it: visual-kd-last -> visual/kd@last."""
+    key = row.replace("-", "/", 1) if row.startswith(("visual-", "fusion-")) else row
+    return key[:-5] + "@last" if key.endswith("-last") else key
+
+
+def results(folder: Path) -> dict:
+    """The demo's results.json, with the rows of cells run into the same dir after it (the stages by hand, with the
+    demo's overrides: RESULTS.md says which) where every seed finished. A demo stopped before its end: the rows
+    of the seeds every row finished."""
+    cells = _cells(folder)
+    rows = {r for r, _ in cells}
+    if (folder / "results.json").is_file():
+        res = json.loads((folder / "results.json").read_text())
+        seeds = list(range(len(res["test_waf"]["visual/random"])))
+    else:
+        res = {"test_waf": {}, "cv_waf": {}, "encoder_step": {}}
+        seeds = [s for s in sorted({s for _, s in cells}) if all((r, s) in cells for r in rows)]
+    for r in sorted(rows):
+        if _key(r) not in res["test_waf"] and all((r, s) in cells for s in seeds):
+            res["test_waf"][_key(r)] = [cells[(r, s)]["test_waf"] for s in seeds]
+            res["cv_waf"][_key(r)] = [cells[(r, s)]["cv_waf"] for s in seeds]
+    steps = res.setdefault("encoder_step", {})
+    for v in sorted({_key(r).split("/", 1)[1] for r in rows if r.startswith("visual-") and not r.endswith("-last")}):
+        summaries = [folder / "align" / f"{v}-seed{s}" / "summary.json" for s in seeds]
+        if v not in steps and f"visual/{v}" in res["test_waf"] and all(p.is_file() for p in summaries):
+            steps[v] = [json.loads(p.read_text()).get("encoder_step") for p in summaries]
     return res
 
 
@@ -47,7 +71,8 @@ def describe(folder: Path, key: str) -> str:
     a = yaml.safe_load((folder / "align" / f"{base}-seed0" / "config.yaml").read_text())
     what = "InfoNCE, shuffled audio-video pairs (control)" if a.get("pairing") == "shuffled" else \
         "InfoNCE onto the teacher's clip emotion posteriors" if a.get("infonce_target") == "posteriors" else \
-        " + ".join({"infonce": "InfoNCE", "kd": "KD", "mse": "MSE"}.get(x, x) for x in a["loss"])
+        " + ".join({"infonce": "InfoNCE", "kd": "KD of the teacher's frame + utterance posteriors",
+                    "mse": f"MSE onto the teacher's {a.get('target_space', 'features')}"}.get(x, x) for x in a["loss"])
     guard = a.get("guard", {})
     if key.endswith("@last"):
         return f"{what}, no guard (the same runs' last step)"
@@ -59,8 +84,8 @@ def describe(folder: Path, key: str) -> str:
 
 
 def regime(name: str, folder: Path) -> list[str]:
-    res = json.loads((folder / "results.json").read_text()) if (folder / "results.json").is_file() else _partial(folder)
-    waf, cv, steps = res["test_waf"], res["cv_waf"], res.get("encoder_step", {})
+    res = results(folder)
+    waf, cv, steps = res["test_waf"], res["cv_waf"], res["encoder_step"]
     c = ceiling(folder / "corpus")
     lines = [f"### {name}", "", "Bayes ceilings (test-free, every clip): " +
              ", ".join(f"{k} {v:.2f}" for k, v in c.items()), "",

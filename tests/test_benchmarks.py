@@ -42,3 +42,37 @@ def test_gpu_peak_table():
     assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0 and peak_tflops("NVIDIA H100 PCIe") == 756.0
     assert peak_tflops("NVIDIA H200") == 989.0 and peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
     assert peak_tflops("Some Future GPU") == 0.0
+
+
+def test_matrix_joins_cells_run_after_the_demo(tmp_path):
+    """A regime's rows are the demo's results.json plus the cells run into its dir afterwards, where every seed
+    finished; a guarded cell whose guard kept the last step stands for its "@last" row, as the demo counts it."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from robustness_matrix import results
+
+    (tmp_path / "results.json").write_text(json.dumps({
+        "test_waf": {"visual/random": [0.2, 0.3], "fusion/random": [0.4, 0.5]},
+        "cv_waf": {"visual/random": [0.21, 0.31], "fusion/random": [0.41, 0.51]},
+        "encoder_step": {"infonce": [240, 0]}}))
+
+    def cell(row, seed, waf):
+        (tmp_path / "models" / f"{row}-seed{seed}").mkdir(parents=True)
+        (tmp_path / "models" / f"{row}-seed{seed}" / "metrics.json").write_text(
+            json.dumps({"test_waf": waf, "cv_waf": waf + 0.01}))
+    for seed, (step, kept_last) in enumerate([(100, False), (240, True)]):
+        a = tmp_path / "align" / f"kd-seed{seed}"
+        a.mkdir(parents=True)
+        (a / "summary.json").write_text(json.dumps({"step": 240, "encoder_step": step, "guard": {"scores": {}}}))
+        if not kept_last:
+            (a / "encoder-last.pt").write_bytes(b"")
+            cell("visual-kd-last", seed, 0.15)
+        cell("visual-kd", seed, 0.25 + seed)
+        cell("fusion-kd", seed, 0.45 + seed)
+    cell("visual-mse-features", 0, 0.9)      # seed 1 never finished: not a row
+    res = results(tmp_path)
+    assert res["test_waf"]["visual/random"] == [0.2, 0.3]
+    assert res["test_waf"]["visual/kd"] == [0.25, 1.25] and res["cv_waf"]["fusion/kd"] == [0.46, 1.46]
+    assert res["test_waf"]["visual/kd@last"] == [0.15, 1.25]      # seed 0's own last step; seed 1's guard kept it
+    assert "fusion/kd@last" not in res["test_waf"]                 # seed 0's fusion on the last step never ran
+    assert "visual/mse-features" not in res["test_waf"]
+    assert res["encoder_step"] == {"infonce": [240, 0], "kd": [100, 240]}
