@@ -4,7 +4,8 @@
 
 Each DIR is a demo output (`results.json`, `corpus/`). Per regime: the Bayes ceilings of the corpus, the
 single-modality rows, then visual-only and fusion test WAF (mean ± sd over the seeds, each seed a whole
-replicate) of every encoder against random init, the guard's choice per seed, and the never-hurt check."""
+replicate) of every encoder against random init, and the guard's choice per seed; first, an overview of every
+objective x regime with the never-hurt check."""
 from __future__ import annotations
 
 import json
@@ -107,9 +108,44 @@ def regime(name: str, folder: Path) -> list[str]:
     return lines
 
 
+OBJECTIVES = [  # (row key, what it is) in the overview's order; "@last": the guarded runs' final step
+    ("infonce", "InfoNCE (today's default with the head-probe guard)"), ("infonce@last", "InfoNCE, last step"),
+    ("kd", "KD"), ("kd@last", "KD, last step"), ("mse-features", "MSE onto features"),
+    ("mse-features@last", "MSE onto features, last step"), ("posteriors", "InfoNCE onto posteriors"),
+    ("posteriors@last", "InfoNCE onto posteriors, last step"), ("shuffled", "shuffled pairs (control)")]
+OLD_NAMES = {"infonce": "infonce-guard"}    # a variant's name in runs of older commits
+
+
+def overview(regimes: dict[str, Path]) -> list[str]:
+    """Objectives x regimes: visual-only / fusion test WAF minus random init (mean over the seeds). A value under
+    -0.01 (the never-hurt line) is bold; a run's guard is marked: none = the head probe (today's), † = the linear
+    probe (older commits), ° = no guard; "last step" rows are the guarded runs' final encoders, unguarded."""
+    res = {name: results(folder) for name, folder in regimes.items()}
+    lines = ["| objective | " + " | ".join(f"{n} ({len(r['test_waf']['visual/random'])} seeds)" for n, r in res.items())
+             + " |", "|---|" + "---|" * len(res)]
+    for key, what in OBJECTIVES:
+        cells = []
+        for name, r in res.items():
+            base, _, last = key.partition("@")
+            base = next((b for b in (base, OLD_NAMES.get(base, base)) if f"visual/{b}" in r["test_waf"]), base)
+            k = base + ("@" + last if last else "")
+            if not all(f"{m}/{k}" in r["test_waf"] for m in ("visual", "fusion")):
+                cells.append("")
+                continue
+            d = [mean_sd(r["test_waf"][f"{m}/{k}"])[0] - mean_sd(r["test_waf"][f"{m}/random"])[0]
+                 for m in ("visual", "fusion")]
+            guard = yaml.safe_load((regimes[name] / "align" / f"{base}-seed0" / "config.yaml").read_text()).get("guard", {})
+            mark = "" if last or base == "shuffled" else " °" if not guard.get("enabled") else \
+                "" if guard.get("probe") else " †"
+            cells.append(" / ".join(f"**{x:+.3f}**" if x < -0.01 else f"{x:+.3f}" for x in d) + mark)
+        if any(cells):
+            lines.append(f"| {what} | " + " | ".join(cells) + " |")
+    return lines
+
+
 if __name__ == "__main__":
-    out = []
-    for arg in sys.argv[1:]:
-        name, folder = arg.split("=", 1)
-        out += regime(name, Path(folder)) + [""]
+    regimes = dict((name, Path(folder)) for name, folder in (arg.split("=", 1) for arg in sys.argv[1:]))
+    out = ["visual only / fusion a+v+t, test WAF minus random init:", ""] + overview(regimes) + [""]
+    for name, folder in regimes.items():
+        out += regime(name, folder) + [""]
     print("\n".join(out))

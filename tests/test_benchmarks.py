@@ -76,3 +76,14 @@ def test_matrix_joins_cells_run_after_the_demo(tmp_path):
     assert "fusion/kd@last" not in res["test_waf"]                 # seed 0's fusion on the last step never ran
     assert "visual/mse-features" not in res["test_waf"]
     assert res["encoder_step"] == {"infonce": [240, 0], "kd": [100, 240]}
+    # the overview: minus random init per objective, bold under the never-hurt line, the guard's probe marked
+    (tmp_path / "align" / "kd-seed0" / "config.yaml").write_text("loss: [kd]\nguard: {enabled: true}\n")
+    from robustness_matrix import overview
+    table = "\n".join(overview({"r": tmp_path}))
+    assert "| KD | +0.500 / +0.500 † |" in table                    # (0.25+1.25)/2 - 0.25; a linear-probe guard
+    assert "| KD, last step |" not in table                         # seed 0's fusion on its last step never ran
+    (tmp_path / "models" / "fusion-kd-last-seed0").mkdir()
+    (tmp_path / "models" / "fusion-kd-last-seed0" / "metrics.json").write_text('{"test_waf": 0.1, "cv_waf": 0.1}')
+    assert "| KD, last step | +0.450 / +0.325 |" in "\n".join(overview({"r": tmp_path}))
+    (tmp_path / "models" / "fusion-kd-last-seed0" / "metrics.json").write_text('{"test_waf": -1.0, "cv_waf": 0.1}')
+    assert "| KD, last step | +0.450 / **-0.225** |" in "\n".join(overview({"r": tmp_path}))
