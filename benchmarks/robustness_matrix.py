@@ -1,6 +1,7 @@
 """The robustness matrix of RESULTS.md (#19) from `mer-dist demo` runs, one per corpus regime.
 
-    python benchmarks/robustness_matrix.py emotion=runs/m-emotion nuisance=runs/m-nuisance oracle=runs/m-oracle
+    python benchmarks/robustness_matrix.py emotion=runs/m-emotion nuisance=runs/m-nuisance oracle=runs/m-oracle \
+        mute=runs/m-mute mute+pseudo=runs/m-mute-st
 
 Each DIR is a demo output (`results.json`, `corpus/`). Per regime: the Bayes ceilings of the corpus, the
 single-modality rows, then visual-only and fusion test WAF (mean ± sd over the seeds, each seed a whole
@@ -143,9 +144,47 @@ def overview(regimes: dict[str, Path]) -> list[str]:
     return lines
 
 
+def pseudo(demo: Path, st: Path) -> list[str]:
+    """InfoNCE + pseudo-labels against its control, from one `self-train encoders=[visual]` round per seed into
+    ST (pseudo-seed<s>/, control-seed<s>/ with control=true) started from the demo's default encoder and fusion
+    model, and a visual-only finetune on each round's encoder (visual-pseudo-seed<s>/, visual-control-seed<s>/):
+    the seeds where all four finished. Fusion is the round's model on the new encoder before the head's own
+    pseudo-labels (the control has none)."""
+    waf = results(demo)["test_waf"]
+    seeds = [s for s in range(len(waf["visual/random"])) if all(
+        (st / f).is_file() for f in (f"pseudo-seed{s}/rounds.json", f"control-seed{s}/rounds.json",
+                                     f"visual-pseudo-seed{s}/metrics.json", f"visual-control-seed{s}/metrics.json"))]
+    if not seeds:
+        return []
+    last = {k: [json.loads((st / f"{k}-seed{s}" / "rounds.json").read_text())[-1] for s in seeds]
+            for k in ("pseudo", "control")}
+    rows = {"visual": {"random-init encoder": [waf["visual/random"][s] for s in seeds],
+                       "InfoNCE + guard (the round's start)": [waf["visual/infonce"][s] for s in seeds]},
+            "fusion": {"random-init encoder": [waf["fusion/random"][s] for s in seeds],
+                       "InfoNCE + guard (the round's start)": [waf["fusion/infonce"][s] for s in seeds]}}
+    for k, what in (("pseudo", "InfoNCE + pseudo-labels from fusion"), ("control", "control: the same alignment, no pseudo-labels")):
+        rows["visual"][what] = [json.loads((st / f"visual-{k}-seed{s}" / "metrics.json").read_text())["test_waf"] for s in seeds]
+        rows["fusion"][what] = [r.get("encoders_test_waf", r["test_waf"]) for r in last[k]]
+    lines = [f"InfoNCE + pseudo-labels ({len(seeds)} seeds: {', '.join(map(str, seeds))})", "",
+             "| encoder | visual only | per seed | minus random init | fusion a+v+t | per seed | minus random init |",
+             "|---|---|---|---|---|---|---|"]
+    for what in rows["visual"]:
+        cells = []
+        for kind in ("visual", "fusion"):
+            m, sd = mean_sd(rows[kind][what])
+            cells += [f"{m:.3f} ± {sd:.3f}", ", ".join(f"{v:.3f}" for v in rows[kind][what]),
+                      f"{m - mean_sd(rows[kind]['random-init encoder'])[0]:+.3f}"]
+        lines.append(f"| {what} | " + " | ".join(cells) + " |")
+    return lines
+
+
 if __name__ == "__main__":
-    regimes = dict((name, Path(folder)) for name, folder in (arg.split("=", 1) for arg in sys.argv[1:]))
+    args = [arg.split("=", 1) for arg in sys.argv[1:]]      # NAME=DEMO_DIR, or NAME+pseudo=SELF_TRAIN_DIR
+    regimes = {name: Path(folder) for name, folder in args if not name.endswith("+pseudo")}
     out = ["visual only / fusion a+v+t, test WAF minus random init:", ""] + overview(regimes) + [""]
     for name, folder in regimes.items():
         out += regime(name, folder) + [""]
+        for other, st in args:
+            if other == f"{name}+pseudo":
+                out += pseudo(folder, Path(st)) + [""]
     print("\n".join(out))

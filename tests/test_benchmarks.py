@@ -87,3 +87,27 @@ def test_matrix_joins_cells_run_after_the_demo(tmp_path):
     assert "| KD, last step | +0.450 / +0.325 |" in "\n".join(overview({"r": tmp_path}))
     (tmp_path / "models" / "fusion-kd-last-seed0" / "metrics.json").write_text('{"test_waf": -1.0, "cv_waf": 0.1}')
     assert "| KD, last step | +0.450 / **-0.225** |" in "\n".join(overview({"r": tmp_path}))
+
+
+def test_matrix_pseudo_rows_pair_each_seed_with_its_control(tmp_path):
+    """The pseudo-label table reads each seed's round and its control, and only seeds where all four runs finished."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from robustness_matrix import pseudo
+
+    demo, st = tmp_path / "demo", tmp_path / "st"
+    demo.mkdir()
+    (demo / "results.json").write_text(json.dumps({"test_waf": {
+        "visual/random": [0.2, 0.3], "fusion/random": [0.4, 0.5], "visual/infonce": [0.2, 0.4],
+        "fusion/infonce": [0.4, 0.6]}, "cv_waf": {}}))
+    for seed in (0, 1):
+        for kind, fusion, visual in (("pseudo", {"test_waf": 0.9, "encoders_test_waf": 0.7}, 0.6),
+                                     ("control", {"test_waf": 0.45}, 0.25)):
+            (st / f"{kind}-seed{seed}").mkdir(parents=True)
+            (st / f"{kind}-seed{seed}" / "rounds.json").write_text(json.dumps([{"test_waf": 0.0}, fusion]))
+            if seed == 0:                     # seed 1's visual-only finetunes never ran
+                (st / f"visual-{kind}-seed{seed}").mkdir()
+                (st / f"visual-{kind}-seed{seed}" / "metrics.json").write_text(json.dumps({"test_waf": visual}))
+    table = "\n".join(pseudo(demo, st))
+    assert "(1 seeds: 0)" in table
+    assert "| InfoNCE + pseudo-labels from fusion | 0.600 ± " in table and "| +0.400 | 0.700 ± " in table
+    assert "| control: the same alignment, no pseudo-labels | 0.250 ± " in table and "| +0.050 | 0.450 ± " in table
