@@ -141,7 +141,28 @@ def overview(regimes: dict[str, Path]) -> list[str]:
             cells.append(" / ".join(f"**{x:+.3f}**" if x < -0.01 else f"{x:+.3f}" for x in d) + mark)
         if any(cells):
             lines.append(f"| {what} | " + " | ".join(cells) + " |")
-    return lines
+    return lines + ["", guard_tally(regimes, res)]
+
+
+def guard_tally(regimes: dict[str, Path], res: dict[str, dict]) -> str:
+    """How often the head-probe guard kept the encoder with the higher visual-only test WAF (which it never sees) than
+    the same run's last step, a difference under 0.01 counting as right; what its misses cost."""
+    right, misses, total = 0, [], 0
+    for name, r in res.items():
+        waf = r["test_waf"]
+        for key in (k.split("/", 1)[1] for k in waf if k.startswith("visual/") and k.endswith("@last")):
+            base = key[:-5]
+            guard = yaml.safe_load((regimes[name] / "align" / f"{base}-seed0" / "config.yaml").read_text())["guard"]
+            if guard.get("probe") != "head":
+                continue
+            for s, (kept, last) in enumerate(zip(waf[f"visual/{base}"], waf[f"visual/{key}"])):
+                total += 1
+                if kept >= last - 0.01:
+                    right += 1
+                else:
+                    misses.append(f"{name} {base} seed {s}: {kept - last:+.3f}")
+    return (f"The head-probe guard kept the encoder with the higher visual-only test WAF (within 0.01) in {right} of "
+            f"{total} runs" + (f"; its misses: {'; '.join(misses)}" if misses else "") + ".")
 
 
 def pseudo(demo: Path, st: Path) -> list[str]:

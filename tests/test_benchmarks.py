@@ -87,6 +87,11 @@ def test_matrix_joins_cells_run_after_the_demo(tmp_path):
     assert "| KD, last step | +0.450 / +0.325 |" in "\n".join(overview({"r": tmp_path}))
     (tmp_path / "models" / "fusion-kd-last-seed0" / "metrics.json").write_text('{"test_waf": -1.0, "cv_waf": 0.1}')
     assert "| KD, last step | +0.450 / **-0.225** |" in "\n".join(overview({"r": tmp_path}))
+    assert "in 0 of 0 runs." in table                               # the tally counts head-probe guards only
+    (tmp_path / "align" / "kd-seed0" / "config.yaml").write_text("loss: [kd]\nguard: {enabled: true, probe: head}\n")
+    assert "in 2 of 2 runs." in "\n".join(overview({"r": tmp_path}))     # seed 0 kept 0.25 over the last step's 0.15
+    (tmp_path / "models" / "visual-kd-last-seed0" / "metrics.json").write_text('{"test_waf": 0.5, "cv_waf": 0.1}')
+    assert "in 1 of 2 runs; its misses: r kd seed 0: -0.250." in "\n".join(overview({"r": tmp_path}))
 
 
 def test_matrix_pseudo_rows_pair_each_seed_with_its_control(tmp_path):
