@@ -117,10 +117,11 @@ OBJECTIVES = [  # (row key, what it is) in the overview's order; "@last": the gu
 OLD_NAMES = {"infonce": "infonce-guard"}    # a variant's name in runs of older commits
 
 
-def overview(regimes: dict[str, Path]) -> list[str]:
+def overview(regimes: dict[str, Path], rounds: dict[str, Path] | None = None) -> list[str]:
     """Objectives x regimes: visual-only / fusion test WAF minus random init (mean over the seeds). A value under
     -0.01 (the never-hurt line) is bold; a run's guard is marked: none = the head probe (today's), † = the linear
-    probe (older commits), ° = no guard; "last step" rows are the guarded runs' final encoders, unguarded."""
+    probe (older commits), ° = no guard; "last step" rows are the guarded runs' final encoders, unguarded. ROUNDS
+    (regime -> self-train dir) adds the pseudo-label round and its control (`pseudo_rows`)."""
     res = {name: results(folder) for name, folder in regimes.items()}
     lines = ["| objective | " + " | ".join(f"{n} ({len(r['test_waf']['visual/random'])} seeds)" for n, r in res.items())
              + " |", "|---|" + "---|" * len(res)]
@@ -141,6 +142,17 @@ def overview(regimes: dict[str, Path]) -> list[str]:
             cells.append(" / ".join(f"**{x:+.3f}**" if x < -0.01 else f"{x:+.3f}" for x in d) + mark)
         if any(cells):
             lines.append(f"| {what} | " + " | ".join(cells) + " |")
+    for what, label in ((PSEUDO, "InfoNCE + pseudo-labels (one self-train round)"), (CONTROL, "its control (the same steps, no pseudo-labels)")):
+        cells = []
+        for name in res:
+            seeds, rows = pseudo_rows(regimes[name], rounds[name]) if name in (rounds or {}) else ([], {})
+            d = [mean_sd(rows[k][what])[0] - mean_sd(rows[k]["random-init encoder"])[0] for k in ("visual", "fusion")] \
+                if seeds else []
+            n = len(res[name]["test_waf"]["visual/random"])
+            cells.append(" / ".join(f"**{x:+.3f}**" if x < -0.01 else f"{x:+.3f}" for x in d)
+                         + (f" ({len(seeds)} of {n} seeds)" if d and len(seeds) < n else ""))
+        if any(cells):
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines + ["", guard_tally(regimes, res)]
 
 
@@ -165,27 +177,36 @@ def guard_tally(regimes: dict[str, Path], res: dict[str, dict]) -> str:
             f"{total} runs" + (f"; its misses: {'; '.join(misses)}" if misses else "") + ".")
 
 
-def pseudo(demo: Path, st: Path) -> list[str]:
+PSEUDO, CONTROL = "InfoNCE + pseudo-labels from fusion", "control: the same alignment, no pseudo-labels"
+
+
+def pseudo_rows(demo: Path, st: Path) -> tuple[list[int], dict[str, dict[str, list[float]]]]:
     """InfoNCE + pseudo-labels against its control, from one `self-train encoders=[visual]` round per seed into
     ST (pseudo-seed<s>/, control-seed<s>/ with control=true) started from the demo's default encoder and fusion
     model, and a visual-only finetune on each round's encoder (visual-pseudo-seed<s>/, visual-control-seed<s>/):
-    the seeds where all four finished. Fusion is the round's model on the new encoder before the head's own
-    pseudo-labels (the control has none)."""
+    the seeds where all four finished, and {visual|fusion: {row: test WAF per seed}}. Fusion is the round's model
+    on the new encoder before the head's own pseudo-labels (the control has none)."""
     waf = results(demo)["test_waf"]
+    default = next(k for k in ("infonce", OLD_NAMES["infonce"]) if f"visual/{k}" in waf)
     seeds = [s for s in range(len(waf["visual/random"])) if all(
         (st / f).is_file() for f in (f"pseudo-seed{s}/rounds.json", f"control-seed{s}/rounds.json",
                                      f"visual-pseudo-seed{s}/metrics.json", f"visual-control-seed{s}/metrics.json"))]
+    rows = {kind: {"random-init encoder": [waf[f"{kind}/random"][s] for s in seeds],
+                   "InfoNCE + guard (the round's start)": [waf[f"{kind}/{default}"][s] for s in seeds]}
+            for kind in ("visual", "fusion")}
+    for k, what in (("pseudo", PSEUDO), ("control", CONTROL)):
+        rows["visual"][what] = [json.loads((st / f"visual-{k}-seed{s}" / "metrics.json").read_text())["test_waf"]
+                                for s in seeds]
+        rows["fusion"][what] = [(lambda r: r.get("encoders_test_waf", r["test_waf"]))(
+            json.loads((st / f"{k}-seed{s}" / "rounds.json").read_text())[-1]) for s in seeds]
+    return seeds, rows
+
+
+def pseudo(demo: Path, st: Path) -> list[str]:
+    """The pseudo-label table of a regime (`pseudo_rows`), mean ± sd and minus random init."""
+    seeds, rows = pseudo_rows(demo, st)
     if not seeds:
         return []
-    last = {k: [json.loads((st / f"{k}-seed{s}" / "rounds.json").read_text())[-1] for s in seeds]
-            for k in ("pseudo", "control")}
-    rows = {"visual": {"random-init encoder": [waf["visual/random"][s] for s in seeds],
-                       "InfoNCE + guard (the round's start)": [waf["visual/infonce"][s] for s in seeds]},
-            "fusion": {"random-init encoder": [waf["fusion/random"][s] for s in seeds],
-                       "InfoNCE + guard (the round's start)": [waf["fusion/infonce"][s] for s in seeds]}}
-    for k, what in (("pseudo", "InfoNCE + pseudo-labels from fusion"), ("control", "control: the same alignment, no pseudo-labels")):
-        rows["visual"][what] = [json.loads((st / f"visual-{k}-seed{s}" / "metrics.json").read_text())["test_waf"] for s in seeds]
-        rows["fusion"][what] = [r.get("encoders_test_waf", r["test_waf"]) for r in last[k]]
     lines = [f"InfoNCE + pseudo-labels ({len(seeds)} seeds: {', '.join(map(str, seeds))})", "",
              "| encoder | visual only | per seed | minus random init | fusion a+v+t | per seed | minus random init |",
              "|---|---|---|---|---|---|---|"]
@@ -202,7 +223,8 @@ def pseudo(demo: Path, st: Path) -> list[str]:
 if __name__ == "__main__":
     args = [arg.split("=", 1) for arg in sys.argv[1:]]      # NAME=DEMO_DIR, or NAME+pseudo=SELF_TRAIN_DIR
     regimes = {name: Path(folder) for name, folder in args if not name.endswith("+pseudo")}
-    out = ["visual only / fusion a+v+t, test WAF minus random init:", ""] + overview(regimes) + [""]
+    rounds = {name[:-7]: Path(st) for name, st in args if name.endswith("+pseudo")}
+    out = ["visual only / fusion a+v+t, test WAF minus random init:", ""] + overview(regimes, rounds) + [""]
     for name, folder in regimes.items():
         out += regime(name, folder) + [""]
         for other, st in args:

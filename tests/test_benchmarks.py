@@ -116,3 +116,10 @@ def test_matrix_pseudo_rows_pair_each_seed_with_its_control(tmp_path):
     assert "(1 seeds: 0)" in table
     assert "| InfoNCE + pseudo-labels from fusion | 0.600 ± " in table and "| +0.400 | 0.700 ± " in table
     assert "| control: the same alignment, no pseudo-labels | 0.250 ± " in table and "| +0.050 | 0.450 ± " in table
+    # the overview's rows for it, with how many of the regime's seeds finished
+    from robustness_matrix import overview
+    (demo / "align" / "infonce-seed0").mkdir(parents=True)
+    (demo / "align" / "infonce-seed0" / "config.yaml").write_text("loss: [infonce]\nguard: {enabled: true, probe: head}\n")
+    table = "\n".join(overview({"r": demo}, {"r": st}))
+    assert "| InfoNCE + pseudo-labels (one self-train round) | +0.400 / +0.300 (1 of 2 seeds) |" in table
+    assert "| its control (the same steps, no pseudo-labels) | +0.050 / +0.050 (1 of 2 seeds) |" in table
