@@ -117,6 +117,11 @@ OBJECTIVES = [  # (row key, what it is) in the overview's order; "@last": the gu
 OLD_NAMES = {"infonce": "infonce-guard"}    # a variant's name in runs of older commits
 
 
+def _diffs(d: list[float]) -> str:
+    """"+0.143 / **-0.027**": differences from random init, bold under the never-hurt line (-0.01)."""
+    return " / ".join(f"**{x:+.3f}**" if x < -0.01 else f"{x:+.3f}".replace("-0.000", "+0.000") for x in d)
+
+
 def overview(regimes: dict[str, Path], rounds: dict[str, Path] | None = None) -> list[str]:
     """Objectives x regimes: visual-only / fusion test WAF minus random init (mean over the seeds). A value under
     -0.01 (the never-hurt line) is bold; a run's guard is marked: none = the head probe (today's), † = the linear
@@ -139,7 +144,7 @@ def overview(regimes: dict[str, Path], rounds: dict[str, Path] | None = None) ->
             guard = yaml.safe_load((regimes[name] / "align" / f"{base}-seed0" / "config.yaml").read_text()).get("guard", {})
             mark = "" if last or base == "shuffled" else " °" if not guard.get("enabled") else \
                 "" if guard.get("probe") else " †"
-            cells.append(" / ".join(f"**{x:+.3f}**" if x < -0.01 else f"{x:+.3f}" for x in d) + mark)
+            cells.append(_diffs(d) + mark)
         if any(cells):
             lines.append(f"| {what} | " + " | ".join(cells) + " |")
     for what, label in ((PSEUDO, "InfoNCE + pseudo-labels (one self-train round)"), (CONTROL, "its control (the same steps, no pseudo-labels)")):
@@ -149,7 +154,7 @@ def overview(regimes: dict[str, Path], rounds: dict[str, Path] | None = None) ->
             d = [mean_sd(rows[k][what])[0] - mean_sd(rows[k]["random-init encoder"])[0] for k in ("visual", "fusion")] \
                 if seeds else []
             n = len(res[name]["test_waf"]["visual/random"])
-            cells.append(" / ".join(f"**{x:+.3f}**" if x < -0.01 else f"{x:+.3f}" for x in d)
+            cells.append(_diffs(d)
                          + (f" ({len(seeds)} of {n} seeds)" if d and len(seeds) < n else ""))
         if any(cells):
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
