@@ -103,7 +103,7 @@ def regime(name: str, folder: Path) -> list[str]:
             diff = m - mean_sd(rand)[0]
             word = "" if key == "random" else verdict(cv[f"{kind}/{key}"], cv[f"{kind}/random"])[0]
             lines.append(f"| {desc} | {m:.3f} ± {sd:.3f} | {', '.join(f'{v:.3f}' for v in waf[f'{kind}/{key}'])} | "
-                         f"{diff:+.3f} | {word} |")
+                         f"{_diffs([diff]).strip('*')} | {word} |")
     lines += ["", "guard's choice per seed (encoder.pt's step; 0 = the initial encoder): " +
               "; ".join(f"{v}: {s}" for v, s in steps.items())]
     return lines
