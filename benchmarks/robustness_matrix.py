@@ -66,27 +66,46 @@ def results(folder: Path) -> dict:
     return res
 
 
+def _align_config(folder: Path, variant: str) -> dict:
+    """A variant's seed-0 alignment config (its seeds differ only in train.seed)."""
+    return yaml.safe_load((folder / "align" / f"{variant}-seed0" / "config.yaml").read_text())
+
+
+def _probe(cfg: dict) -> str | None:
+    """The run's guard probe: "head", or "linear" for older commits (no guard.probe then); None: no guard."""
+    guard = cfg.get("guard", {})
+    return guard.get("probe", "linear") if guard.get("enabled") else None
+
+
+def _variant(waf: dict, name: str) -> str:
+    """`name` as this dir's runs call it (runs of older commits named some variants otherwise: OLD_NAMES)."""
+    return next((v for v in (name, OLD_NAMES.get(name, name)) if f"visual/{v}" in waf), name)
+
+
+def _signed(x: float) -> str:
+    """+0.143; a difference that rounds to zero is +0.000, not -0.000."""
+    return f"{x:+.3f}".replace("-0.000", "+0.000")
+
+
 def describe(folder: Path, key: str) -> str:
     """A row's encoder, from its seed-0 run's config.yaml (runs of older commits name their variants otherwise, and
     their guard used the linear probe: a config without guard.probe is one of those)."""
-    base = key.split("@")[0]
-    a = yaml.safe_load((folder / "align" / f"{base}-seed0" / "config.yaml").read_text())
+    a = _align_config(folder, key.split("@")[0])
     what = "InfoNCE, shuffled audio-video pairs (control)" if a.get("pairing") == "shuffled" else \
         "InfoNCE onto the teacher's clip emotion posteriors" if a.get("infonce_target") == "posteriors" else \
         " + ".join({"infonce": "InfoNCE", "kd": "KD of the teacher's frame + utterance posteriors",
                     "mse": f"MSE onto the teacher's {a.get('target_space', 'features')}"}.get(x, x) for x in a["loss"])
-    guard = a.get("guard", {})
     if key.endswith("@last"):
         return f"{what}, no guard (the same runs' last step)"
-    if not guard.get("enabled"):
+    probe = _probe(a)
+    if probe is None:
         return f"{what}, no guard"
-    probe = guard.get("probe", "linear")
     default = "; **today's default**" if probe == "head" and what == "InfoNCE" else ""
     return f"{what}, with the guard ({probe} probe{default})"
 
 
-def regime(name: str, folder: Path) -> list[str]:
-    res = results(folder)
+def regime(name: str, folder: Path, res: dict) -> list[str]:
+    """A regime's section; RES is `results(folder)`."""
     waf, cv, steps = res["test_waf"], res["cv_waf"], res["encoder_step"]
     c = ceiling(folder / "corpus")
     lines = [f"### {name}", "", "Bayes ceilings (test-free, every clip): " +
@@ -103,7 +122,7 @@ def regime(name: str, folder: Path) -> list[str]:
             diff = m - mean_sd(rand)[0]
             word = "" if key == "random" else verdict(cv[f"{kind}/{key}"], cv[f"{kind}/random"])[0]
             lines.append(f"| {desc} | {m:.3f} ± {sd:.3f} | {', '.join(f'{v:.3f}' for v in waf[f'{kind}/{key}'])} | "
-                         f"{_diffs([diff]).strip('*')} | {word} |")
+                         f"{_signed(diff)} | {word} |")
     lines += ["", "guard's choice per seed (encoder.pt's step; 0 = the initial encoder): " +
               "; ".join(f"{v}: {s}" for v, s in steps.items())]
     return lines
@@ -119,7 +138,7 @@ OLD_NAMES = {"infonce": "infonce-guard"}    # a variant's name in runs of older 
 
 def _diffs(d: list[float]) -> str:
     """"+0.143 / **-0.027**": differences from random init, bold under the never-hurt line (-0.01)."""
-    return " / ".join(f"**{x:+.3f}**" if x < -0.01 else f"{x:+.3f}".replace("-0.000", "+0.000") for x in d)
+    return " / ".join(f"**{x:+.3f}**" if x < -0.01 else _signed(x) for x in d)
 
 
 def overview(regimes: dict[str, Path], rounds: dict[str, Path] | None = None) -> list[str]:
@@ -134,23 +153,24 @@ def overview(regimes: dict[str, Path], rounds: dict[str, Path] | None = None) ->
         cells = []
         for name, r in res.items():
             base, _, last = key.partition("@")
-            base = next((b for b in (base, OLD_NAMES.get(base, base)) if f"visual/{b}" in r["test_waf"]), base)
+            base = _variant(r["test_waf"], base)
             k = base + ("@" + last if last else "")
             if not all(f"{m}/{k}" in r["test_waf"] for m in ("visual", "fusion")):
                 cells.append("")
                 continue
             d = [mean_sd(r["test_waf"][f"{m}/{k}"])[0] - mean_sd(r["test_waf"][f"{m}/random"])[0]
                  for m in ("visual", "fusion")]
-            guard = yaml.safe_load((regimes[name] / "align" / f"{base}-seed0" / "config.yaml").read_text()).get("guard", {})
-            mark = "" if last or base == "shuffled" else " °" if not guard.get("enabled") else \
-                "" if guard.get("probe") else " †"
+            mark = "" if last or base == "shuffled" else \
+                {None: " °", "linear": " †"}.get(_probe(_align_config(regimes[name], base)), "")
             cells.append(_diffs(d) + mark)
         if any(cells):
             lines.append(f"| {what} | " + " | ".join(cells) + " |")
+    rounds_rows = {name: pseudo_rows(r["test_waf"], rounds[name]) if name in (rounds or {}) else ([], {})
+                   for name, r in res.items()}
     for what, label in ((PSEUDO, "InfoNCE + pseudo-labels (one self-train round)"), (CONTROL, "its control (the same steps, no pseudo-labels)")):
         cells = []
         for name in res:
-            seeds, rows = pseudo_rows(regimes[name], rounds[name]) if name in (rounds or {}) else ([], {})
+            seeds, rows = rounds_rows[name]
             d = [mean_sd(rows[k][what])[0] - mean_sd(rows[k]["random-init encoder"])[0] for k in ("visual", "fusion")] \
                 if seeds else []
             n = len(res[name]["test_waf"]["visual/random"])
@@ -169,15 +189,14 @@ def guard_tally(regimes: dict[str, Path], res: dict[str, dict]) -> str:
         waf = r["test_waf"]
         for key in (k.split("/", 1)[1] for k in waf if k.startswith("visual/") and k.endswith("@last")):
             base = key[:-5]
-            guard = yaml.safe_load((regimes[name] / "align" / f"{base}-seed0" / "config.yaml").read_text())["guard"]
-            if guard.get("probe") != "head":
+            if _probe(_align_config(regimes[name], base)) != "head":
                 continue
             for s, (kept, last) in enumerate(zip(waf[f"visual/{base}"], waf[f"visual/{key}"])):
                 total += 1
                 if kept >= last - 0.01:
                     right += 1
                 else:
-                    misses.append(f"{name} {base} seed {s}: {kept - last:+.3f}")
+                    misses.append(f"{name} {base} seed {s}: {_signed(kept - last)}")
     return (f"The head-probe guard kept the encoder with the higher visual-only test WAF (within 0.01) in {right} of "
             f"{total} runs" + (f"; its misses: {'; '.join(misses)}" if misses else "") + ".")
 
@@ -185,14 +204,14 @@ def guard_tally(regimes: dict[str, Path], res: dict[str, dict]) -> str:
 PSEUDO, CONTROL = "InfoNCE + pseudo-labels from fusion", "control: the same alignment, no pseudo-labels"
 
 
-def pseudo_rows(demo: Path, st: Path) -> tuple[list[int], dict[str, dict[str, list[float]]]]:
+def pseudo_rows(waf: dict, st: Path) -> tuple[list[int], dict[str, dict[str, list[float]]]]:
     """InfoNCE + pseudo-labels against its control, from one `self-train encoders=[visual]` round per seed into
     ST (pseudo-seed<s>/, control-seed<s>/ with control=true) started from the demo's default encoder and fusion
     model, and a visual-only finetune on each round's encoder (visual-pseudo-seed<s>/, visual-control-seed<s>/):
-    the seeds where all four finished, and {visual|fusion: {row: test WAF per seed}}. Fusion is the round's model
-    on the new encoder before the head's own pseudo-labels (the control has none)."""
-    waf = results(demo)["test_waf"]
-    default = next(k for k in ("infonce", OLD_NAMES["infonce"]) if f"visual/{k}" in waf)
+    the seeds where all four finished, and {visual|fusion: {row: test WAF per seed}}; WAF is the demo's
+    `results()["test_waf"]`. Fusion is the round's model on the new encoder before the head's own pseudo-labels
+    (the control has none)."""
+    default = _variant(waf, "infonce")
     seeds = [s for s in range(len(waf["visual/random"])) if all(
         (st / f).is_file() for f in (f"pseudo-seed{s}/rounds.json", f"control-seed{s}/rounds.json",
                                      f"visual-pseudo-seed{s}/metrics.json", f"visual-control-seed{s}/metrics.json"))]
@@ -207,9 +226,9 @@ def pseudo_rows(demo: Path, st: Path) -> tuple[list[int], dict[str, dict[str, li
     return seeds, rows
 
 
-def pseudo(demo: Path, st: Path) -> list[str]:
+def pseudo(waf: dict, st: Path) -> list[str]:
     """The pseudo-label table of a regime (`pseudo_rows`), mean ± sd and minus random init."""
-    seeds, rows = pseudo_rows(demo, st)
+    seeds, rows = pseudo_rows(waf, st)
     if not seeds:
         return []
     lines = [f"InfoNCE + pseudo-labels ({len(seeds)} seeds: {', '.join(map(str, seeds))})", "",
@@ -220,7 +239,7 @@ def pseudo(demo: Path, st: Path) -> list[str]:
         for kind in ("visual", "fusion"):
             m, sd = mean_sd(rows[kind][what])
             cells += [f"{m:.3f} ± {sd:.3f}", ", ".join(f"{v:.3f}" for v in rows[kind][what]),
-                      f"{m - mean_sd(rows[kind]['random-init encoder'])[0]:+.3f}"]
+                      _signed(m - mean_sd(rows[kind]['random-init encoder'])[0])]
         lines.append(f"| {what} | " + " | ".join(cells) + " |")
     return lines
 
@@ -231,8 +250,6 @@ if __name__ == "__main__":
     rounds = {name[:-7]: Path(st) for name, st in args if name.endswith("+pseudo")}
     out = ["visual only / fusion a+v+t, test WAF minus random init:", ""] + overview(regimes, rounds) + [""]
     for name, folder in regimes.items():
-        out += regime(name, folder) + [""]
-        for other, st in args:
-            if other == f"{name}+pseudo":
-                out += pseudo(folder, Path(st)) + [""]
+        res = results(folder)
+        out += regime(name, folder, res) + [""] + (pseudo(res["test_waf"], rounds[name]) + [""] if name in rounds else [])
     print("\n".join(out))

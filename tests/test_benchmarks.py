@@ -97,7 +97,7 @@ def test_matrix_joins_cells_run_after_the_demo(tmp_path):
 def test_matrix_pseudo_rows_pair_each_seed_with_its_control(tmp_path):
     """The pseudo-label table reads each seed's round and its control, and only seeds where all four runs finished."""
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from robustness_matrix import pseudo
+    from robustness_matrix import pseudo, results
 
     demo, st = tmp_path / "demo", tmp_path / "st"
     demo.mkdir()
@@ -112,7 +112,7 @@ def test_matrix_pseudo_rows_pair_each_seed_with_its_control(tmp_path):
             if seed == 0:                     # seed 1's visual-only finetunes never ran
                 (st / f"visual-{kind}-seed{seed}").mkdir()
                 (st / f"visual-{kind}-seed{seed}" / "metrics.json").write_text(json.dumps({"test_waf": visual}))
-    table = "\n".join(pseudo(demo, st))
+    table = "\n".join(pseudo(results(demo)["test_waf"], st))
     assert "(1 seeds: 0)" in table
     assert "| InfoNCE + pseudo-labels from fusion | 0.600 ± " in table and "| +0.400 | 0.700 ± " in table
     assert "| control: the same alignment, no pseudo-labels | 0.250 ± " in table and "| +0.050 | 0.450 ± " in table
