@@ -141,12 +141,11 @@ def _diffs(d: list[float]) -> str:
     return " / ".join(f"**{x:+.3f}**" if x < -0.01 else _signed(x) for x in d)
 
 
-def overview(regimes: dict[str, Path], rounds: dict[str, Path] | None = None) -> list[str]:
+def overview(regimes: dict[str, Path], res: dict[str, dict], rounds: dict[str, tuple] | None = None) -> list[str]:
     """Objectives x regimes: visual-only / fusion test WAF minus random init (mean over the seeds). A value under
     -0.01 (the never-hurt line) is bold; a run's guard is marked: none = the head probe (today's), † = the linear
-    probe (older commits), ° = no guard; "last step" rows are the guarded runs' final encoders, unguarded. ROUNDS
-    (regime -> self-train dir) adds the pseudo-label round and its control (`pseudo_rows`)."""
-    res = {name: results(folder) for name, folder in regimes.items()}
+    probe (older commits), ° = no guard; "last step" rows are the guarded runs' final encoders, unguarded. RES is
+    {regime: `results(folder)`}; ROUNDS ({regime: `pseudo_rows(...)`}) adds the pseudo-label round and its control."""
     lines = ["| objective | " + " | ".join(f"{n} ({len(r['test_waf']['visual/random'])} seeds)" for n, r in res.items())
              + " |", "|---|" + "---|" * len(res)]
     for key, what in OBJECTIVES:
@@ -165,12 +164,10 @@ def overview(regimes: dict[str, Path], rounds: dict[str, Path] | None = None) ->
             cells.append(_diffs(d) + mark)
         if any(cells):
             lines.append(f"| {what} | " + " | ".join(cells) + " |")
-    rounds_rows = {name: pseudo_rows(r["test_waf"], rounds[name]) if name in (rounds or {}) else ([], {})
-                   for name, r in res.items()}
     for what, label in ((PSEUDO, "InfoNCE + pseudo-labels (one self-train round)"), (CONTROL, "its control (the same steps, no pseudo-labels)")):
         cells = []
         for name in res:
-            seeds, rows = rounds_rows[name]
+            seeds, rows = (rounds or {}).get(name, ([], {}))
             d = [mean_sd(rows[k][what])[0] - mean_sd(rows[k]["random-init encoder"])[0] for k in ("visual", "fusion")] \
                 if seeds else []
             n = len(res[name]["test_waf"]["visual/random"])
@@ -226,9 +223,8 @@ def pseudo_rows(waf: dict, st: Path) -> tuple[list[int], dict[str, dict[str, lis
     return seeds, rows
 
 
-def pseudo(waf: dict, st: Path) -> list[str]:
-    """The pseudo-label table of a regime (`pseudo_rows`), mean ± sd and minus random init."""
-    seeds, rows = pseudo_rows(waf, st)
+def pseudo(seeds: list[int], rows: dict[str, dict[str, list[float]]]) -> list[str]:
+    """The pseudo-label table of a regime from `pseudo_rows`' SEEDS and ROWS, mean ± sd and minus random init."""
     if not seeds:
         return []
     lines = [f"InfoNCE + pseudo-labels ({len(seeds)} seeds: {', '.join(map(str, seeds))})", "",
@@ -247,9 +243,9 @@ def pseudo(waf: dict, st: Path) -> list[str]:
 if __name__ == "__main__":
     args = [arg.split("=", 1) for arg in sys.argv[1:]]      # NAME=DEMO_DIR, or NAME+pseudo=SELF_TRAIN_DIR
     regimes = {name: Path(folder) for name, folder in args if not name.endswith("+pseudo")}
-    rounds = {name[:-7]: Path(st) for name, st in args if name.endswith("+pseudo")}
-    out = ["visual only / fusion a+v+t, test WAF minus random init:", ""] + overview(regimes, rounds) + [""]
+    res = {name: results(folder) for name, folder in regimes.items()}      # each dir read once
+    rounds = {name[:-7]: pseudo_rows(res[name[:-7]]["test_waf"], Path(st)) for name, st in args if name.endswith("+pseudo")}
+    out = ["visual only / fusion a+v+t, test WAF minus random init:", ""] + overview(regimes, res, rounds) + [""]
     for name, folder in regimes.items():
-        res = results(folder)
-        out += regime(name, folder, res) + [""] + (pseudo(res["test_waf"], rounds[name]) + [""] if name in rounds else [])
+        out += regime(name, folder, res[name]) + [""] + (pseudo(*rounds[name]) + [""] if name in rounds else [])
     print("\n".join(out))

@@ -79,25 +79,28 @@ def test_matrix_joins_cells_run_after_the_demo(tmp_path):
     # the overview: minus random init per objective, bold under the never-hurt line, the guard's probe marked
     (tmp_path / "align" / "kd-seed0" / "config.yaml").write_text("loss: [kd]\nguard: {enabled: true}\n")
     from robustness_matrix import overview
-    table = "\n".join(overview({"r": tmp_path}))
+
+    def matrix():       # the overview of the dir as it is now (the lines below change its files)
+        return "\n".join(overview({"r": tmp_path}, {"r": results(tmp_path)}))
+    table = matrix()
     assert "| KD | +0.500 / +0.500 † |" in table                    # (0.25+1.25)/2 - 0.25; a linear-probe guard
     assert "| KD, last step |" not in table                         # seed 0's fusion on its last step never ran
     (tmp_path / "models" / "fusion-kd-last-seed0").mkdir()
     (tmp_path / "models" / "fusion-kd-last-seed0" / "metrics.json").write_text('{"test_waf": 0.1, "cv_waf": 0.1}')
-    assert "| KD, last step | +0.450 / +0.325 |" in "\n".join(overview({"r": tmp_path}))
+    assert "| KD, last step | +0.450 / +0.325 |" in matrix()
     (tmp_path / "models" / "fusion-kd-last-seed0" / "metrics.json").write_text('{"test_waf": -1.0, "cv_waf": 0.1}')
-    assert "| KD, last step | +0.450 / **-0.225** |" in "\n".join(overview({"r": tmp_path}))
+    assert "| KD, last step | +0.450 / **-0.225** |" in matrix()
     assert "in 0 of 0 runs." in table                               # the tally counts head-probe guards only
     (tmp_path / "align" / "kd-seed0" / "config.yaml").write_text("loss: [kd]\nguard: {enabled: true, probe: head}\n")
-    assert "in 2 of 2 runs." in "\n".join(overview({"r": tmp_path}))     # seed 0 kept 0.25 over the last step's 0.15
+    assert "in 2 of 2 runs." in matrix()     # seed 0 kept 0.25 over the last step's 0.15
     (tmp_path / "models" / "visual-kd-last-seed0" / "metrics.json").write_text('{"test_waf": 0.5, "cv_waf": 0.1}')
-    assert "in 1 of 2 runs; its misses: r kd seed 0: -0.250." in "\n".join(overview({"r": tmp_path}))
+    assert "in 1 of 2 runs; its misses: r kd seed 0: -0.250." in matrix()
 
 
 def test_matrix_pseudo_rows_pair_each_seed_with_its_control(tmp_path):
     """The pseudo-label table reads each seed's round and its control, and only seeds where all four runs finished."""
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from robustness_matrix import pseudo, results
+    from robustness_matrix import pseudo, pseudo_rows, results
 
     demo, st = tmp_path / "demo", tmp_path / "st"
     demo.mkdir()
@@ -112,7 +115,7 @@ def test_matrix_pseudo_rows_pair_each_seed_with_its_control(tmp_path):
             if seed == 0:                     # seed 1's visual-only finetunes never ran
                 (st / f"visual-{kind}-seed{seed}").mkdir()
                 (st / f"visual-{kind}-seed{seed}" / "metrics.json").write_text(json.dumps({"test_waf": visual}))
-    table = "\n".join(pseudo(results(demo)["test_waf"], st))
+    table = "\n".join(pseudo(*pseudo_rows(results(demo)["test_waf"], st)))
     assert "(1 seeds: 0)" in table
     assert "| InfoNCE + pseudo-labels from fusion | 0.600 ± " in table and "| +0.400 | 0.700 ± " in table
     assert "| control: the same alignment, no pseudo-labels | 0.250 ± " in table and "| +0.050 | 0.450 ± " in table
@@ -120,6 +123,6 @@ def test_matrix_pseudo_rows_pair_each_seed_with_its_control(tmp_path):
     from robustness_matrix import overview
     (demo / "align" / "infonce-seed0").mkdir(parents=True)
     (demo / "align" / "infonce-seed0" / "config.yaml").write_text("loss: [infonce]\nguard: {enabled: true, probe: head}\n")
-    table = "\n".join(overview({"r": demo}, {"r": st}))
+    table = "\n".join(overview({"r": demo}, {"r": results(demo)}, {"r": pseudo_rows(results(demo)["test_waf"], st)}))
     assert "| InfoNCE + pseudo-labels (one self-train round) | +0.400 / +0.300 (1 of 2 seeds) |" in table
     assert "| its control (the same steps, no pseudo-labels) | +0.050 / +0.050 (1 of 2 seeds) |" in table
