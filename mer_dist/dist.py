@@ -223,6 +223,15 @@ def all_gather_object(obj) -> list:
     return out
 
 
+def broadcast_object(obj):
+    """Rank 0's `obj` on every rank (every rank must call it): a decision taken once, by one rank, for all."""
+    if not tdist.is_initialized() or tdist.get_world_size() == 1:
+        return obj
+    box = [obj if tdist.get_rank() == 0 else None]
+    tdist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def gather_to_main(obj) -> list | None:
     """Every rank's `obj` as a list on rank 0, None elsewhere (every rank must call it)."""
     if not tdist.is_initialized() or tdist.get_world_size() == 1:

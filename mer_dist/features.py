@@ -74,10 +74,14 @@ def map_split(shards: str, split: str, data: DataConfig, env: dist.DistEnv, fn, 
 
 
 class Cache:
-    def __init__(self, folder: str | Path, modality: str, fingerprint: str):
+    def __init__(self, folder: str | Path, modality: str, fingerprint: str, read: bool = True):
         key = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
         self.path = Path(folder) / f"{modality}-{key}.npz"
-        self.data: dict[str, np.ndarray] = self._read()
+        self.data: dict[str, np.ndarray] = self._read() if read else {}
+
+    def reload(self) -> None:
+        """Merge in what the file holds now (entries only ever grow: every save merges)."""
+        self.data = {**self._read(), **self.data}
 
     def _read(self) -> dict[str, np.ndarray]:
         """The saved entries; an unreadable file (torn by an older version) is recomputed, with one warning."""
@@ -170,22 +174,31 @@ def extract(encoders: Encoders, modalities: list[str], shards: str, split: str, 
     shares are gathered, and rank 0 writes the cache (one writer)."""
     names, labels, texts, keys = index(shards, split)
     key_of = dict(zip(names, keys))
-    caches = {m: Cache(cache_dir, m, encoders.fingerprint(m)) for m in modalities}
-    todo = set().union(*(c.missing(keys) for c in caches.values()))
-    if todo:
-        frames = data.frames if caches.get("v") and caches["v"].missing(keys) else 0
+    # one decision for every rank: rank 0 reads the caches and says what is missing; the others read only after
+    # that (a concurrent sweep's save between two ranks' reads would otherwise send them down different branches)
+    shared = world > 1
+    caches = {m: Cache(cache_dir, m, encoders.fingerprint(m), read=rank == 0 or not shared) for m in modalities}
+    need = {m: sorted(c.missing(keys)) for m, c in caches.items()} if rank == 0 or not shared else None
+    if shared:
+        need = dist.broadcast_object(need)
+        if rank != 0:
+            for c in caches.values():
+                c.reload()
+    need_sets = {m: set(v) for m, v in need.items()}
+    if any(need_sets.values()):
+        frames = data.frames if need_sets.get("v") else 0
         totals = SkipTotals()
         new: dict[str, dict[str, np.ndarray]] = {m: {} for m in caches}
         for batch in iterate(eval_loader(shard_urls(shards, split), data, rank, world, frames=frames), totals):
             bkeys = [key_of.get(n, n) for n in batch["name"]]
-            for m, c in caches.items():
-                need = [i for i, k in enumerate(bkeys) if k not in c.data]
-                if need:
-                    sub = {k: ([v[i] for i in need] if isinstance(v, list) else v[need]) for k, v in batch.items()
+            for m in caches:
+                idx = [i for i, k in enumerate(bkeys) if k in need_sets[m]]
+                if idx:
+                    sub = {k: ([v[i] for i in idx] if isinstance(v, list) else v[idx]) for k, v in batch.items()
                            if k in ("audio", "audio_lens", "frames", "text")}
-                    new[m].update(zip([bkeys[i] for i in need], encoders.encode(m, sub)))
+                    new[m].update(zip([bkeys[i] for i in idx], encoders.encode(m, sub)))
         skipped = totals.samples
-        if world > 1:
+        if shared:
             parts = dist.all_gather_object((new, skipped))
             new, skipped = {m: {k: v for p, _ in parts for k, v in p[m].items()} for m in caches}, sum(s for _, s in parts)
         for m, c in caches.items():

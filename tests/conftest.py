@@ -101,3 +101,14 @@ def mlflow_server(tmp_path_factory):
     uri, proc = start_mlflow(d)
     yield {"uri": uri, "proc": proc, "dir": d}
     stop_mlflow(proc)
+
+
+@pytest.fixture(scope="session")
+def logged_model(shards, teacher, mlflow_server, tmp_path_factory) -> Path:
+    """One fine-tuned fusion model, logged and registered as `mer-emotion` on the session's MLflow server: what
+    predict, evaluate-on-other-shards and serving are tested on (one finetune, not one per test file)."""
+    out = tmp_path_factory.mktemp("model")
+    run_cli("finetune", "--shards", shards, "--teacher", teacher, "--visual", "random", "--out", out, "folds=2",
+            "epochs=5", *DATA[:-1], f"tracking.uri={mlflow_server['uri']}", "tracking.register_model=mer-emotion",
+            "tracking.system_metrics=false")
+    return out

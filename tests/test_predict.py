@@ -6,15 +6,12 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import DATA, run_cli
+from conftest import run_cli
 
 
 @pytest.fixture(scope="module")
-def model(shards, teacher, tmp_path_factory):
-    out = tmp_path_factory.mktemp("model")
-    run_cli("finetune", "--shards", shards, "--teacher", teacher, "--visual", "random", "--out", out, "folds=2",
-            "epochs=5", *DATA)
-    return out
+def model(logged_model):
+    return logged_model
 
 
 def _rows(path):

@@ -8,8 +8,12 @@ from __future__ import annotations
 import bisect
 import contextlib
 import io
+import os
+import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import av
 import numpy as np
@@ -34,18 +38,45 @@ class Clip:
     duration: float
 
 
-def probe(source: str | Path | bytes, name: str = "") -> dict:
+def probe(source: str | Path | bytes | BinaryIO, name: str = "") -> dict:
     """Container facts without decoding: duration, fps, stream presence. Raises DecodeError."""
     name = name or str(source)[:80]
+    with _container(source, name) as c:
+        v = c.streams.video[0] if c.streams.video else None
+        a = c.streams.audio[0] if c.streams.audio else None
+        fps = float(v.average_rate) if v is not None and v.average_rate else 0.0
+        return {"duration_s": _duration(c, v, a), "fps": fps, "has_video": v is not None, "has_audio": a is not None}
+
+
+# The container families we read, told by their first bytes and opened with that demuxer alone: FFmpeg is never
+# asked to guess, so a file from elsewhere cannot pick a demuxer that opens further URLs (an HLS playlist, a concat
+# list, an image sequence) -- a clip is data, and what it names is never fetched.
+_MP4_BOXES = (b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide", b"pnot")
+
+
+def sniff(head: bytes) -> str | None:
+    """FFmpeg's demuxer for a container's first 12 bytes (mp4/mov, avi, mkv/webm), None for anything else."""
+    if len(head) >= 8 and head[4:8] in _MP4_BOXES:
+        return "mov"
+    if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
+        return "avi"
+    if head[:4] == b"\x1a\x45\xdf\xa3":
+        return "matroska"
+    return None
+
+
+def open_regular(path: str | Path, name: str) -> BinaryIO:
+    """A local file opened by us, never by FFmpeg (no protocol, no URL): only a regular file, and the open itself
+    never blocks (a FIFO or a device named like a video is refused, not waited on)."""
     try:
-        with av.open(io.BytesIO(source) if isinstance(source, bytes) else str(source)) as c:
-            v = c.streams.video[0] if c.streams.video else None
-            a = c.streams.audio[0] if c.streams.audio else None
-            duration = _duration(c, v, a)
-            fps = float(v.average_rate) if v is not None and v.average_rate else 0.0
-            return {"duration_s": duration, "fps": fps, "has_video": v is not None, "has_audio": a is not None}
-    except av.error.FFmpegError as e:
-        raise DecodeError(name, f"cannot open container ({e.__class__.__name__}: {e})") from None
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise DecodeError(name, f"cannot open file ({e.strerror})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise DecodeError(name, "not a regular file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
 
 
 def _duration(c, v, a) -> float:
@@ -56,25 +87,46 @@ def _duration(c, v, a) -> float:
 
 
 @contextlib.contextmanager
-def _container(source: str | Path | bytes, name: str):
-    """The opened container, closed after; a clip that cannot be opened or read is a DecodeError with its reason."""
+def _container(source: str | Path | bytes | BinaryIO, name: str):
+    """The opened container, closed after; a clip that cannot be opened or read is a DecodeError with its reason.
+    A path is opened as a regular file by `open_regular`, bytes are read from memory, a file object as given; in
+    every case FFmpeg gets a file object and the demuxer `sniff` names, never a string to interpret."""
+    owned = None
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        fh = io.BytesIO(source)
+    elif isinstance(source, (str, Path)):
+        fh = owned = open_regular(source, name)
+    else:
+        fh = source
     try:
-        container = av.open(io.BytesIO(source) if isinstance(source, bytes) else str(source))
-    except (av.error.FFmpegError, OSError) as e:
-        raise DecodeError(name, f"cannot open container ({e.__class__.__name__})") from None
-    try:
-        yield container
-    except DecodeError:
-        raise
-    except (av.error.FFmpegError, ValueError, IndexError) as e:
-        raise DecodeError(name, f"corrupt stream ({e.__class__.__name__}: {e})") from None
+        start = fh.tell()
+        head = fh.read(12)
+        fh.seek(start)
+        fmt = sniff(head)
+        if fmt is None:
+            raise DecodeError(name, "cannot open container (not an mp4/mov, avi or mkv/webm file)")
+        try:
+            container = av.open(fh, format=fmt)
+        except (av.error.FFmpegError, OSError) as e:
+            raise DecodeError(name, f"cannot open container ({e.__class__.__name__})") from None
+        try:
+            yield container
+        except DecodeError:
+            raise
+        except (av.error.FFmpegError, ValueError, IndexError) as e:
+            raise DecodeError(name, f"corrupt stream ({e.__class__.__name__}: {e})") from None
+        finally:
+            container.close()
     finally:
-        container.close()
+        if owned is not None:
+            owned.close()
 
 
-def decode(source: str | Path | bytes, frames: int, height: int, width: int, sample_rate: int = 16000,
-           max_seconds: float = 0.0, name: str = "", threads: int = 0, need_audio: bool = True) -> Clip:
-    """Decode a clip. `frames=0` decodes audio only (teacher targets); raises DecodeError on bad input."""
+def decode(source: str | Path | bytes | BinaryIO, frames: int, height: int, width: int, sample_rate: int = 16000,
+           max_seconds: float = 0.0, name: str = "", threads: int = 0, need_audio: bool = True,
+           deadline: float = 0.0) -> Clip:
+    """Decode a clip. `frames=0` decodes audio only (teacher targets); raises DecodeError on bad input, and when
+    `deadline` (a `time.monotonic()` instant; 0 = none) passes before the clip is decoded."""
     name = name or str(source)[:80]
     with _container(source, name) as container:
         v = container.streams.video[0] if container.streams.video else None
@@ -118,6 +170,8 @@ def decode(source: str | Path | bytes, frames: int, height: int, width: int, sam
         tlist = [float(t) for t in targets]
         vidx = v.index if v is not None and frames > 0 else -1
         for packet in container.demux(streams):
+            if deadline and time.monotonic() > deadline:
+                raise DecodeError(name, "decoding ran past its time limit")
             if packet.stream_index == vidx:
                 if filled >= frames:
                     if a is None or (max_samples is not None and n_audio >= max_samples):
@@ -265,7 +319,7 @@ def write_av(path: Path, frames: np.ndarray | None, audio: np.ndarray | None, fp
         enc.close()
 
 
-def transcode(source: str | Path, path: Path, fps: int, height: int, width: int, sample_rate: int = 16000,
+def transcode(source: str | Path | bytes | BinaryIO, path: Path, fps: int, height: int, width: int, sample_rate: int = 16000,
               name: str = "") -> int:
     """Re-encode a clip to `fps` frames a second at height x width with mono `sample_rate` audio (H.264 + AAC mp4)
     in one streaming pass: frame i is the decoded frame shown at (i + 0.5) / fps, as `decode` picks them, until

@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tarfile
 import tempfile
 import time
@@ -233,19 +234,28 @@ def load_manifest(shards: str | Path) -> dict:
     return json.loads(p.read_text())
 
 
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+
+
 def shard_urls(shards: str | Path, split: str) -> list[str]:
-    """Shard paths of a split, checked to exist: a missing shard is an error, never a silent gap."""
+    """Shard paths of a split, checked to exist: a missing shard is an error, never a silent gap. Each is an
+    absolute local path, which webdataset opens as a file: a manifest's name never becomes a URL or a command
+    (`pipe:...`), whatever directory the shards were given as."""
     man = load_manifest(shards)
     if split not in man["splits"]:
         raise DataError(f"{Path(shards) / 'manifest.json'}: no split '{split}' (have {list(man['splits'])})")
+    root = Path(shards).resolve()
     urls = []
     for s in man["splits"][split]["shards"]:
         name = s.get("name") if isinstance(s, dict) else None
         if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
             raise DataError(f"{Path(shards) / 'manifest.json'}: shard name {name!r} is not a plain file name "
                             f"(a shard lives beside its manifest; path components are refused)")
-        p = Path(shards) / name
-        if not p.exists() or p.is_dir():     # a file, or anything readable as one (a pipe, a device)
-            raise DataError(f"{p}: shard listed in manifest.json is missing")
+        if _SCHEME.match(name):
+            raise DataError(f"{Path(shards) / 'manifest.json'}: shard name {name!r} looks like a URL scheme "
+                            f"(shard names are plain file names such as train-000000.tar)")
+        p = root / name
+        if not p.is_file():
+            raise DataError(f"{p}: shard listed in manifest.json is missing (or not a regular file)")
         urls.append(str(p))
     return urls

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -64,10 +65,12 @@ class Ensemble:
             self.folds.append(model.to(device).eval())
         self.visual_folds = [enc.to(device) for enc in visual_fold_encoders(ck)]
 
-    def decode(self, source: str | Path | bytes, name: str) -> Clip:
-        """A video file or its bytes decoded as the model was trained (frames, size, audio); DecodeError if not."""
+    def decode(self, source: str | Path | bytes | BinaryIO, name: str, deadline: float = 0.0) -> Clip:
+        """A video file, its bytes or an open file decoded as the model was trained (frames, size, audio; a clip
+        without sound is scored without it); DecodeError if not, or once `deadline` (monotonic) passes."""
         d = self.data
-        return decode(source, d.frames, d.height, d.width, d.sample_rate, d.max_seconds, name, d.decode_threads)
+        return decode(source, d.frames, d.height, d.width, d.sample_rate, d.max_seconds, name, d.decode_threads,
+                      need_audio=False, deadline=deadline)
 
     def score(self, clips: list[Clip], texts: list[str]) -> tuple[np.ndarray, list[str]]:
         """Decoded clips and their transcripts ("" = none) -> the ensemble's probabilities [B, 6] and the
