@@ -528,11 +528,20 @@ class Stage:
     runner: str                  # "module:function"
     yaml: str                    # configs/<yaml>.yaml
     flags: dict[str, str]        # --flag -> config key
+    locks_out: bool = True       # the runner is the one writer of cfg.out (align locks across its ranks itself)
 
     def function(self):
-        """The runner itself (its module imported now)."""
+        """The runner (its module imported now), holding its output directory's one-writer lock while it runs."""
         module, fn = self.runner.split(":")
-        return getattr(importlib.import_module(module), fn)
+        runner = getattr(importlib.import_module(module), fn)
+        if not self.locks_out:
+            return runner
+
+        def locked(cfg):
+            from mer_dist.io import one_writer
+            with one_writer(getattr(cfg, "out", "")):
+                return runner(cfg)
+        return locked
 
 
 STAGES: dict[str, Stage] = {     # in pipeline order
@@ -554,14 +563,14 @@ STAGES: dict[str, Stage] = {     # in pipeline order
         "shards": "data.shards", "teacher": "teacher", "out": "out"}),
     "align": Stage(AlignConfig, "mer_dist.stages.align:run", "align", {
         "shards": "data.shards", "teacher": "teacher", "out": "out", "steps": "train.steps", "zero": "train.zero_stage",
-        "targets": "targets"}),
+        "targets": "targets"}, locks_out=False),
     "finetune": Stage(FinetuneConfig, "mer_dist.stages.finetune:run", "finetune", {
         "shards": "data.shards", "teacher": "teacher", "visual": "visual", "out": "out", "modalities": "modalities",
         "seed": "seed", "folds": "folds"}),
     "evaluate": Stage(EvaluateConfig, "mer_dist.stages.evaluate:run", "evaluate", {
         "model": "model", "shards": "shards", "split": "split", "out": "out"}),
     "predict": Stage(PredictConfig, "mer_dist.stages.predict:run", "predict", {
-        "model": "model", "out": "out", "transcripts": "transcripts", "device": "device"}),
+        "model": "model", "out": "out", "transcripts": "transcripts", "device": "device"}, locks_out=False),
     "pseudo-label": Stage(PseudoLabelConfig, "mer_dist.stages.pseudo_label:run", "pseudo", {
         "model": "model", "shards": "shards", "split": "split", "out": "out", "threshold": "threshold",
         "top-per-class": "top_per_class", "agree-with": "agree_with"}),
@@ -766,7 +775,8 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def save(cfg: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    from mer_dist.io import write_text_atomic
+    write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 # ----------------------------------------------------------------------------- docs + YAML files

@@ -77,25 +77,30 @@ class Cache:
     def __init__(self, folder: str | Path, modality: str, fingerprint: str, read: bool = True):
         key = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
         self.path = Path(folder) / f"{modality}-{key}.npz"
-        self.data: dict[str, np.ndarray] = self._read() if read else {}
+        self.data: dict[str, np.ndarray] = {}
+        self.absent: set[str] = set()       # clips without this modality (no audio or video stream): never encoded
+        if read:
+            self.reload()
 
     def reload(self) -> None:
         """Merge in what the file holds now (entries only ever grow: every save merges)."""
-        self.data = {**self._read(), **self.data}
+        data, absent = self._read()
+        self.data, self.absent = {**data, **self.data}, absent | self.absent
 
-    def _read(self) -> dict[str, np.ndarray]:
+    def _read(self) -> tuple[dict[str, np.ndarray], set[str]]:
         """The saved entries; an unreadable file (torn by an older version) is recomputed, with one warning."""
         if not self.path.is_file():
-            return {}
+            return {}, set()
         try:
             z = np.load(self.path, allow_pickle=False)
-            return dict(zip(z["names"].tolist(), z["feats"]))
+            absent = set(z["absent"].tolist()) if "absent" in z.files else set()
+            return dict(zip(z["names"].tolist(), z["feats"])), absent
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
             log.warning("%s: unreadable feature cache, recomputed (%s)", self.path, type(e).__name__)
-            return {}
+            return {}, set()
 
     def missing(self, names: list[str]) -> list[str]:
-        return [n for n in names if n not in self.data]
+        return [n for n in names if n not in self.data and n not in self.absent]
 
     def put(self, names: list[str], feats: np.ndarray) -> None:
         self.data.update(zip(names, feats))
@@ -104,10 +109,12 @@ class Cache:
         """Written through a unique temp file and merged with what another run (a seed sweep on the same cache)
         saved meanwhile: concurrent runs never tear the file, and at worst recompute an entry later."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.data = {**self._read(), **self.data}
+        self.reload()
         names = sorted(self.data)
+        feats = np.stack([self.data[n] for n in names]) if names else np.zeros((0, 1), np.float32)
         with atomic_target(self.path, ".npz") as tmp:
-            np.savez(tmp, names=np.asarray(names), feats=np.stack([self.data[n] for n in names]))
+            np.savez(tmp, names=np.asarray(names, dtype=str), feats=feats,
+                     absent=np.asarray(sorted(self.absent), dtype=str))
 
 
 class Encoders:
@@ -189,27 +196,34 @@ def extract(encoders: Encoders, modalities: list[str], shards: str, split: str, 
         frames = data.frames if need_sets.get("v") else 0
         totals = SkipTotals()
         new: dict[str, dict[str, np.ndarray]] = {m: {} for m in caches}
-        for batch in iterate(eval_loader(shard_urls(shards, split), data, rank, world, frames=frames), totals):
+        new_absent: dict[str, set[str]] = {m: set() for m in caches}
+        loader = eval_loader(shard_urls(shards, split), data, rank, world, frames=frames, tolerant=True)
+        for batch in iterate(loader, totals):
             bkeys = [key_of.get(n, n) for n in batch["name"]]
+            has = {"a": batch["has_audio"].tolist(), "v": batch["has_video"].tolist(), "t": [True] * len(bkeys)}
             for m in caches:
-                idx = [i for i, k in enumerate(bkeys) if k in need_sets[m]]
+                new_absent[m] |= {k for i, k in enumerate(bkeys) if k in need_sets[m] and not has[m][i]}
+                idx = [i for i, k in enumerate(bkeys) if k in need_sets[m] and has[m][i]]
                 if idx:
                     sub = {k: ([v[i] for i in idx] if isinstance(v, list) else v[idx]) for k, v in batch.items()
                            if k in ("audio", "audio_lens", "frames", "text")}
                     new[m].update(zip([bkeys[i] for i in idx], encoders.encode(m, sub)))
         skipped = totals.samples
         if shared:
-            parts = dist.all_gather_object((new, skipped))
-            new, skipped = {m: {k: v for p, _ in parts for k, v in p[m].items()} for m in caches}, sum(s for _, s in parts)
+            parts = dist.all_gather_object((new, new_absent, skipped))
+            new = {m: {k: v for p, _, _ in parts for k, v in p[m].items()} for m in caches}
+            new_absent = {m: set().union(*(a[m] for _, a, _ in parts)) for m in caches}
+            skipped = sum(s for _, _, s in parts)
         for m, c in caches.items():
             c.put(list(new[m]), list(new[m].values()))
+            c.absent |= new_absent[m]
         if skipped:
             log.warning("%s: %d sample(s) could not be decoded; they are predicted from the other modalities",
                         split, skipped)
 
         def save() -> None:         # one writer, rank 0
             for m, c in caches.items():
-                if new[m]:
+                if new[m] or new_absent[m]:
                     c.save()
         dist.on_main(save)
     dims = {m: (next(iter(c.data.values())).shape[0] if c.data else 1) for m, c in caches.items()}
@@ -252,7 +266,7 @@ def _decode_frames(path: Path, names: list[str], shards: str, split: str, data: 
         out[:] = 0
         where = {n: i for i, n in enumerate(names)}
         totals = SkipTotals()
-        for batch in iterate(eval_loader(shard_urls(shards, split), data, 0, 1), totals):
+        for batch in iterate(eval_loader(shard_urls(shards, split), data, 0, 1, tolerant=True), totals):
             for n, f in zip(batch["name"], batch["frames"].numpy()):
                 out[where[n]] = f
         out.flush()

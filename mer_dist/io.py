@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import fcntl
 import json
 import os
@@ -12,18 +13,47 @@ from pathlib import Path
 from mer_dist.errors import LockError, ModelError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()          # read once at import, on the importing thread (os.umask sets as it reads)
+
+
+def fsync_dir(folder: str | Path) -> None:
+    """A directory's entries (a rename into it) on disk."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
-def atomic_target(path: str | Path, suffix: str = ".tmp"):
-    """A fresh temp file beside `path` (unpredictable name, created exclusively, 0600), renamed onto `path` when
-    the block succeeds and removed when it fails: a reader sees the old file or the new one, never half of one,
-    and two writers of the same file (a seed sweep sharing a cache) never write into one temp file.
+def atomic_target(path: str | Path, suffix: str = ".tmp", durable: bool = False):
+    """A fresh temp file beside `path` (unpredictable name, created exclusively), renamed onto `path` when the
+    block succeeds and removed when it fails: a reader sees the old file or the new one, never half of one, and
+    two writers of the same file (a seed sweep sharing a cache) never write into one temp file. The result has
+    the mode a plain `open` would give (0666 less the umask: colleagues read a shared run directory).
+    `durable`: fsync the file and its directory around the rename (checkpoints, models: a crash loses nothing).
     `suffix`: what numpy insists a name ends with (".npy", ".npz")."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        if durable:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         os.replace(tmp, path)
+        if durable:
+            fsync_dir(path.parent)
     finally:
         if os.path.lexists(tmp):
             os.unlink(tmp)
@@ -32,6 +62,23 @@ def atomic_target(path: str | Path, suffix: str = ".tmp"):
 def write_text_atomic(path: str | Path, text: str) -> None:
     with atomic_target(path) as tmp:
         tmp.write_text(text)
+
+
+_FORMULA = ("=", "+", "-", "@", "\t", "\r")
+
+
+def sheet_safe(cell: str) -> str:
+    """A text cell a spreadsheet will not run: one starting like a formula (= + - @, tab, CR) gets a leading
+    apostrophe (OWASP's CSV-injection advice). Names from elsewhere pass through this; numbers never do."""
+    return "'" + cell if cell.startswith(_FORMULA) else cell
+
+
+def write_csv_atomic(path: str | Path, header: list[str], rows) -> None:
+    """A CSV written whole (temp + rename)."""
+    with atomic_target(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
 
 
 def write_json_atomic(path: str | Path, obj) -> None:
@@ -83,3 +130,29 @@ class OutputLock:
             fcntl.flock(self._fh, fcntl.LOCK_UN)
             self._fh.close()
             self._fh = None
+
+
+_HELD: dict[str, list] = {}          # output directory (resolved) -> [its lock, how many holders in this process]
+
+
+@contextlib.contextmanager
+def one_writer(out: str | Path):
+    """The calling process is the one writer of `out` for the block: `OutputLock`, taken by rank 0 of a multi-rank
+    job (the writer) and re-entrant within a process (a stage that runs another stage on its own directory)."""
+    rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0"
+    if not out or rank != "0":
+        yield
+        return
+    key = os.path.realpath(out)
+    if key in _HELD:
+        _HELD[key][1] += 1
+    else:
+        lock = OutputLock(out)
+        lock.acquire()
+        _HELD[key] = [lock, 1]
+    try:
+        yield
+    finally:
+        _HELD[key][1] -= 1
+        if _HELD[key][1] == 0:
+            _HELD.pop(key)[0].release()

@@ -103,13 +103,30 @@ def test_avi_and_bad_clips(tmp_path):
     clip = make_clip(SynthConfig(height=32, width=32), ClipSpec("x", "sad", 0))
     vids[2].unlink()
     write_av(root / "video-labeled" / f"{vids[2].stem}.mp4", clip["frames"], None, 10, "mp4")   # no audio stream
+    vids[3].unlink()
+    write_av(root / "video-labeled" / f"{vids[3].stem}.mp4", None, clip["audio"], 10, "mp4")    # no video stream
     m = write_shards(ShardConfig(corpus=str(root), out=str(tmp_path / "s"), workers=1))
     skipped = {s["name"]: s["reason"] for s in m["skipped"]}
-    assert set(skipped) == {vids[0].stem, vids[1].stem, vids[2].stem}
-    assert skipped[vids[2].stem] == "no audio stream"
-    assert m["splits"]["train"]["samples"] == 5
-    b = next(iterate(eval_loader(shard_urls(tmp_path / "s", "train"), DataConfig(frames=3, height=32, width=32, workers=0))))
-    assert b["frames"].shape[1:] == (3, 3, 32, 32)
+    assert set(skipped) == {vids[0].stem, vids[1].stem}          # #32 item 9: one missing stream is no bad clip
+    assert m["splits"]["train"]["samples"] == 6
+    urls = shard_urls(tmp_path / "s", "train")
+    cfg = DataConfig(frames=3, height=32, width=32, workers=0, batch_size=8)
+    b = next(iterate(eval_loader(urls, cfg, tolerant=True)))     # the fusion model's features: modality missing
+    assert b["frames"].shape == (6, 3, 3, 32, 32)
+    has = {n: (a, v) for n, a, v in zip(b["name"], b["has_audio"].tolist(), b["has_video"].tolist())}
+    assert has[vids[2].stem] == (False, True) and has[vids[3].stem] == (True, False)
+    assert sum(a and v for a, v in has.values()) == 4 and not b["frames"][b["name"].index(vids[3].stem)].any()
+    totals = SkipTotals()                                        # alignment's: needs both, skips and counts them
+    names = [n for batch in iterate(eval_loader(urls, cfg), totals) for n in batch["name"]]
+    assert totals.samples == 2 and len(names) == 4 and vids[2].stem not in names and vids[3].stem not in names
+    from dataclasses import asdict
+
+    from mer_dist.config import VisualConfig
+    from mer_dist.features import Encoders, extract
+    enc = Encoders({"v": {"encoder": "random", "seed": 0, "visual_model": asdict(VisualConfig())}}, 32)
+    for _ in range(2):                        # the second call reads the cache, absent clip included
+        got, _, _, present = extract(enc, ["v"], str(tmp_path / "s"), "train", cfg, tmp_path / "cache")
+        assert dict(zip(got, present[:, 0].tolist())) == {n: n != vids[3].stem for n in got}
     with pytest.raises(DataError, match="bad clip"):
         write_shards(ShardConfig(corpus=str(root), out=str(tmp_path / "s2"), workers=1, strict=True))
 

@@ -103,3 +103,97 @@ def test_ranks_take_one_decision_on_a_cache_that_changes_between_their_reads(sha
     assert r0["present"].all() and r1["present"].all()
     np.testing.assert_allclose(r0["v"], want["v"], atol=1e-5)
     np.testing.assert_allclose(r1["v"], want["v"], atol=1e-5)
+
+
+class _Engine:
+    """The one call checkpoint.save makes of a DeepSpeed engine."""
+
+    def save_checkpoint(self, d, tag, client_state, save_latest):
+        import torch
+        torch.save({"step": client_state["step"]}, f"{d}/{tag}/mp_rank_00_model_states.pt")
+
+
+def test_a_checkpoint_signature_binds_its_step_and_its_run(tmp_path):
+    import shutil
+
+    from mer_dist.dist import DistEnv
+    from mer_dist.errors import CheckpointError
+    from mer_dist.train import checkpoint
+    from mer_dist.train.zero import fp32_state
+    a, b = tmp_path / "a" / "checkpoints", tmp_path / "b" / "checkpoints"
+    for ck in (a, b):
+        for step in (1, 2):
+            checkpoint.save(_Engine(), ck, step, {"step": step}, keep=0, env=DistEnv())
+    assert checkpoint.run_id(a) != checkpoint.run_id(b) != ""
+    checkpoint.verify(a, "step00000002")
+    shutil.copytree(a / "step00000002", a / "step00000099")          # another step's name
+    with pytest.raises(CheckpointError, match="for this run and step"):
+        checkpoint.verify(a, "step00000099")
+    shutil.copytree(a / "step00000001", b / "step00000003")          # another run's checkpoint, same tag rule
+    shutil.rmtree(b / "step00000001")
+    shutil.copytree(a / "step00000001", b / "step00000001")
+    with pytest.raises(CheckpointError, match="for this run and step"):
+        checkpoint.verify(b, "step00000001")
+    (b / "latest").write_text("../../a/checkpoints/step00000002")    # `latest` must name a direct child
+    assert checkpoint.latest_tag(b) is None
+    assert checkpoint._choose(b, False)[0] == "step00000002"          # b's own newest verifying one
+    with pytest.raises(CheckpointError, match="not a checkpoint of this run"):
+        checkpoint.verify(b, "../../a/checkpoints/step00000002")
+    secret = tmp_path / "secret.pt"
+    secret.write_bytes(b"x")
+    (a / "step00000002" / "mp_rank_00_model_states.pt").unlink()
+    (a / "step00000002" / "mp_rank_00_model_states.pt").symlink_to(secret)
+    with pytest.raises(CheckpointError, match="symlink inside a checkpoint"):
+        checkpoint.verify(a, "step00000002")
+    with pytest.raises(CheckpointError):                              # the guard's export verifies first too
+        fp32_state(a, "step00000099", "encoder.")
+
+
+def test_outputs_are_whole_shareable_files_and_names_never_formulas(tmp_path):
+    import stat
+
+    from mer_dist.io import atomic_target, sheet_safe, write_csv_atomic
+    old = os.umask(0o022)
+    try:
+        import importlib
+
+        import mer_dist.io as mio
+        importlib.reload(mio)                    # the umask is read at import
+        with mio.atomic_target(tmp_path / "m.json") as t:
+            t.write_text("{}")
+        assert stat.S_IMODE((tmp_path / "m.json").stat().st_mode) == 0o644
+        with mio.atomic_target(tmp_path / "model.pt", durable=True) as t:
+            t.write_bytes(b"w")
+        assert stat.S_IMODE((tmp_path / "model.pt").stat().st_mode) == 0o644
+    finally:
+        os.umask(old)
+        importlib.reload(mio)
+    with pytest.raises(RuntimeError), atomic_target(tmp_path / "x.csv") as t:
+        t.write_text("half")
+        raise RuntimeError
+    assert sorted(os.listdir(tmp_path)) == ["m.json", "model.pt"]          # a failed write leaves nothing
+    assert [sheet_safe(n) for n in ('=HYPERLINK("http:x","y")', "+1", "-2", "@a", "\tx", "clip_01")] == \
+        ["'=HYPERLINK(\"http:x\",\"y\")", "'+1", "'-2", "'@a", "'\tx", "clip_01"]
+    write_csv_atomic(tmp_path / "p.csv", ["name"], [[sheet_safe("=1+1")]])
+    assert (tmp_path / "p.csv").read_text().splitlines() == ["name", "'=1+1"]
+
+
+def test_every_stage_that_writes_a_directory_takes_its_lock(tmp_path):
+    import subprocess
+    import sys
+
+    from mer_dist import config as C
+    from mer_dist.errors import LockError
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from mer_dist.io import OutputLock; "
+                               f"lock = OutputLock({str(tmp_path)!r}); lock.acquire(); print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for name in ("finetune", "evaluate", "probe-layers", "pseudo-label", "self-train", "ablate", "demo"):
+            cfg = C.STAGES[name].config(out=str(tmp_path))
+            with pytest.raises(LockError, match="another run is writing here"):
+                C.STAGES[name].function()(cfg)         # refused before it reads or writes anything
+        assert not C.STAGES["align"].locks_out and not C.STAGES["predict"].locks_out   # their own rules
+    finally:
+        holder.kill()
+        holder.wait()

@@ -80,7 +80,7 @@ def test_checkpoint_rotation_keeps_the_newest_signed_and_complete(tmp_path):
     env = DistEnv()
     for step in range(1, 6):
         checkpoint.save(_Engine(), ckdir, step, {"step": step, "global_batch": 8}, keep=2, env=env)
-    assert sorted(p.name for p in ckdir.iterdir()) == ["latest", "step00000004", "step00000005"]
+    assert sorted(p.name for p in ckdir.iterdir()) == ["latest", "run-id", "step00000004", "step00000005"]
     assert checkpoint.latest_tag(ckdir) == "step00000005"
     m = checkpoint.verify(ckdir, "step00000005")
     assert m["step"] == 5 and m["world_size"] == 1 and m["global_batch"] == 8
@@ -114,7 +114,7 @@ def test_resume_falls_back_to_the_newest_checkpoint_that_verifies(tmp_path):
     # the next save after falling back from a later step: later (stale) checkpoints go, rotation is by step
     (ckdir / "step00000009").mkdir()
     checkpoint.save(_Engine(), ckdir, 3, {"step": 3}, keep=2, env=DistEnv())
-    assert sorted(p.name for p in ckdir.iterdir()) == ["latest", "step00000002", "step00000003"]
+    assert sorted(p.name for p in ckdir.iterdir()) == ["latest", "run-id", "step00000002", "step00000003"]
     # nothing verifies: one line, never a fresh start over the run's history
     for tag in ("step00000002", "step00000003"):
         mf = ckdir / tag / checkpoint.MANIFEST

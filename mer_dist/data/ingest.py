@@ -128,10 +128,10 @@ def _check(rec: dict) -> dict:
         info = probe(rec["path"], rec["name"])
     except DecodeError as e:
         return {**rec, "error": e.reason}
-    if not info["has_video"]:
-        return {**rec, "error": "no video stream"}
-    if not info["has_audio"]:
-        return {**rec, "error": "no audio stream"}
+    if not info["has_video"] and not info["has_audio"]:
+        return {**rec, "error": "no video or audio stream"}
+    # a clip with one of its streams is kept, the other marked missing: fusion is trained for missing modalities,
+    # and a stage that needs both (align, the teacher's) skips and counts it
     return {**rec, **info, "bytes": os.path.getsize(rec["path"])}
 
 
@@ -168,7 +168,8 @@ def _write_shard(job: tuple[str, list[dict], ReencodeConfig]) -> str:
                 fps = s["fps"]
             meta = {"name": s["name"], "split": s["split"], "duration_s": round(duration, 4), "fps": fps,
                     "source": s["path"], "transcript": s["text"]["english"] or s["text"]["chinese"],
-                    "text": s["text"], "sha256": hashlib.sha256(data).hexdigest()}   # content key of caches
+                    "text": s["text"], "sha256": hashlib.sha256(data).hexdigest(),   # content key of caches
+                    "has_video": s["has_video"], "has_audio": s["has_audio"]}
             if s["label"] is not None:
                 meta["label"] = s["label"]
             tar_add(tar, f"{shard_key(s['name'])}.{ext}", data)
@@ -195,6 +196,12 @@ def write_shards(cfg: ShardConfig) -> dict:
     if bad and cfg.strict:
         raise DataError(f"{len(bad)} bad clip(s), first: {bad[0]['name']}: {bad[0]['reason']} (strict mode)")
     good = [r for r in checked if "error" not in r]
+    for stream in ("audio", "video"):
+        without = [r["name"] for r in good if not r[f"has_{stream}"]]
+        if without:
+            print(f"shard: {len(without)} clip(s) kept without a{'n' * (stream == 'audio')} {stream} stream (marked "
+                  f"missing; stages that need it skip and count them): {', '.join(without[:10])}"
+                  f"{' ...' if len(without) > 10 else ''}")
     target = cfg.shard_mb * 1e6
     jobs, manifest = [], {"version": 1, "corpus": str(Path(cfg.corpus).resolve()), "labels": list(LABELS),
                           "splits": {}, "skipped": bad}

@@ -35,6 +35,7 @@ import webdataset as wds
 
 from mer_dist.config import LABEL_TO_ID, DataConfig
 from mer_dist.data.decode import DecodeError, decode
+from mer_dist.timing import frame_times
 from mer_dist.errors import DataError
 
 log = logging.getLogger("mer_dist.data")
@@ -103,12 +104,19 @@ def _teacher(data: bytes, key: str) -> np.ndarray:
     return arr
 
 
-def decode_sample(sample: dict, cfg: DataConfig, frames: int) -> dict:
+def decode_sample(sample: dict, cfg: DataConfig, frames: int, tolerant: bool = False) -> dict:
+    """A shard sample decoded; `tolerant`: a clip without sound, or without pictures (shard marks which), is
+    decoded with that modality missing (`has_audio` / `has_video` false) instead of being a bad sample."""
     meta = _meta(sample)
     key = str(meta.get("name", sample["__key__"]))
-    clip = decode(_video(sample), frames, cfg.height, cfg.width, cfg.sample_rate, cfg.max_seconds, key,
-                  cfg.decode_threads)
+    no_video = tolerant and frames > 0 and meta.get("has_video") is False
+    clip = decode(_video(sample), 0 if no_video else frames, cfg.height, cfg.width, cfg.sample_rate,
+                  cfg.max_seconds, key, cfg.decode_threads, need_audio=not tolerant)
+    if no_video:
+        clip.frames = np.zeros((frames, 3, cfg.height, cfg.width), np.uint8)
+        clip.frame_times = frame_times(clip.duration, frames)
     out = {"name": key, "frames": clip.frames, "frame_times": clip.frame_times, "audio": clip.audio,
+           "has_audio": clip.audio.size > 0, "has_video": not no_video,
            "duration": clip.duration, "label": LABEL_TO_ID.get(meta.get("label"), -1),
            "text": meta.get("text") or {"english": meta.get("transcript", ""), "chinese": ""}, "paired_with": key}
     if "teacher.npy" in sample:
@@ -160,7 +168,9 @@ def collate(samples: list[dict]) -> dict:
              "frame_times": torch.from_numpy(np.stack([s["frame_times"] for s in samples])),
              "duration": torch.tensor([s["duration"] for s in samples], dtype=torch.float32),
              "audio": audio, "audio_lens": lens, "label": torch.tensor([s["label"] for s in samples]),
-             "paired_with": [s["paired_with"] for s in samples]}
+             "paired_with": [s["paired_with"] for s in samples],
+             "has_audio": torch.tensor([s.get("has_audio", True) for s in samples]),
+             "has_video": torch.tensor([s.get("has_video", True) for s in samples])}
     if all("teacher" in s for s in samples):
         tl = torch.tensor([s["teacher"].shape[0] for s in samples], dtype=torch.long)
         t = torch.zeros(b, int(tl.max()), samples[0]["teacher"].shape[1])
@@ -190,14 +200,14 @@ def _teacher_dim(urls: list[str]) -> int:
         return 0
 
 
-def _decoded(stream, cfg: DataConfig, frames: int, skips: SkipLog, teacher_dim: int = 0):
+def _decoded(stream, cfg: DataConfig, frames: int, skips: SkipLog, teacher_dim: int = 0, tolerant: bool = False):
     """Decode stage: a sample that fails is skipped and counted; a run of failures stops the stream with
     its causes (an infinite stream where nothing decodes would never yield a batch)."""
     failed: list[str] = []
     dim = teacher_dim or None      # a teacher.npy of another width (else: than the first) cannot share a batch
     for s in stream:
         try:
-            d = decode_sample(s, cfg, frames)
+            d = decode_sample(s, cfg, frames, tolerant)
             if "teacher" in d:
                 dim = dim or d["teacher"].shape[1]
                 if d["teacher"].shape[1] != dim:
@@ -216,9 +226,10 @@ class _Stream(IterableDataset):
     """One webdataset pipeline per (rank, worker), built when the worker starts iterating."""
 
     def __init__(self, urls: list[str], cfg: DataConfig, rank: int, world: int, seed: int, frames: int,
-                 batch_size: int, train: bool, pairing: str = "matched"):
+                 batch_size: int, train: bool, pairing: str = "matched", tolerant: bool = False):
         self.urls, self.cfg, self.rank, self.world, self.seed = urls, cfg, rank, world, seed
         self.frames, self.batch_size, self.train, self.pairing = frames, batch_size, train, pairing
+        self.tolerant = tolerant
 
     def _pipeline(self, skips: SkipLog) -> wds.DataPipeline:
         wid, nw = _worker()
@@ -241,7 +252,7 @@ class _Stream(IterableDataset):
             stages.append(wds.shuffle(cfg.shuffle_buffer, initial=cfg.shuffle_buffer,
                                       rng=random.Random(wds.utils.make_seed(self.seed, self.rank, wid))))
         stages += [functools.partial(_decoded, cfg=cfg, frames=self.frames, skips=skips,
-                                     teacher_dim=_teacher_dim(self.urls)),
+                                     teacher_dim=_teacher_dim(self.urls), tolerant=self.tolerant),
                    wds.batched(self.batch_size, collation_fn=collate, partial=True)]
         return wds.DataPipeline(*stages)
 
@@ -278,9 +289,11 @@ def train_loader(urls: list[str], cfg: DataConfig, rank: int = 0, world: int = 1
 
 
 def eval_loader(urls: list[str], cfg: DataConfig, rank: int = 0, world: int = 1, frames: int | None = None,
-                batch_size: int | None = None) -> DataLoader:
+                batch_size: int | None = None, tolerant: bool = False) -> DataLoader:
+    """A finite, exact-once stream; `tolerant`: clips without sound or pictures come with that modality marked
+    missing (the fusion model's features), else they are skipped and counted (the teacher's, alignment's)."""
     return _loader(_Stream(urls, cfg, rank, world, 0, cfg.frames if frames is None else frames,
-                           batch_size or cfg.batch_size, False), cfg.workers)
+                           batch_size or cfg.batch_size, False, tolerant=tolerant), cfg.workers)
 
 
 class SkipTotals:

@@ -4,7 +4,6 @@ model's own encoders, keyed by clip content, spread over ranks), `report` writes
 """
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ from mer_dist.config import (
 from mer_dist.eval import plots
 from mer_dist.eval.metrics import summary
 from mer_dist.features import Encoders, extract, frames
-from mer_dist.io import write_json_atomic
+from mer_dist.io import sheet_safe, write_csv_atomic, write_json_atomic
 from mer_dist.models.ensemble import FoldEnsemble
 from mer_dist.models.fusion import fold_probs
 from mer_dist.tracking import Tracker
@@ -62,28 +61,20 @@ def report(cfg: EvaluateConfig, names: list[str], y: np.ndarray, probs: np.ndarr
     pred = probs.argmax(1)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "predictions.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["name", "discrete"])
-        w.writerows([n, LABELS[p]] for n, p in zip(names, pred))
-    with open(out / "probabilities.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["name", *LABELS])
-        w.writerows([n, *(f"{v:.6f}" for v in row)] for n, row in zip(names, probs))
+    write_csv_atomic(out / "predictions.csv", ["name", "discrete"],
+                     ([sheet_safe(n), LABELS[p]] for n, p in zip(names, pred)))
+    write_csv_atomic(out / "probabilities.csv", ["name", *LABELS],
+                     ([sheet_safe(n), *(f"{v:.6f}" for v in row)] for n, row in zip(names, probs)))
     result: dict = {"split": cfg.split, "n": len(names)}
     labeled = y >= 0
     if labeled.any():
         s = summary(y[labeled], pred[labeled])
         result |= {k: s[k] for k in ("waf", "accuracy", "macro_f1", "per_class", "confusion")}
-        with open(out / "confusion.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["true\\pred", *LABELS])
-            w.writerows([LABELS[i], *row] for i, row in enumerate(s["confusion"]))
-        with open(out / "per_class.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["label", "precision", "recall", "f1", "support"])
-            w.writerows([lab, *(round(v[k], 4) for k in ("precision", "recall", "f1")), int(v["support"])]
-                        for lab, v in s["per_class"].items())
+        write_csv_atomic(out / "confusion.csv", ["true\\pred", *LABELS],
+                         ([LABELS[i], *row] for i, row in enumerate(s["confusion"])))
+        write_csv_atomic(out / "per_class.csv", ["label", "precision", "recall", "f1", "support"],
+                         ([lab, *(round(v[k], 4) for k in ("precision", "recall", "f1")), int(v["support"])]
+                          for lab, v in s["per_class"].items()))
         plots.confusion_matrix(s["confusion"], out / "confusion.png", f"{cfg.split} (WAF {s['waf']:.3f})")
         print(f"evaluate[{cfg.split}]: WAF {s['waf']:.3f}  accuracy {s['accuracy']:.3f}  macro-F1 {s['macro_f1']:.3f}"
               f"  (n={int(labeled.sum())}) -> {out}")

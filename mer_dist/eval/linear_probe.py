@@ -6,7 +6,6 @@ stratified cross-validation on the labeled split (never the test split). This mo
 `adapt-audio` reads to choose the layers it adapts."""
 from __future__ import annotations
 
-import csv
 import json
 import warnings
 from pathlib import Path
@@ -19,7 +18,7 @@ from sklearn.preprocessing import StandardScaler
 
 from mer_dist.errors import ModelError
 from mer_dist.eval.metrics import summary
-from mer_dist.io import write_json_atomic
+from mer_dist.io import write_csv_atomic, write_json_atomic
 
 
 def _probe(seed: int):
@@ -45,10 +44,8 @@ def cv_waf(x: np.ndarray, y: np.ndarray, folds: int, seed: int) -> float:
 def write_layers(out: Path, result: dict) -> None:
     """`result`: {"layers": [{"layer", "waf", "accuracy"}...], "top_k": [...], ...} -> layers.csv + layers.json."""
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "layers.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["layer", "waf", "accuracy"])
-        w.writeheader()
-        w.writerows(result["layers"])
+    write_csv_atomic(out / "layers.csv", ["layer", "waf", "accuracy"],
+                     ([r["layer"], r["waf"], r["accuracy"]] for r in result["layers"]))
     write_json_atomic(out / "layers.json", result)
 
 

@@ -13,6 +13,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from mer_dist.config import LABELS
+from mer_dist.io import atomic_target
 
 FigureCanvasAgg(Figure())
 
@@ -28,8 +29,14 @@ def layer_curve(layers: list[int], wafs: list[float], accs: list[float], path: s
     ax.set_ylabel("linear-probe score (validation)")
     ax.set_title("Emotion information per layer")
     ax.legend()
+    _save(fig, path)
+
+
+def _save(fig: Figure, path: str | Path) -> None:
+    """The figure as a PNG written whole (temp + rename)."""
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_target(path, ".png") as tmp:
+        fig.savefig(tmp, dpi=100)
 
 
 def confusion_matrix(cm, path: str | Path, title: str = "Confusion matrix") -> None:
@@ -45,5 +52,4 @@ def confusion_matrix(cm, path: str | Path, title: str = "Confusion matrix") -> N
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _save(fig, path)

@@ -4,6 +4,7 @@ served MLflow model answers through the same `Ensemble`."""
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 from typing import BinaryIO
 
@@ -22,12 +23,22 @@ from mer_dist.models.fusion import FusionModel
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov")
 
 
-def video_files(paths: list[str]) -> list[Path]:
-    """The files to predict, in a stable order: each PATH itself, or the videos below a directory."""
-    files = []
+def video_files(paths: list[str]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """The files to predict, in a stable order: each PATH itself, or the videos below a directory; and what a
+    directory holds under a video's name that is no regular file (a FIFO, a device, a dangling or looping
+    symlink), with why, so it is counted as skipped, never silently passed over."""
+    files, skipped = [], []
     for p in map(Path, paths):
         if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.suffix.lower() in VIDEO_EXTENSIONS and f.is_file())
+            for f in sorted(f for f in p.rglob("*") if f.suffix.lower() in VIDEO_EXTENSIONS):
+                try:
+                    if f.is_file():
+                        files.append(f)
+                    elif not f.is_dir():
+                        skipped.append((f, "not a regular file" if os.path.lexists(f) and f.exists()
+                                        else "a dangling or looping symlink"))
+                except OSError as e:            # ELOOP: a symlink that points at itself
+                    skipped.append((f, f"cannot read ({e.strerror})"))
         elif p.is_file():
             files.append(p)
         else:
@@ -37,7 +48,7 @@ def video_files(paths: list[str]) -> list[Path]:
         if f.stem in stems and stems[f.stem] != f:
             raise DataError(f"{f}: two videos named '{f.stem}' ({stems[f.stem]}); a clip's name is its file stem")
         stems[f.stem] = f
-    return list(stems.values())
+    return list(stems.values()), skipped
 
 
 def transcripts(path: str, column: str) -> dict[str, str]:

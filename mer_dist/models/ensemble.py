@@ -38,7 +38,7 @@ class FoldEnsemble:
     visual_config: dict | None = None   # the VisualConfig those encoders were built with
 
     def save(self, path: str | Path) -> None:
-        with atomic_target(path, ".pt") as tmp:
+        with atomic_target(path, ".pt", durable=True) as tmp:
             torch.save(dataclasses.asdict(self), tmp)
 
 

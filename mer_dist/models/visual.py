@@ -145,7 +145,7 @@ class VisualEncoder(nn.Module):
 
 def export(model: VisualEncoder, state_dict: dict, path: str | Path, extra: dict | None = None) -> None:
     """Plain PyTorch checkpoint (no DeepSpeed needed to read it), written atomically."""
-    with atomic_target(path) as tmp:
+    with atomic_target(path, durable=True) as tmp:
         torch.save({"config": dataclasses.asdict(model.cfg), "image_size": model.image_size,
                     "state_dict": {k: v.detach().float().cpu() for k, v in state_dict.items()}, **(extra or {})}, tmp)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from mer_dist import config as C
 from mer_dist.dist import launch_local
 from mer_dist.eval.ablation import mean_sd, row, verdict
-from mer_dist.io import write_json_atomic
+from mer_dist.io import write_json_atomic, write_text_atomic
 from mer_dist.models.visual import read_encoder
 from mer_dist.stages import run_stage
 
@@ -59,7 +59,7 @@ def run(cfg: C.AblateConfig) -> dict:
                 scores.setdefault(view, {}).setdefault(name, []).append(m["cv_waf"])
     lines, verdicts = _report(cfg, scores, guard_step)
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
-    (Path(cfg.out) / "table.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(Path(cfg.out) / "table.md", "\n".join(lines) + "\n")
     write_json_atomic(Path(cfg.out) / "ablate.json", {"cv_waf": scores, "verdicts": verdicts, "encoders": encoders,
                                                       "aligned_encoder_step": guard_step})
     print("\n".join(lines))

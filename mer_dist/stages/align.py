@@ -235,7 +235,7 @@ def _checkpoint(job: Job, score: bool) -> None:
     checkpoint.save(job.engine, job.ckdir, job.step, {
         "step": job.step, "samples_seen": job.samples_seen, "mlflow_run_id": job.run_id,
         "global_batch": job.global_batch, "guard": guard.state() if guard is not None else {}},
-        job.cfg.train.keep_checkpoints, job.env, protect=f"step{guard.best_step():08d}" if guard is not None else "")
+        job.cfg.train.keep_checkpoints, job.env, protect=checkpoint.tag(guard.best_step()) if guard is not None else "")
 
 
 def finish(job: Job, exit_code: int) -> None:
@@ -251,9 +251,9 @@ def finish(job: Job, exit_code: int) -> None:
         meta = {"teacher": job.teacher_spec.get("adapter_hash", ""), "loss": list(cfg.loss), "pairing": cfg.pairing}
         # encoder-last.pt: the final step's weights, beside the guard's choice when that is another step
         for name, at in (("encoder.pt", chosen), ("encoder-last.pt", step)) if chosen != step else (("encoder.pt", step),):
-            tag = checkpoint.latest_tag(job.ckdir) if at == step else f"step{at:08d}"
-            export(job.encoder, job.initial if at == 0 else fp32_state(job.ckdir, tag, "encoder."), job.out / name,
-                   {"step": at, **meta})
+            tag = checkpoint.latest_tag(job.ckdir) if at == step else checkpoint.tag(at)
+            weights = job.initial if at == 0 else fp32_state(job.ckdir, tag, "encoder.", cfg.train.trust_checkpoint)
+            export(job.encoder, weights, job.out / name, {"step": at, **meta})
         summary = {"step": step, "samples_seen": job.samples_seen, "world_size": env.world_size,
                    "launcher": env.launcher, "exit_code": exit_code, "skipped_samples": job.skipped,
                    "zero_stage": cfg.train.zero_stage, "param_elements_rank0": local, "param_elements_total": full,

@@ -6,7 +6,6 @@ a table of stage times and test WAF per row, mean ± sd over seeds. Every number
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ import numpy as np
 from mer_dist import config as C
 from mer_dist.dist import launch_local
 from mer_dist.eval import ablation
+from mer_dist.io import write_json_atomic, write_text_atomic
 from mer_dist.stages import run_stage
 from mer_dist.train.checkpoint import read_summary
 from mer_dist.tracking import Tracker, default_uri, parent_of
@@ -159,11 +159,11 @@ def _run(cfg: C.DemoConfig, out: Path, parent: Tracker) -> int:
             "out": str(out / "ablate")})))
     table = _table(results, times, rounds, cfg) + _verdicts(cv, cfg)
     print("\n" + table)
-    (out / "RESULTS.md").write_text(table + "\n")
+    write_text_atomic(out / "RESULTS.md", table + "\n")
     guard = {v: [read_summary(out / "align" / f"{v}-seed{s}").get("encoder_step")
                  for s in range(cfg.seeds)] for v in cfg.align_variants}
-    (out / "results.json").write_text(json.dumps({"test_waf": results, "cv_waf": cv, "encoder_step": guard,
-                                                  "self_train": rounds, "seconds": times}, indent=1))
+    write_json_atomic(out / "results.json", {"test_waf": results, "cv_waf": cv, "encoder_step": guard,
+                                             "self_train": rounds, "seconds": times})
     parent.artifact(out / "RESULTS.md")
     print(f"\nLook at the runs:  mlflow ui --backend-store-uri {os.environ['MLFLOW_TRACKING_URI']} --host 127.0.0.1")
     return 0

@@ -20,14 +20,16 @@ from mer_dist.config import LABELS, PredictConfig
 from mer_dist.data.decode import DecodeError
 from mer_dist.errors import DataError
 from mer_dist.eval.predict import Ensemble, transcripts, video_files
-from mer_dist.io import atomic_target
+from mer_dist.io import atomic_target, sheet_safe
 from mer_dist.models.ensemble import load_model
 
 
 def run(cfg: PredictConfig) -> int:
     ck = load_model(cfg.model)
     device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
-    files = video_files(cfg.paths)
+    files, unreadable = video_files(cfg.paths)
+    for f, why in unreadable:
+        sys.stderr.write(f"predict: skipped {f}: {why}\n")
     if not files:
         raise DataError("predict: no video files (mp4, avi, mkv, webm, mov) in the given paths")
     texts = transcripts(cfg.transcripts, ck.specs["t"]["column"])
@@ -38,7 +40,7 @@ def run(cfg: PredictConfig) -> int:
         Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
         with atomic_target(cfg.out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
             ok, bad = _write(fh, files, texts, model, cfg.batch_size)
-    sys.stderr.write(f"predict: {ok} clip(s) predicted, {bad} skipped -> {cfg.out}\n")
+    sys.stderr.write(f"predict: {ok} clip(s) predicted, {bad + len(unreadable)} skipped -> {cfg.out}\n")
     return 0
 
 
@@ -62,7 +64,7 @@ def _write(fh, files: list[Path], texts: dict[str, str], model: Ensemble, batch_
             continue
         probs, used = model.score(clips, [texts.get(n, "") for n in names])
         for n, p, u in zip(names, probs, used):
-            w.writerow([n, LABELS[int(p.argmax())], *(f"{v:.6f}" for v in p), u])
+            w.writerow([sheet_safe(n), LABELS[int(p.argmax())], *(f"{v:.6f}" for v in p), u])
         ok += len(clips)
     bar.close()
     if ok == 0:

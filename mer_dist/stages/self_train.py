@@ -27,7 +27,7 @@ from mer_dist import dist
 from mer_dist.config import (LABELS, TRUTH_FILE, AdaptConfig, AlignConfig, ConfigError, FinetuneConfig, PseudoConfig,
                              PseudoLabelConfig, SelfTrainConfig, load, save)
 from mer_dist.data.ingest import load_manifest
-from mer_dist.io import write_json_atomic
+from mer_dist.io import write_csv_atomic, write_json_atomic, write_text_atomic
 from mer_dist.tracking import Tracker, parent_of
 from mer_dist.models.ensemble import read_metrics
 from mer_dist.stages import run_stage
@@ -206,10 +206,7 @@ def _encoder_cells(r: dict) -> str:
 
 def _report(cfg: SelfTrainConfig, out: Path, rows: list[dict], tracker: Tracker) -> None:
     keys = sorted({k for r in rows for k in r}, key=lambda k: (k != "round", k))
-    with open(out / "rounds.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
+    write_csv_atomic(out / "rounds.csv", keys, ([r.get(k, "") for k in keys] for r in rows))
     write_json_atomic(out / "rounds.json", rows)
     save(cfg, out / "config.yaml")
     test = f"{cfg.finetune.test_split}_waf"
@@ -226,7 +223,7 @@ def _report(cfg: SelfTrainConfig, out: Path, rows: list[dict], tracker: Tracker)
                      f"{r['cv_waf']:.3f} | {r[test]:.3f} | {r.get('test_waf_change', 0.0):+.3f} |"
                      + (f" {_encoder_cells(r)} |" if enc else ""))
     table = "\n".join(lines)
-    (out / "rounds.md").write_text(table + "\n")
+    write_text_atomic(out / "rounds.md", table + "\n")
     print("\nself-train rounds\n" + table, flush=True)
     tracker.params({"rounds": cfg.rounds, "thresholds": cfg.thresholds, "top_per_class": cfg.top_per_class,
                     "views": cfg.views, "encoders": cfg.encoders, "control": cfg.control})

@@ -38,17 +38,39 @@ import torch
 
 from mer_dist import dist
 from mer_dist.errors import CheckpointError
-from mer_dist.io import load_tensors, write_json_atomic, write_text_atomic
+from mer_dist.io import fsync_dir, load_tensors, write_json_atomic, write_text_atomic
 
 MANIFEST = "mer-dist-manifest.json"
+
+
+RUN_ID = "run-id"
+
+
+def tag(step: int) -> str:
+    """The name of step `step`'s checkpoint directory."""
+    return f"step{step:08d}"
+
+
+def _plain_tag(name: str) -> bool:
+    """A checkpoint tag is a direct child's name, `stepN`: never a path (`../../other/checkpoints/step...`)."""
+    return Path(name).name == name and _step(Path(name)) >= 0
 
 
 def latest_tag(ckdir: str | Path) -> str | None:
     f = Path(ckdir) / "latest"
     if not f.is_file():
         return None
-    tag = f.read_text().strip()
-    return tag if (Path(ckdir) / tag).is_dir() else None
+    t = f.read_text().strip()
+    return t if _plain_tag(t) and (Path(ckdir) / t).is_dir() else None
+
+
+def run_id(ckdir: str | Path, create: bool = False) -> str:
+    """The id of the run a checkpoint directory belongs to, written once when its first checkpoint is saved: a
+    signature binds it, so a signed checkpoint copied into another run does not verify there ("" = none yet)."""
+    f = Path(ckdir) / RUN_ID
+    if create and not f.is_file():
+        write_text_atomic(f, secrets.token_hex(16))
+    return f.read_text().strip() if f.is_file() and not f.is_symlink() else ""
 
 
 def _rng_state() -> dict:
@@ -119,7 +141,12 @@ def _step(path: Path) -> int:
 
 
 def _digest(folder: Path) -> dict[str, str]:
+    """sha256 of every file of a checkpoint; a symlink anywhere inside it is refused (it would be signed, and
+    loaded, as whatever it points to)."""
     out = {}
+    for p in folder.rglob("*"):
+        if p.is_symlink():
+            raise CheckpointError(f"{p}: a symlink inside a checkpoint: refusing it")
     for f in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
         h = hashlib.sha256()
         with open(f, "rb") as fh:
@@ -129,8 +156,9 @@ def _digest(folder: Path) -> dict[str, str]:
     return out
 
 
-def _sign(files: dict, world_size: int, key: bytes) -> str:
-    return hmac.new(key, json.dumps([files, world_size], sort_keys=True).encode(), "sha256").hexdigest()
+def _sign(files: dict, world_size: int, tag_: str, run: str, key: bytes) -> str:
+    """The HMAC of what a checkpoint is: its files, world size, its tag and the run it belongs to."""
+    return hmac.new(key, json.dumps([files, world_size, tag_, run], sort_keys=True).encode(), "sha256").hexdigest()
 
 
 def save(engine, ckdir: str | Path, step: int, client_state: dict, keep: int, env: dist.DistEnv,
@@ -138,11 +166,12 @@ def save(engine, ckdir: str | Path, step: int, client_state: dict, keep: int, en
     """Write `step`'s checkpoint atomically, point `latest` at it and keep the newest `keep` (and `protect`,
     the tag the alignment guard will export)."""
     ckdir = Path(ckdir)
-    tag, tmp = f"step{step:08d}", f".tmp-step{step:08d}"
+    name, tmp = tag(step), f".tmp-{tag(step)}"
     error = ""
     if env.is_main:
         try:
             ckdir.mkdir(parents=True, exist_ok=True)
+            run_id(ckdir, create=True)
             shutil.rmtree(ckdir / tmp, ignore_errors=True)
             (ckdir / tmp).mkdir()
         except OSError as e:
@@ -165,32 +194,47 @@ def save(engine, ckdir: str | Path, step: int, client_state: dict, keep: int, en
                               f"the previous checkpoint stays latest")
     if env.is_main:       # rank 0 alone finishes the save; whatever goes wrong here reaches every rank
         try:
-            _publish(ckdir, tmp, tag, step, client_state, keep, env.world_size, protect)
+            _publish(ckdir, tmp, name, step, client_state, keep, env.world_size, protect)
         except Exception as e:  # noqa: BLE001 - any failure (OSError, a bad key, ...) must end every rank
             error = f"{ckdir / tmp}: {getattr(e, 'strerror', None) or (str(e).splitlines() or [type(e).__name__])[0]}"
     dist.raise_if_any(f"checkpoint not written: {error}; the previous checkpoint stays latest" if error else "",
                       CheckpointError)
-    return ckdir / tag
+    return ckdir / name
 
 
-def _publish(ckdir: Path, tmp: str, tag: str, step: int, client_state: dict, keep: int, world_size: int,
+def _publish(ckdir: Path, tmp: str, name: str, step: int, client_state: dict, keep: int, world_size: int,
              protect: str = "") -> None:
     """Sign the written checkpoint, rename it into place, point `latest` at it, rotate. Checkpoints of later steps
     than this one are left from a run that fell back past them (a damaged `latest`): they go first."""
     files = _digest(ckdir / tmp)
     manifest = {"step": step, "world_size": world_size, "global_batch": client_state.get("global_batch"),
-                "files": files, "signature": _sign(files, world_size, _key())}
-    (ckdir / tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    if (ckdir / tag).exists():
-        shutil.rmtree(ckdir / tag)
-    os.replace(ckdir / tmp, ckdir / tag)
-    write_text_atomic(ckdir / "latest", tag)
+                "files": files, "signature": _sign(files, world_size, name, run_id(ckdir), _key())}
+    write_text_atomic(ckdir / tmp / MANIFEST, json.dumps(manifest, indent=1))
+    _fsync_tree(ckdir / tmp)
+    if (ckdir / name).exists():
+        shutil.rmtree(ckdir / name)
+    os.replace(ckdir / tmp, ckdir / name)
+    fsync_dir(ckdir)
+    write_text_atomic(ckdir / "latest", name)
     done = sorted((p for p in ckdir.iterdir() if p.is_dir() and not p.name.startswith(".") and _step(p) >= 0),
                   key=_step)
     stale = [p for p in done if _step(p) > step]
     kept = [p for p in done if _step(p) <= step]
     for old in stale + [p for p in (kept[:-keep] if keep > 0 else []) if p.name != protect]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Every file DeepSpeed wrote, on disk before the rename publishes the checkpoint (a crash after the rename
+    must not leave a signed checkpoint of empty files)."""
+    for f in folder.rglob("*"):
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    fsync_dir(folder)
 
 
 def peek(ckdir: str | Path) -> dict:
@@ -207,6 +251,7 @@ def peek(ckdir: str | Path) -> dict:
 def _candidates(ckdir: Path) -> list[str]:
     """Checkpoints to resume from, best first: the one `latest` names, then the others, newest step first."""
     latest = (ckdir / "latest").read_text().strip() if (ckdir / "latest").is_file() else ""
+    latest = latest if _plain_tag(latest) else ""          # a path in `latest` is never followed
     others = sorted((p.name for p in ckdir.iterdir() if p.is_dir() and not p.name.startswith(".") and _step(p) >= 0),
                     key=lambda n: _step(Path(n)), reverse=True) if ckdir.is_dir() else []
     return ([latest] if latest else []) + [t for t in others if t != latest]
@@ -217,7 +262,9 @@ def verify(ckdir: str | Path, tag: str, trust: bool = False) -> dict:
     is wrong with it (a missing directory, an unreadable or edited manifest, changed files)."""
     folder = Path(ckdir) / tag
     mf = folder / MANIFEST
-    if not folder.is_dir():
+    if not _plain_tag(tag):
+        raise CheckpointError(f"{folder}: {tag!r} is not a checkpoint of this run (expected stepNNNNNNNN)")
+    if not folder.is_dir() or folder.is_symlink():
         raise CheckpointError(f"{folder}: missing")
     if not mf.is_file():
         if trust:
@@ -232,10 +279,11 @@ def verify(ckdir: str | Path, tag: str, trust: bool = False) -> dict:
     except (OSError, ValueError, TypeError, KeyError) as e:
         raise CheckpointError(f"{mf}: damaged manifest ({type(e).__name__}: {str(e)[:80]})") from None
     if not trust:
-        expected = _sign(files, world, _key())
+        expected = _sign(files, world, tag, run_id(ckdir), _key())
         if not hmac.compare_digest(signature.encode("utf-8", "replace"), expected.encode()):
-            raise CheckpointError(f"{folder}: not signed by your key {key_file()} (a run directory from elsewhere, or "
-                                  f"edited): refusing to unpickle it (train.trust_checkpoint=true if you trust it)")
+            raise CheckpointError(f"{folder}: not signed by your key {key_file()} for this run and step (a run "
+                                  f"directory from elsewhere, a checkpoint copied from another run or step, or edited):"
+                                  f" refusing to unpickle it (train.trust_checkpoint=true if you trust it)")
         if _digest(folder) != files:
             raise CheckpointError(f"{folder}: damaged: files differ from its manifest (changed after it was written)")
     return manifest

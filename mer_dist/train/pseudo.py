@@ -135,7 +135,8 @@ def write(out: Path, names: list[str], probs: np.ndarray, views: list[str], kept
         for i in kept:
             w.writerow([names[i], LABELS[int(probs[i].argmax())], f"{probs[i].max():.6f}",
                         *(f"{v:.6f}" for v in probs[i]), views[i]])
-    np.savez(out / "folds.npz", names=np.asarray(names), probs=fold_probs.astype(np.float32), views=np.asarray(views))
+    with atomic_target(out / "folds.npz", ".npz") as tmp:
+        np.savez(tmp, names=np.asarray(names), probs=fold_probs.astype(np.float32), views=np.asarray(views))
     write_json_atomic(out / "summary.json", summary)
 
 

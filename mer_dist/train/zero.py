@@ -51,10 +51,14 @@ def keep_global_batch(cfg: AlignConfig, old_world: int, old_global: int | None, 
     return old_global // per_step
 
 
-def fp32_state(ckdir: Path, tag: str, prefix: str) -> dict[str, torch.Tensor]:
+def fp32_state(ckdir: Path, tag: str, prefix: str, trust: bool = False) -> dict[str, torch.Tensor]:
     """The fp32 master weights of the submodule `prefix` in checkpoint `tag` (DeepSpeed's zero_to_fp32: every stage,
-    any precision; under bf16 the engine's module holds rounded copies)."""
+    any precision; under bf16 the engine's module holds rounded copies). DeepSpeed's loader unpickles: the
+    checkpoint is verified first (`checkpoint.verify`), like every other path that loads one."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from mer_dist.train.checkpoint import verify
+    verify(ckdir, tag, trust)
     sd = get_fp32_state_dict_from_zero_checkpoint(str(ckdir), tag=tag)
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
