@@ -2,8 +2,8 @@
 
 Reads `video-labeled/`, `video-unlabeled/`, `label-disdim.csv`, `label-transcription.csv` and, when
 present, `label-test.csv`. Every clip is probed (in a worker pool) before it is packed: clips that
-fail to open or lack a video or audio stream are reported by name and left out (or, with
-`strict`, stop the run). Shards keep the original container bytes unless re-encoding is asked for.
+fail to open or have neither a video nor an audio stream are reported by name and left out (or, with
+`strict`, stop the run); a clip with one of the two is kept, the other marked missing in its JSON. Shards keep the original container bytes unless re-encoding is asked for.
 """
 from __future__ import annotations
 
