@@ -531,17 +531,26 @@ class Stage:
     locks_out: bool = True       # the runner is the one writer of cfg.out (align locks across its ranks itself)
 
     def function(self):
-        """The runner (its module imported now), holding its output directory's one-writer lock while it runs."""
+        """The runner (its module imported now): it holds its output directory's one-writer lock while it runs,
+        and its MLflow run's start time is its own start, not its orchestrator's."""
         module, fn = self.runner.split(":")
         runner = getattr(importlib.import_module(module), fn)
-        if not self.locks_out:
-            return runner
+        locks = self.locks_out
 
-        def locked(cfg):
+        def stage(cfg):
+            import contextlib
+            import time
+
+            from mer_dist import tracking
             from mer_dist.io import one_writer
-            with one_writer(getattr(cfg, "out", "")):
-                return runner(cfg)
-        return locked
+            # its MLflow run starts when it does, also in-process inside an orchestrator (demo, self-train)
+            before, tracking.STAGE_START = tracking.STAGE_START, time.time()
+            try:
+                with one_writer(getattr(cfg, "out", "")) if locks else contextlib.nullcontext():
+                    return runner(cfg)
+            finally:
+                tracking.STAGE_START = before
+        return stage
 
 
 STAGES: dict[str, Stage] = {     # in pipeline order

@@ -197,3 +197,28 @@ def test_every_stage_that_writes_a_directory_takes_its_lock(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+_STARTS: list[tuple[float, float]] = []
+
+
+def _record_start(cfg) -> None:
+    """A stand-in stage: what its MLflow run would take as its start time, and when it really started."""
+    import time
+
+    from mer_dist import tracking
+    _STARTS.append((tracking.STAGE_START, time.time()))
+    time.sleep(1.2)
+
+
+def test_each_in_process_stage_starts_its_run_when_it_starts():
+    """#34 item 1: in the demo every in-process stage's MLflow run started at the demo's start."""
+    from mer_dist import config as C
+    from mer_dist import tracking
+    parent = tracking.STAGE_START
+    stage = C.Stage(C.EvaluateConfig, "test_hostile:_record_start", "evaluate", {}, locks_out=False)
+    for _ in range(2):                         # a demo-like parent running two stages in-process, one after another
+        stage.function()(C.EvaluateConfig())
+    (s1, t1), (s2, t2) = _STARTS
+    assert abs(s1 - t1) < 1 and abs(s2 - t2) < 1 and s2 - s1 >= 1.2
+    assert tracking.STAGE_START == parent      # the parent's own run keeps its start
