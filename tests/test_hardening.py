@@ -75,7 +75,8 @@ def test_crafted_model_files_are_refused_and_never_run(tmp_path, shards, teacher
     mf = folder / checkpoint.MANIFEST
     m = json.loads(mf.read_text())
     m["files"] = checkpoint._digest(folder)
-    m["signature"] = checkpoint._sign(m["files"], m["world_size"], checkpoint._key())
+    m["signature"] = checkpoint._sign(m["files"], m["world_size"], folder.name, checkpoint.run_id(ckdir),
+                                      checkpoint._key())
     mf.write_text(json.dumps(m))
     from mer_dist.errors import ModelError
     with pytest.raises(ModelError, match="rng-rank00000.pt: not a plain tensor file, refusing to load it"):
@@ -166,7 +167,8 @@ def test_a_received_run_directory_never_unpickles_on_resume(tmp_path, shards, te
     mf = folder / checkpoint.MANIFEST
     m = json.loads(mf.read_text())
     m["files"] = checkpoint._digest(folder)
-    m["signature"] = checkpoint._sign(m["files"], m["world_size"], key.read_text().strip().encode())
+    m["signature"] = checkpoint._sign(m["files"], m["world_size"], folder.name, checkpoint.run_id(folder.parent),
+                                      key.read_text().strip().encode())
     mf.write_text(json.dumps(m))
     rc, _, e = _align(received, shards, teacher, 4, env={"MER_DIST_KEY_FILE": str(mine)})
     assert rc == 2 and "not signed by your key" in error_line(e) and "refusing to unpickle" in error_line(e)

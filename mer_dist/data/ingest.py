@@ -262,7 +262,7 @@ def shard_urls(shards: str | Path, split: str) -> list[str]:
             raise DataError(f"{Path(shards) / 'manifest.json'}: shard name {name!r} looks like a URL scheme "
                             f"(shard names are plain file names such as train-000000.tar)")
         p = root / name
-        if not p.is_file():
-            raise DataError(f"{p}: shard listed in manifest.json is missing (or not a regular file)")
+        if not p.exists() or p.is_dir():     # a file, or anything readable as one (a pipe, a device)
+            raise DataError(f"{p}: shard listed in manifest.json is missing")
         urls.append(str(p))
     return urls
