@@ -124,10 +124,11 @@ def open_allowed(path: str, limits: Limits) -> BinaryIO:
     def inside(p: str) -> bool:
         return any(p == d or p.startswith(d.rstrip(os.sep) + os.sep) for d in limits.allowed_dirs)
 
-    if not inside(os.path.realpath(path)):
+    real = os.path.realpath(path)
+    if not inside(real):
         raise ValueError(REFUSED)
     try:
-        fh = open_regular(os.path.realpath(path), "")
+        fh = open_regular(real, "")
     except DecodeError:
         raise ValueError(REFUSED) from None
     fd_path = f"/proc/self/fd/{fh.fileno()}"
