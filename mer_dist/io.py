@@ -144,6 +144,7 @@ def one_writer(out: str | Path):
         yield
         return
     key = os.path.realpath(out)
+    created = not os.path.exists(key)
     if key in _HELD:
         _HELD[key][1] += 1
     else:
@@ -152,6 +153,12 @@ def one_writer(out: str | Path):
         _HELD[key] = [lock, 1]
     try:
         yield
+    except BaseException:
+        # a run refused before it wrote anything leaves no directory behind (it would look like a run)
+        if created and _HELD[key][1] == 1 and os.listdir(key) == [".lock"]:
+            os.unlink(os.path.join(key, ".lock"))
+            os.rmdir(key)
+        raise
     finally:
         _HELD[key][1] -= 1
         if _HELD[key][1] == 0:

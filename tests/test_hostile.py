@@ -199,6 +199,21 @@ def test_every_stage_that_writes_a_directory_takes_its_lock(tmp_path):
         holder.wait()
 
 
+def test_a_run_refused_before_it_writes_leaves_no_directory(tmp_path):
+    from mer_dist.io import one_writer
+    with pytest.raises(ValueError), one_writer(tmp_path / "new"):
+        raise ValueError("refused at load")
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(ValueError), one_writer(tmp_path / "kept"):
+        (tmp_path / "kept" / "log.txt").write_text("it wrote")    # a run that wrote something keeps its directory
+        raise ValueError("failed later")
+    assert (tmp_path / "kept" / "log.txt").exists()
+    (tmp_path / "old").mkdir()
+    with pytest.raises(ValueError), one_writer(tmp_path / "old"):
+        raise ValueError("refused")
+    assert (tmp_path / "old").is_dir()                            # a directory the user made stays
+
+
 _STARTS: list[tuple[float, float]] = []
 
 
