@@ -83,15 +83,18 @@ def test_objective_gradients_reach_only_what_they_should():
     obj = AlignmentObjective([LossTerm("kd", 1.0)], width=8, num_classes=6)
     emb = torch.randn(3, 5, 8, requires_grad=True)
     teacher_logits = torch.randn(3, 5, 6, requires_grad=True)     # the teacher is frozen: no grad may reach it
-    loss, stats = obj(emb, {"valid": torch.ones(3, 5, dtype=torch.bool), "logits": teacher_logits.detach()})
+    loss, stats = obj(emb, {"valid": torch.ones(3, 5, dtype=torch.bool), "logits": teacher_logits * 1.0})
     loss.backward()
     assert emb.grad.abs().sum() > 0 and obj.kd_head.weight.grad.abs().sum() > 0
-    assert teacher_logits.grad is None
+    assert teacher_logits.grad is None        # the objective detached it; without that it would hold a gradient
     assert obj.needs == {"logits"} and set(stats) == {"kd_agree", "loss_kd"}
     both = AlignmentObjective(parse_loss(["kd", "infonce:0.5"]), width=8, num_classes=6, audio_dim=4)
     assert both.needs == {"logits", "clip"} and both.regress is None
     target = {"valid": torch.ones(3, 5, dtype=torch.bool), "logits": torch.randn(3, 5, 6), "clip": torch.randn(3, 4)}
+    target["clip"].requires_grad_(True)
     total, st = both(emb, target)
+    total.backward()
+    assert target["clip"].grad is None and target["logits"].grad is None
     assert total.item() == pytest.approx((st["loss_kd"] + 0.5 * st["loss_infonce"]).item(), rel=1e-5)
 
 

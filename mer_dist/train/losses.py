@@ -131,6 +131,8 @@ class AlignmentObjective(nn.Module):
                 for t in self.terms}
 
     def forward(self, emb: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        # the teacher is frozen: whatever its outputs carry, no gradient flows back into them
+        target = {k: v.detach() if torch.is_tensor(v) else v for k, v in target.items()}
         valid = target["valid"]
         total, stats = emb.new_zeros((), dtype=torch.float32), {}
         for t in self.terms:
