@@ -68,18 +68,36 @@ def test_finetune_evaluate_cache_and_predictions(shards, teacher, tmp_path):
 
 
 @pytest.mark.slow
-def test_missing_transcript_still_predicted(shards, teacher, tmp_path):
-    """A sample with an empty transcript is predicted from audio + video."""
+def test_missing_transcript_still_predicted(corpus, teacher, tmp_path):
+    """Clips whose transcript is blank in the corpus (both languages) are marked text-absent by `extract` and
+    predicted from audio + video alone: whatever their text feature holds, their prediction is the same."""
+    import shutil
+
+    from mer_dist.data.ingest import write_shards
     from mer_dist.features import Encoders, extract, specs_for
-    cfg = C.load(C.FinetuneConfig, overrides={"data.shards": str(shards), "teacher": str(teacher), "visual": "random",
-                                               "text_column": "chinese", "cache": str(tmp_path / "c"),
+    own = tmp_path / "corpus"
+    shutil.copytree(corpus, own)
+    rows = (own / "label-transcription.csv").read_text().splitlines()
+    test = {line.split(",")[0] for line in (own / "label-test.csv").read_text().splitlines()[1:]}
+    blank = sorted(r.split(",")[0] for r in rows[1:] if r.split(",")[0] in test)[:3]
+    (own / "label-transcription.csv").write_text("\n".join(
+        [rows[0]] + [f"{r.split(',')[0]},," if r.split(",")[0] in blank else r for r in rows[1:]]) + "\n")
+    write_shards(C.ShardConfig(corpus=str(own), out=str(tmp_path / "shards"), shard_mb=0.3, workers=1))
+    cfg = C.load(C.FinetuneConfig, overrides={"data.shards": str(tmp_path / "shards"), "teacher": str(teacher),
+                                               "visual": "random", "cache": str(tmp_path / "c"),
                                                "data.height": 32, "data.width": 32, "data.frames": 4})
-    names, y, feats, present = extract(Encoders(specs_for(cfg), 32), ["a", "t"], str(shards), "test", cfg.data, cfg.cache)
-    assert present.all()
-    present[:, 1] = False
+    names, y, feats, present = extract(Encoders(specs_for(cfg), 32), ["a", "v", "t"], str(tmp_path / "shards"),
+                                       "test", cfg.data, cfg.cache)
+    missing = np.array([n in blank for n in names])
+    assert missing.sum() == 3 and (present[:, 2] == ~missing).all() and present[:, :2].all()
+    torch.manual_seed(0)
     model = FusionModel({m: f.shape[1] for m, f in feats.items()}, cfg.fusion).eval()
-    out = model({m: torch.from_numpy(f) for m, f in feats.items()}, torch.from_numpy(present))
-    assert out.shape == (24, 6) and torch.isfinite(out).all()
+    x = {m: torch.from_numpy(f) for m, f in feats.items()}
+    other = {**x, "t": x["t"] + 5 * torch.randn_like(x["t"])}    # any text for every clip
+    with torch.no_grad():
+        a, b = model(x, torch.from_numpy(present)), model(other, torch.from_numpy(present))
+    assert a.shape == (len(names), 6) and torch.isfinite(a).all()
+    assert torch.allclose(a[missing], b[missing]) and not torch.allclose(a[~missing], b[~missing])
 
 
 @pytest.mark.slow
