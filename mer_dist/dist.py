@@ -111,10 +111,28 @@ def torchrun_args(e) -> list[str]:
             "--rdzv_backend=c10d", f"--rdzv_endpoint={d.master_addr}:{d.master_port}", f"--rdzv_id={d.job_id}"]
 
 
+_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    """A free TCP port on 127.0.0.1 (single-process runs and local launches)."""
+    """A TCP port on 127.0.0.1 that is free now, for a child to bind (single-process runs, local launches, test
+    servers). Drawn at random from 10000-19999: below the kernel's ephemeral range, where every outgoing
+    connection takes its source port (a port from `bind(0)` can be taken that way before the child binds it),
+    below Slurm's derived master ports (20000 + job id), and never the same one twice in a process."""
+    import random
     import socket
-    with socket.socket() as s:
+    for _ in range(200):
+        port = random.SystemRandom().randint(10000, 19999)   # not the seeded stream forked ranks share
+        if port in _GIVEN:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _GIVEN.add(port)
+        return port
+    with socket.socket() as s:               # a crowded range: the kernel's choice
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 

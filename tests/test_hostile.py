@@ -237,3 +237,21 @@ def test_each_in_process_stage_starts_its_run_when_it_starts():
     (s1, t1), (s2, t2) = _STARTS
     assert abs(s1 - t1) < 1 and abs(s2 - t2) < 1 and s2 - s1 >= 1.2
     assert tracking.STAGE_START == parent      # the parent's own run keeps its start
+
+
+def test_free_ports_stay_out_of_the_ephemeral_range_and_never_repeat():
+    """#34 item 5: a port from bind(0) sits in the range outgoing connections draw from, so another process could
+    take it before the child binds it; ours come from below that range, free at the time, each one once."""
+    import socket
+
+    from mer_dist.dist import free_port
+    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    held = []
+    ports = [free_port() for _ in range(50)]
+    assert len(set(ports)) == 50 and all(10000 <= p < min(20000, low) for p in ports)
+    for p in ports[:5]:                         # each was free: a child can bind it
+        s = socket.socket()
+        s.bind(("127.0.0.1", p))
+        held.append(s)
+    for s in held:
+        s.close()
