@@ -54,9 +54,20 @@ def test_visual_encoder_objective_and_fusion_move_whole():
 
 
 def test_meta_device_proxy():
-    """`.to("meta")` (what `.to("cuda")` does to placement) leaves no tensor on the CPU."""
+    """A forward on the `meta` device (what `.to("cuda")` does to placement): any tensor a forward makes on the
+    CPU (an `arange` or mask without `device=`) would meet meta tensors and raise, as it would on a GPU."""
     enc = VisualEncoder(C.VisualConfig(), 32).to("meta")
-    assert all(t.device.type == "meta" for t in [*enc.parameters(), *enc.buffers()])
+    emb = enc(torch.empty(2, 3, 3, 32, 32, dtype=torch.uint8, device="meta"))
+    assert emb.device.type == "meta" and emb.shape[:2] == (2, 3)
+    obj = AlignmentObjective(C.parse_loss(["mse", "kd", "infonce"]), enc.width, 8, 6, 8).to("meta")
+    target = {"valid": torch.ones(2, 3, dtype=torch.bool, device="meta"),
+              "regress": torch.empty(2, 3, 8, device="meta"), "logits": torch.empty(2, 3, 6, device="meta"),
+              "clip": torch.empty(2, 8, device="meta")}
+    loss, _ = obj(emb, target)
+    fusion = FusionModel({"a": 8, "v": enc.width, "t": 4}, C.FusionConfig(width=16, heads=2)).to("meta")
+    out = fusion({"a": torch.empty(2, 8, device="meta"), "v": emb.mean(1), "t": torch.empty(2, 4, device="meta")},
+                 torch.ones(2, 3, dtype=torch.bool, device="meta"))
+    assert loss.device.type == "meta" and out.device.type == "meta" and out.shape == (2, 6)
 
 
 def test_local_vision_backbones_from_their_own_directories(tmp_path):

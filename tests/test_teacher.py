@@ -127,10 +127,13 @@ def test_extract_targets_two_ranks_offline_equals_online(teacher, shards, tmp_pa
             online_max = max(online_max, float((f[i, :k] - b["teacher"][i, :k]).abs().max()))
     assert len(names) == len(set(names)) == 64          # every input sample exactly once
     assert online_max <= 1e-4, online_max
-    # rerun skips finished shards
+    # rerun skips finished shards: it says so, and leaves their files untouched
+    before = {f.name: f.stat().st_mtime_ns for f in out.glob("unlabeled-*.tar")}
     p2 = subprocess.run([sys.executable, "-m", "mer_dist", "extract-targets", "--shards", str(shards), "--teacher",
                          str(teacher), "--out", str(out)], capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert p2.returncode == 0 and "64 samples" in p2.stdout
+    assert p2.returncode == 0 and f"64 samples in {len(before)} shards" in p2.stdout, p2.stdout[-2000:]
+    assert f"({len(before)} already complete, skipped)" in p2.stdout and before
+    assert {f.name: f.stat().st_mtime_ns for f in out.glob("unlabeled-*.tar")} == before
 
 
 @pytest.mark.slow

@@ -27,8 +27,11 @@ SCRIPT = textwrap.dedent("""
     t.params({"a": 1, "b": {"c": [1, 2]}})
     for i in range(5):
         t.metrics({"loss": 1.0 / (i + 1)}, i)
-    if MODE == "system":
-        time.sleep(2.5)
+    if MODE == "system":      # until the sampler has logged once (a busy machine takes more than a few intervals)
+        from mlflow import MlflowClient
+        c, run_id, deadline = MlflowClient(t.uri), t.wait_run_id(), time.monotonic() + 90
+        while not any(k.startswith("system/") for k in c.get_run(run_id).data.metrics) and time.monotonic() < deadline:
+            time.sleep(0.2)
     t.close()
     print("RUN", t.run_id)
 """)
@@ -154,7 +157,10 @@ def test_the_dashboard_says_what_each_run_is_nests_and_ends_runs_honestly(shards
     while not client.search_runs([exp.experiment_id], "attributes.run_name LIKE 'pretrain-audio%'"):
         assert p.poll() is None and time.monotonic() < deadline, p.communicate()[1][-2000:]
         time.sleep(1)
-    time.sleep(2)
+    (hung,) = client.search_runs([exp.experiment_id], "attributes.run_name LIKE 'pretrain-audio%'")
+    while not client.get_metric_history(hung.info.run_id, "loss"):   # training (its handlers set), not starting
+        assert p.poll() is None and time.monotonic() < deadline, p.communicate()[1][-2000:]
+        time.sleep(0.5)
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=120)
     assert p.returncode == 130, err[-2000:]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +90,7 @@ def run(cfg: AdaptConfig) -> dict:
 
 def adapt(cfg: AdaptConfig, env: dist.DistEnv) -> dict:
     """Choose the layers, train adapter + head with early stopping, save the teacher directory."""
+    started = time.monotonic()
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -150,7 +152,8 @@ def adapt(cfg: AdaptConfig, env: dist.DistEnv) -> dict:
             losses.append(loss.item())
         sched.step()
         val = summary(y[va], _predict(clf, va, audio, cfg.batch_size))
-        history.append({"epoch": epoch, "loss": float(np.mean(losses)), "val_waf": val["waf"]})
+        history.append({"epoch": epoch, "loss": float(np.mean(losses)), "val_waf": val["waf"],
+                        "seconds": round(time.monotonic() - started, 3)})     # since rank 0 began adapting
         tracker.metrics({"train_loss": np.mean(losses), "val_waf": val["waf"], "val_accuracy": val["accuracy"]}, epoch)
         bar.set_postfix(loss=f"{np.mean(losses):.3f}", val_waf=f"{val['waf']:.3f}")
         if val["waf"] > best:

@@ -70,16 +70,20 @@ def run(cfg: ExtractConfig) -> dict:
     tmeta = {k: teacher.spec[k] for k in ("base_model", "adapter_hash", "feature_layers", "feature_reduce", "dim")}
     tmeta |= {"teacher_dir": str(Path(cfg.teacher).resolve()), "frame_rate": FRAME_RATE, "dtype": cfg.dtype}
     counts: dict[str, list[int]] = {}
+    done = 0
     mine = urls[env.rank::env.world_size]
     for url in tqdm(mine, desc=f"extract-targets[rank {env.rank}]", unit="shard", disable=not env.is_main):
         dst = out / Path(url).name
         if dst.is_file():           # complete shards are renamed into place: safe to skip
+            done += 1
             continue
         with torch.inference_mode():
             counts[dst.name] = list(_process(url, dst, teacher, cfg, tmeta))
     all_counts: dict[str, list[int]] = {}
-    for part in dist.all_gather_object(counts):
+    parts = dist.all_gather_object((counts, done))
+    for part, _ in parts:
         all_counts.update(part)
+    done = sum(d for _, d in parts)
 
     def write_manifest() -> None:     # rank 0; the others wait outside any collective
         man = load_manifest(cfg.data.shards)
@@ -97,7 +101,8 @@ def run(cfg: ExtractConfig) -> dict:
                         os.symlink((Path(cfg.data.shards) / s["name"]).resolve(), link)
         man["teacher"] = tmeta
         write_json_atomic(out / "manifest.json", man)
-        print(f"extract-targets: {sum(s['samples'] for s in shards)} samples in {len(shards)} shards -> {out}")
+        print(f"extract-targets: {sum(s['samples'] for s in shards)} samples in {len(shards)} shards -> {out}"
+              f" ({done} already complete, skipped)")
 
     dist.on_main(write_manifest)
     dist.cleanup()
