@@ -71,6 +71,7 @@ def test_slow_mlflow_imports_never_race(tmp_path):
         assert r.data.tags["k"] == "v" and r.data.tags["stage"] == "test"
 
 
+@pytest.mark.slow  # a subprocess
 def test_broken_mlflow_import_leaves_the_stage_running(tmp_path):
     p = _run(tmp_path, "run", "broken")
     out, err = p.communicate(timeout=120)

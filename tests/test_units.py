@@ -231,6 +231,7 @@ def test_stacked_rows_read_frame_caches_without_copying_them(tmp_path):
     assert all(isinstance(p, np.memmap) for p in rows.parts)      # the data stays in the files
 
 
+@pytest.mark.slow  # a subprocess
 def test_plots_never_reach_into_a_half_imported_ipython(tmp_path):
     """MLflow's tracker thread may be importing IPython while a stage draws its plot; pyplot would then call into
     the half-initialised module (seen under load in test_serve). A stand-in IPython that fails like that one must
