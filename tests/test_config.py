@@ -45,6 +45,17 @@ def test_range_checks_at_load(cls, override, needle):
         C.load(cls, None, [override])
 
 
+def test_combinations_that_cannot_work_are_refused_at_load():
+    """README: `loss=kd targets=offline` (teacher.npy holds layer features, no posteriors) is one line at load."""
+    for overrides, needle in ((["loss=[kd]", "targets=offline"], "config key 'targets': expected online for kd"),
+                              (["loss=[mse]", "target_space=logits", "targets=offline"], "config key 'targets'"),
+                              (["loss=[infonce]", "infonce_target=posteriors", "targets=offline"],
+                               "config key 'infonce_target'")):
+        with pytest.raises(C.ConfigError, match=needle):
+            C.load(C.AlignConfig, None, overrides)
+    assert C.load(C.AlignConfig, None, ["loss=[mse]", "targets=offline"]).targets == "offline"
+
+
 def test_pseudo_labels_with_nan_probabilities_are_refused(tmp_path):
     from mer_dist.train.pseudo import read_pseudo
     rows = "name,discrete,confidence," + ",".join(C.LABELS) + ",modalities\n"
@@ -69,6 +80,15 @@ def test_cli_errors_are_one_line_exit_2(tmp_path):
     assert p.returncode == 2 and "config file not found" in p.stderr and "nope.yaml" in p.stderr
     p = run_cli("probe-layers", "--shards", tmp_path, "tracking.enabled=false", check=False)
     assert p.returncode == 2 and "manifest.json" in p.stderr
+    # the installed `mer-dist` entry point itself (what the README runs), from outside the checkout
+    import shutil
+    import subprocess
+    exe = shutil.which("mer-dist")
+    assert exe, "the mer-dist console script is not installed"
+    p = subprocess.run([exe, "--help"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert p.returncode == 0 and all(s in p.stdout for s in C.STAGES), p.stdout[-2000:]
+    p = subprocess.run([exe, "align", "train.stepz=3"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert p.returncode == 2 and "train.stepz" in p.stderr and p.stderr.strip().count("\n") == 0
 
 
 def test_shipped_configs_load():

@@ -63,8 +63,13 @@ def test_finetune_evaluate_cache_and_predictions(shards, teacher, tmp_path):
     probs = np.loadtxt(ev / "probabilities.csv", delimiter=",", skiprows=1, usecols=range(1, 7))
     assert np.allclose(probs.sum(1), 1, atol=1e-4)
     test = json.loads((tmp_path / "m1" / "eval-test" / "metrics.json").read_text())
-    assert (tmp_path / "m1" / "eval-test" / "confusion.png").is_file()
     assert np.array(test["confusion"]).sum() == 24
+    # confusion.csv says what metrics.json says (true rows, predicted columns, labelled), and the plot is a PNG
+    table = list(csv.reader(open(tmp_path / "m1" / "eval-test" / "confusion.csv", encoding="utf-8")))
+    assert table[0][1:] == list(C.LABELS) and [r[0] for r in table[1:]] == list(C.LABELS)
+    assert [[int(x) for x in r[1:]] for r in table[1:]] == test["confusion"]
+    png = (tmp_path / "m1" / "eval-test" / "confusion.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000
 
 
 @pytest.mark.slow

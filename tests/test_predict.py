@@ -53,3 +53,30 @@ def test_predict_skips_what_it_cannot_read_and_says_which_modalities_it_used(mod
     assert not (tmp_path / "x.csv").exists()
     p = run_cli("predict", "--model", model, tmp_path / "nope.mp4", check=False)
     assert p.returncode == 2 and "nope.mp4: no such video file or directory" in p.stderr
+
+
+@pytest.mark.slow
+def test_predict_reads_every_container_the_readme_names(model, corpus, tmp_path):
+    """README: mp4, avi, mkv, webm and mov, on the device asked for. Remuxed copies (the same streams in another
+    container) must score exactly as the mp4 does; webm (VP9 + Opus, re-encoded) is read with both streams."""
+    import subprocess
+    videos = tmp_path / "in"
+    videos.mkdir()
+    src = sorted((corpus / "video-unlabeled").glob("*.mp4"))[0]
+    shutil.copy(src, videos / "in_mp4.mp4")
+    for ext, codec in ((".mkv", ["-c", "copy"]), (".mov", ["-c", "copy"]), (".avi", ["-c", "copy"]),
+                       (".webm", ["-c:v", "libvpx-vp9", "-b:v", "0", "-crf", "30", "-c:a", "libopus"])):
+        subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-i", str(src), *codec, str(videos / f"in_{ext[1:]}{ext}")],
+                       check=True, timeout=120)
+    p = run_cli("predict", "--model", model, videos, "--device", "cpu", "--out", tmp_path / "p.csv")
+    rows = _rows(tmp_path / "p.csv")
+    assert sorted(rows) == ["in_avi", "in_mkv", "in_mov", "in_mp4", "in_webm"], p.stderr[-2000:]
+    assert "5 clip(s) predicted, 0 skipped" in p.stderr, p.stderr[-2000:]
+    assert {r["modalities"] for r in rows.values()} == {"av"}
+    labels = [k for k in next(iter(rows.values())) if k not in ("name", "discrete", "modalities")]
+    prob = {n: np.array([float(r[k]) for k in labels]) for n, r in rows.items()}
+    mp4 = prob["in_mp4"]
+    for n, v in prob.items():
+        assert np.isfinite(v).all() and abs(v.sum() - 1) < 1e-4, n
+        if not n.endswith("webm"):
+            assert np.abs(v - mp4).max() <= 1e-5, n

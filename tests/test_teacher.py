@@ -1,4 +1,5 @@
 """HuBERT loading, layer probe, PEFT adaptation, frozen teacher, offline targets."""
+import csv
 import json
 import subprocess
 import sys
@@ -67,6 +68,9 @@ def test_probe_ranks_informative_layer_above_noise(probe_dir):
     res = json.loads((probe_dir / "layers.json").read_text())
     assert [r["layer"] for r in res["layers"]] == list(range(5)) and (probe_dir / "layers.png").stat().st_size > 1000
     assert len(res["top_k"]) == 2 and all(1 <= layer <= 4 for layer in res["top_k"])
+    rows = list(csv.DictReader(open(probe_dir / "layers.csv", encoding="utf-8")))     # the table says the same
+    assert [(int(r["layer"]), round(float(r["waf"]), 6), round(float(r["accuracy"]), 6)) for r in rows] == \
+        [(r["layer"], round(r["waf"], 6), round(r["accuracy"], 6)) for r in res["layers"]]
     best = max(r["waf"] for r in res["layers"])
     # the same probe on a random "layer" of the same shape stays near chance; the best real layer beats it
     y = np.arange(96) % 6

@@ -136,7 +136,7 @@ def test_the_dashboard_says_what_each_run_is_nests_and_ends_runs_honestly(shards
     parent = client.create_run(client.create_experiment("parents")).info.run_id
     t0 = time.time()
     run_cli("finetune", "--shards", shards, "--teacher", teacher, "--visual", "random", "--out", tmp_path / "m",
-            "folds=2", "epochs=3", "seed=3", "tracking.log_model=false", *common,
+            "folds=2", "epochs=3", "seed=3", "tracking.log_model=false", "tracking.tags=[team=mer,site=a=b]", *common,
             env={"MER_DIST_PARENT_RUN": parent})
     exp = client.get_experiment_by_name(exp_name)
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
@@ -144,6 +144,7 @@ def test_the_dashboard_says_what_each_run_is_nests_and_ends_runs_honestly(shards
     assert run.info.run_name == "finetune a,v,t visual=random seed=3"
     tags = run.data.tags
     assert tags["modalities"] == "avt" and tags["visual"] == "random" and tags["seed"] == "3"
+    assert tags["team"] == "mer" and tags["site"] == "a=b"          # README: add your own with tracking.tags
     assert tags["mlflow.parentRunId"] == parent and len(tags.get("mlflow.source.git.commit", "x" * 40)) == 40
     assert [d.dataset.name for d in run.inputs.dataset_inputs] == [shards.name]
     assert len(run.inputs.dataset_inputs[0].dataset.digest) == 16
