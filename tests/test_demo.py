@@ -42,4 +42,16 @@ def test_demo_small(tmp_path):
     st = res["self_train"][0]
     assert (st["view"], st["seed"]) == ("fusion", 0) and [r["round"] for r in st["rows"]] == [0, 1]
     assert st["rows"][1]["kept"] > 0 and st["rows"][0]["test_waf"] == res["test_waf"]["fusion/infonce"][0]
-    assert "mlflow ui --backend-store-uri sqlite:///" in p.stdout and (tmp_path / "demo" / "mlflow.db").is_file()
+    assert "mlflow ui --backend-store-uri sqlite:///" in p.stdout
+    # the dashboard it points at holds the demo's runs: each stage's, finished, nested under the demo's own run
+    from mlflow import MlflowClient
+    client = MlflowClient(f"sqlite:///{tmp_path / 'demo' / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    names = [r.info.run_name for r in runs]
+    for stage in ("align", "finetune", "evaluate", "self-train"):
+        assert any(n.startswith(stage) for n in names), (stage, names)
+    assert sum(n.startswith("align") for n in names) >= 4 and all(r.info.status == "FINISHED" for r in runs), names
+    (demo,) = [r for r in runs if r.info.run_name.startswith("demo")]
+    ids = {r.info.run_id for r in runs}
+    assert "mlflow.parentRunId" not in demo.data.tags
+    assert all(r.data.tags.get("mlflow.parentRunId") in ids for r in runs if r is not demo)   # one tree

@@ -138,6 +138,18 @@ def test_extract_targets_two_ranks_offline_equals_online(teacher, shards, tmp_pa
     assert p2.returncode == 0 and f"64 samples in {len(before)} shards" in p2.stdout, p2.stdout[-2000:]
     assert f"({len(before)} already complete, skipped)" in p2.stdout and before
     assert {f.name: f.stat().st_mtime_ns for f in out.glob("unlabeled-*.tar")} == before
+    # README: `targets=offline` trains from those shards' teacher.npy (the teacher loaded only for its statistics)
+    run = tmp_path / "offline"
+    p3 = subprocess.run([sys.executable, "-m", "mer_dist", "align", "--shards", str(out), "--teacher", str(teacher),
+                         "--out", str(run), "--steps", "3", "targets=offline", "loss=[mse]", "guard.enabled=false",
+                         "train.eval_samples=0", "train.log_every=1", "tracking.enabled=false", "data.height=32",
+                         "data.width=32", "data.frames=4", "data.batch_size=4", "data.workers=0"],
+                        capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert p3.returncode == 0, p3.stderr[-3000:]
+    import yaml
+    assert yaml.safe_load((run / "config.yaml").read_text())["targets"] == "offline"
+    losses = [json.loads(x)["loss"] for x in open(run / "metrics.jsonl") if '"loss"' in x]
+    assert len(losses) == 3 and all(np.isfinite(losses))
 
 
 @pytest.mark.slow
