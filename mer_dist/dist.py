@@ -103,9 +103,25 @@ def _detect(e) -> DistEnv:
     return DistEnv(job_id=job)
 
 
+def check_derived_port(port: int, e) -> None:
+    """On the job's first node, before anything binds it: the port derived from the job id must be free there
+    (another job's or service's listener would otherwise fail the rendezvous with a bare EADDRINUSE, or
+    leave the other nodes waiting for the group timeout). One line naming the way out."""
+    import socket
+    if e.get("MASTER_PORT") or e.get("SLURM_NODEID", "0") != "0":
+        return
+    with socket.socket() as s:
+        try:
+            s.bind(("", port))
+        except OSError as err:
+            raise ValueError(f"MASTER_PORT {port} (derived from Slurm job id {e.get('SLURM_JOB_ID', '?')}) is in use "
+                             f"on {socket.gethostname()} ({err.strerror}); set MASTER_PORT to a free port") from None
+
+
 def torchrun_args(e) -> list[str]:
     """torchrun's rendezvous flags for one agent per Slurm node (`srun --ntasks-per-node=1`)."""
     d = _detect(e)
+    check_derived_port(d.master_port, e)
     nproc = e.get("GPUS_PER_NODE") or e.get("SLURM_GPUS_ON_NODE") or "1"
     return [f"--nnodes={e.get('SLURM_JOB_NUM_NODES', d.world_size)}", f"--nproc_per_node={nproc}",
             "--rdzv_backend=c10d", f"--rdzv_endpoint={d.master_addr}:{d.master_port}", f"--rdzv_id={d.job_id}"]
@@ -166,6 +182,8 @@ def setup(threads: int = 0, always_group: bool = False) -> DistEnv:
     The group is created when world > 1, or always when asked (DeepSpeed wants one even alone).
     """
     d, wait = detect(), timeout()       # a bad setting is one line before anything starts
+    if d.launcher == "slurm" and d.rank == 0 and d.world_size > 1:
+        check_derived_port(d.master_port, os.environ)
     if d.world_size == 1 and "MASTER_PORT" not in os.environ:
         d.master_port = free_port()
     os.environ.update(RANK=str(d.rank), WORLD_SIZE=str(d.world_size), LOCAL_RANK=str(d.local_rank),

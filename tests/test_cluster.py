@@ -102,6 +102,21 @@ def test_slurm_rendezvous_has_one_definition():
     assert torchrun_args(env) == ["--nnodes=3", "--nproc_per_node=8", "--rdzv_backend=c10d",
                                   "--rdzv_endpoint=gpu003:23456", "--rdzv_id=123456"]
     assert detect({**env, "MASTER_PORT": "4000"}).master_port == 4000      # the user's choice wins
+    # a derived port already taken on the first node: one line naming the port and the way out, not a hang
+    import socket
+    held = socket.socket()
+    for taken in range(24000, 26000):                   # a port the derivation can give (20000-39999), free now
+        try:
+            held.bind(("", taken))
+            break
+        except OSError:
+            continue
+    held.listen()
+    job = {**env, "SLURM_JOB_ID": str(taken - 20000 + 20000 * 3)}
+    with pytest.raises(ValueError, match=f"MASTER_PORT {taken} .* is in use .*set MASTER_PORT to a free port"):
+        torchrun_args(job)
+    assert torchrun_args({**job, "SLURM_NODEID": "1"})[3].endswith(f":{taken}")   # only the first node binds it
+    held.close()
     # the scripts leave the port to mer_dist.dist: no second formula to drift
     for script in ("slurm/align.sh", "slurm/finetune.sh"):
         assert "SLURM_JOB_ID %" not in (REPO / script).read_text()
