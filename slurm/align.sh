@@ -31,6 +31,8 @@ LAUNCH="${MER_LAUNCH:-srun}"
 PYTHON="${MER_PYTHON:-python}"
 MAX_RESTARTS="${MER_MAX_RESTARTS:-20}"
 EXIT_PREEMPTED=75
+# a relative MER_CONFIG names a file under the directory the job was submitted from, wherever it runs
+case "$CONFIG" in /*) ;; *) CONFIG="${SLURM_SUBMIT_DIR:-$PWD}/${CONFIG}" ;; esac
 cd "${MER_WORKDIR:-${SLURM_SUBMIT_DIR:-.}}" || exit 1
 mkdir -p logs
 

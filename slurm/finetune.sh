@@ -11,7 +11,10 @@
 #SBATCH --open-mode=append
 #SBATCH --output=logs/%x-%j.out
 set -euo pipefail
+CONFIG="${MER_CONFIG:-configs/finetune.yaml}"
+# a relative MER_CONFIG names a file under the directory the job was submitted from, wherever it runs
+case "$CONFIG" in /*) ;; *) CONFIG="${SLURM_SUBMIT_DIR:-$PWD}/${CONFIG}" ;; esac
 cd "${MER_WORKDIR:-${SLURM_SUBMIT_DIR:-.}}"
 mkdir -p logs
 read -r -a OVERRIDES <<< "${MER_OVERRIDES:-}"
-srun --kill-on-bad-exit=1 "${MER_PYTHON:-python}" -m mer_dist finetune --config "${MER_CONFIG:-configs/finetune.yaml}" "${OVERRIDES[@]}"
+srun --kill-on-bad-exit=1 "${MER_PYTHON:-python}" -m mer_dist finetune --config "$CONFIG" "${OVERRIDES[@]}"

@@ -258,7 +258,8 @@ def finish(job: Job, exit_code: int) -> None:
                    "launcher": env.launcher, "exit_code": exit_code, "skipped_samples": job.skipped,
                    "zero_stage": cfg.train.zero_stage, "param_elements_rank0": local, "param_elements_total": full,
                    "state_bytes_rank0": state, "peak_rss_bytes_per_rank": peak_rss,
-                   "encoder_step": chosen, "guard": guard.state() if guard is not None else None}
+                   "encoder_step": chosen, "guard": guard.state() if guard is not None else None,
+                   "mlflow_run_id": job.run_id}
         checkpoint.write_summary(job.out, summary)
         if exit_code == 0:
             if guard is not None:
