@@ -111,6 +111,8 @@ def check_derived_port(port: int, e) -> None:
     if e.get("MASTER_PORT") or e.get("SLURM_NODEID", "0") != "0":
         return
     with socket.socket() as s:
+        # as the TCPStore binds: a requeued job's own port, left in TIME_WAIT by its last run, is free
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("", port))
         except OSError as err:

@@ -50,6 +50,8 @@ def test_sbatch_preempt_requeue_resume(slurm, shards, teacher, tmp_path, mlflow_
     while time.time() < deadline:   # pre-empt once training is under way (after step 24 > first checkpoint)
         if (out / "metrics.jsonl").exists() and any(json.loads(x).get("step", 0) >= 24 for x in open(out / "metrics.jsonl")):
             break
+        queued = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], env=slurm, capture_output=True, text=True)
+        assert queued.stdout.strip(), (log.read_text() if log.exists() else "")[-4000:]    # ended before step 24
         time.sleep(0.5)
     subprocess.run(["scancel", "--signal=USR1", job], check=True)
     w = subprocess.run(["bash", str(SLURM), "wait", job, "600"], env=slurm, capture_output=True, text=True)
@@ -105,6 +107,7 @@ def test_slurm_rendezvous_has_one_definition():
     # a derived port already taken on the first node: one line naming the port and the way out, not a hang
     import socket
     held = socket.socket()
+    held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)      # as torch's TCPStore binds its listener
     for taken in range(24000, 26000):                   # a port the derivation can give (20000-39999), free now
         try:
             held.bind(("", taken))
@@ -116,7 +119,13 @@ def test_slurm_rendezvous_has_one_definition():
     with pytest.raises(ValueError, match=f"MASTER_PORT {taken} .* is in use .*set MASTER_PORT to a free port"):
         torchrun_args(job)
     assert torchrun_args({**job, "SLURM_NODEID": "1"})[3].endswith(f":{taken}")   # only the first node binds it
+    # a requeued job finds its own port in TIME_WAIT (the last run's store closed first): that port is free
+    peer = socket.create_connection(("127.0.0.1", taken))
+    conn, _ = held.accept()
+    conn.close()
     held.close()
+    peer.close()
+    torchrun_args(job)
     # the scripts leave the port to mer_dist.dist: no second formula to drift
     for script in ("slurm/align.sh", "slurm/finetune.sh"):
         assert "SLURM_JOB_ID %" not in (REPO / script).read_text()
