@@ -430,6 +430,8 @@ class SelfTrainConfig:
     align_steps: int = 240         # encoders visual: alignment steps per round (a fresh schedule from the round's encoder)
     align_procs: int = 2           # encoders visual: alignment ranks (torchrun on this machine)
     control: bool = False          # encoders: the same rounds without pseudo-labels (align without pseudo, adapter and head on labeled clips): what the compute alone gives
+    guard: bool = True             # keep a round only when its unselected out-of-fold WAF beats the kept model's by more than its spread (train/round_guard.py); else the input model stays
+    guard_confidence: float = 0.9  # guard: the paired bootstrap's one-sided confidence that the gain is above 0
 
     def __post_init__(self):
         _check(self.rounds >= 0, "rounds", "an integer >= 0", self.rounds)
@@ -442,6 +444,7 @@ class SelfTrainConfig:
                (self.align_steps, self.align_procs))
         _check(self.views == "fusion" or len(self.finetune.modalities) > 1, "views",
                "fusion when finetune.modalities has one modality (cross labels each with the others)", self.views)
+        _check(0.5 <= self.guard_confidence < 1.0, "guard_confidence", "a probability in [0.5, 1)", self.guard_confidence)
         _check(bool(self.thresholds) and all(0 <= t <= 1 for t in self.thresholds), "thresholds",
                "a non-empty list of probabilities", self.thresholds)
 

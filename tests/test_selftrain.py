@@ -49,6 +49,56 @@ def test_soft_and_hard_pseudo_labels_give_different_losses():
 
 
 @pytest.mark.slow
+def _waf(y, probs):
+    from sklearn.metrics import f1_score
+    return f1_score(y, probs.argmax(1), average="weighted")
+
+
+def test_guard_score_is_not_the_best_epoch_of_a_noisy_curve():
+    """Epochs that know nothing: their best epoch by the validation clips scores above chance (CV WAF's optimism),
+    the guard's score -- each half scored at the epoch the other half chose -- does not; an epoch that knows
+    the labels is found."""
+    from mer_dist.train.round_guard import unselected
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 6, 300)
+    noise = [rng.dirichlet(np.ones(6), 300) for _ in range(40)]
+    best = max(_waf(y, e) for e in noise)
+    honest = _waf(y, unselected(y, noise, seed=3))
+    chance = np.mean([_waf(y, e) for e in noise])
+    assert best > honest + 0.03 and abs(honest - chance) < 0.04, (best, honest, chance)
+    knows = noise[:20] + [np.eye(6)[y] * 0.9 + 0.015] + noise[20:]
+    assert _waf(y, unselected(y, knows, seed=3)) == 1.0
+
+
+def test_guard_keeps_a_round_only_when_it_beats_the_spread(tmp_path):
+    from mer_dist.train.round_guard import decide, write_oof
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 6, 300)
+    names = [f"c{i:04d}" for i in range(300)]
+    right = np.eye(6)[y]
+    base = np.where(rng.random((300, 1)) < 0.4, right, rng.dirichlet(np.ones(6), 300))       # ~0.5 WAF
+    def model(name, probs, order=slice(None)):
+        write_oof(tmp_path / name, [names[i] for i in range(300)][order], y[order], probs[order])
+        return tmp_path / name
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir(), (tmp_path / "c").mkdir(), (tmp_path / "d").mkdir()
+    a = model("a", base)
+    same = decide(a, model("b", base, slice(None, None, -1)))        # the same predictions, clips in another order
+    assert not same["keep"] and same["gain"] == 0.0
+    one = base.copy()
+    wrong = np.flatnonzero(base.argmax(1) != y)[:2]
+    one[wrong] = right[wrong]                                          # two clips better: inside the spread
+    tiny = decide(a, model("c", one))
+    assert 0 < tiny["gain"] < 0.02 and not tiny["keep"] and tiny["low"] <= 0
+    better = base.copy()
+    fix = np.flatnonzero(base.argmax(1) != y)[:60]
+    better[fix] = right[fix]
+    big = decide(a, model("d", better))
+    assert big["keep"] and big["low"] > 0.05 and big["after"] > big["before"]
+    assert not decide(tmp_path / "d", a)["keep"]                       # a loss is never kept
+    with pytest.raises(ValueError, match="nowhere/oof.npz: not found"):
+        decide(tmp_path / "nowhere", a)
+
+
 def test_pseudo_clips_only_in_training_parts(shards):
     from mer_dist.data.splits import kfold
     from mer_dist.features import index
@@ -115,6 +165,22 @@ def test_self_train_two_rounds_end_to_end(shards, teacher, tmp_path):
     assert len({round(r["cv_waf"], 6) for r in rows}) > 1 or len({round(r["test_waf"], 6) for r in rows}) > 1
     assert rows[2]["test_waf_change"] == pytest.approx(rows[2]["test_waf"] - rows[1]["test_waf"])
     assert (out / "round2" / "model.pt").is_file() and (out / "pseudo2" / "pseudo.csv").is_file()
+    # the guard (on by default) decided each round against the round kept before it, and its decision is what
+    # the next round started from and what the stage returns
+    from mer_dist.train.round_guard import decide
+    kept = json.loads((out / "kept.json").read_text())
+    assert rows[0]["guard"] == "start" and all(r["guard"] in ("kept", "rejected") for r in rows[1:])
+    last = 0
+    for r in rows[1:]:
+        assert r["guard_against_round"] == last
+        d = decide(out / f"round{last}", out / f"round{r['round']}", 0.9, seed=0)
+        assert (r["guard"] == "kept") == d["keep"] and r["guard_gain"] == pytest.approx(d["gain"])
+        assert f"self-train: guard: round {r['round']} {r['guard']}" in p.stdout
+        last = r["round"] if r["guard"] == "kept" else last
+    assert kept == {"round": last, "model": str(out / f"round{last}"), "guard": True}
+    assert f"kept: round {last}" in (out / "rounds.md").read_text()
+    if rows[1]["guard"] == "rejected":      # round 2 was labelled by round 0's models, not the rejected round 1's
+        assert json.loads((out / "pseudo2" / "summary.json").read_text())["source_model"] == str((out / "round0").resolve())
     # tracking on, as a user runs it (the default SQLite store beside the output): one finetune run per round,
     # each linked to the previous round's run
     from mlflow.tracking import MlflowClient

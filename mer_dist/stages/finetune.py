@@ -26,6 +26,7 @@ from mer_dist.features import Encoders, extract, specs_for
 from mer_dist.models.ensemble import FoldEnsemble, load_model, write_metrics
 from mer_dist.tracking import Tracker
 from mer_dist.train.folds import cache_dir, train_fold, training_set, visual_encoder
+from mer_dist.train.round_guard import write_oof
 
 log = logging.getLogger("mer_dist.finetune")
 
@@ -81,11 +82,14 @@ def run(cfg: FinetuneConfig) -> dict:
                          for st in states]
         visual_states = [{k[len("encoder."):]: v for k, v in st.items() if k.startswith("encoder.")}
                          for st in states] if encoder else []
+        honest = np.zeros_like(oof)
         for k, (tr, va) in enumerate(splits):
-            oof[va] = gathered[k][3]
+            oof[va], honest[va] = gathered[k][3], gathered[k][4]
         covered = np.concatenate([va for _, va in splits])
         cv = summary(y[covered], oof[covered].argmax(1))
+        write_oof(out, [names[i] for i in covered], y[covered], honest[covered])
         metrics = {"cv_waf": cv["waf"], "cv_accuracy": cv["accuracy"], "cv_macro_f1": cv["macro_f1"],
+                   "cv_waf_unselected": summary(y[covered], honest[covered].argmax(1))["waf"],
                    "fold_val_waf": [gathered[k][2] for k in range(len(splits))],
                    "majority_waf": majority_waf(y, y[covered]), "n_train": len(y), "folds": len(splits),
                    "n_pseudo": ts["n_pseudo"], "pseudo_crossfit": ts.get("pseudo_crossfit", False)}

@@ -31,7 +31,7 @@ from mer_dist.io import write_csv_atomic, write_json_atomic, write_text_atomic
 from mer_dist.tracking import Tracker, parent_of
 from mer_dist.models.ensemble import read_metrics
 from mer_dist.stages import run_stage
-from mer_dist.train import pseudo
+from mer_dist.train import pseudo, round_guard
 
 
 def read_truth(cfg: SelfTrainConfig) -> dict[str, str]:
@@ -67,16 +67,21 @@ def run(cfg: SelfTrainConfig) -> dict:
                                                                             if cfg.encoders else "") +
                       f" seed={cfg.finetune.seed}", dataset=cfg.finetune.data.shards)
     with parent_of(tracker):    # every round's runs nest under this one
-        rows = _rounds(cfg, out, truth)
+        rows, kept_round, model = _rounds(cfg, out, truth)
     if dist.detect().is_main:
-        _report(cfg, out, rows, tracker)
-    return {"rounds": rows}
+        _report(cfg, out, rows, tracker, kept_round, model)
+    return {"rounds": rows, "kept_round": kept_round, "model": model}
 
 
-def _rounds(cfg: SelfTrainConfig, out: Path, truth: dict) -> list[dict]:
+def _rounds(cfg: SelfTrainConfig, out: Path, truth: dict) -> tuple[list[dict], int, str]:
+    """Every round's row, the round the guard kept and its model. A round starts from the kept round's model,
+    pseudo-labels and encoders, so a rejected round costs its compute and nothing else."""
     rows, prev_model, prev_run, prev_pseudo = [], "", "", ""
     base = cfg.finetune         # its encoders change from round to round when `encoders` is set
+    kept_round, kept = 0, None
     for r in range(cfg.rounds + 1):
+        if kept is not None:
+            prev_model, prev_pseudo, base = kept
         row: dict = {"round": r}
         pseudo_dir = ""
         tags = [*cfg.finetune.tracking.tags, f"self_train_round={r}", f"self_train_out={out.resolve()}"]
@@ -122,9 +127,23 @@ def _rounds(cfg: SelfTrainConfig, out: Path, truth: dict) -> list[dict]:
                 "n_pseudo_trained": m.get("n_pseudo", 0)}
         if rows:
             row["test_waf_change"] = row[f"{ft.test_split}_waf"] - rows[-1][f"{ft.test_split}_waf"]
+        row["guard"] = "start" if r == 0 else "off"
+        if r > 0 and cfg.guard:
+            d = round_guard.decide(kept[0], ft.out, cfg.guard_confidence, seed=cfg.finetune.seed)
+            row |= {"guard": "kept" if d["keep"] else "rejected", "guard_gain": d["gain"], "guard_low": d["low"],
+                    "guard_against_round": kept_round}
+            print(f"self-train: guard: round {r} {'kept' if d['keep'] else 'rejected'}: unselected CV WAF "
+                  f"{d['before']:.3f} -> {d['after']:.3f} ({d['gain']:+.3f}, {cfg.guard_confidence:.0%} lower bound "
+                  f"{d['low']:+.3f}) against round {kept_round}", flush=True)
         rows.append(row)
-        prev_model, prev_run, prev_pseudo = ft.out, m.get("mlflow_run_id", ""), pseudo_dir
-    return rows
+        prev_run = m.get("mlflow_run_id", "")
+        if row["guard"] != "rejected":
+            kept_round, kept = r, (ft.out, pseudo_dir, base)
+    if cfg.guard and cfg.rounds:
+        print(f"self-train: guard: round {kept_round} kept -> {kept[0]}" + (
+            "" if kept_round else " (no round beat plain fine-tuning by more than its spread: the input model stays)"),
+            flush=True)
+    return rows, kept_round, kept[0]
 
 
 def _pseudo(ft: FinetuneConfig, folder) -> PseudoConfig:
@@ -198,37 +217,44 @@ def co_label(cfg: SelfTrainConfig, r: int, m: str, prev_pseudo, tracking, label)
     return dst
 
 
+def _guard_cell(r: dict) -> str:
+    if "guard_gain" not in r:
+        return r.get("guard", "-")
+    return f"{r['guard']} ({r['guard_gain']:+.3f}, low {r['guard_low']:+.3f})"
+
+
 def _encoder_cells(r: dict) -> str:
     kept = f"{r['kept_encoders']}" if "kept_encoders" in r else "-"
     kept += f" ({r['precision_encoders']:.3f})" if "precision_encoders" in r else ""
     return f"{kept} | " + (f"{r['encoders_test_waf']:.3f}" if "encoders_test_waf" in r else "-")
 
 
-def _report(cfg: SelfTrainConfig, out: Path, rows: list[dict], tracker: Tracker) -> None:
+def _report(cfg: SelfTrainConfig, out: Path, rows: list[dict], tracker: Tracker, kept_round: int, model: str) -> None:
     keys = sorted({k for r in rows for k in r}, key=lambda k: (k != "round", k))
     write_csv_atomic(out / "rounds.csv", keys, ([r.get(k, "") for k in keys] for r in rows))
     write_json_atomic(out / "rounds.json", rows)
+    write_json_atomic(out / "kept.json", {"round": kept_round, "model": str(model), "guard": cfg.guard})
     save(cfg, out / "config.yaml")
     test = f"{cfg.finetune.test_split}_waf"
     enc = bool(cfg.encoders)
-    lines = ["| round | threshold | pseudo-labels kept (per class) | precision | CV WAF | test WAF | change |"
+    lines = ["| round | threshold | pseudo-labels kept (per class) | precision | CV WAF | test WAF | change | guard |"
              + (" encoders: pseudo-labels (precision) | encoders: test WAF before the head's pseudo-labels |" if enc else ""),
-             "|---|---|---|---|---|---|---|" + ("---|---|" if enc else "")]
+             "|---|---|---|---|---|---|---|---|" + ("---|---|" if enc else "")]
     for r in rows:
         per = " ".join(f"{lab[:3]} {r.get(f'kept_{lab}', 0)}" for lab in LABELS)
         prec = f"{r['precision']:.3f}" if r.get("precision", -1) >= 0 else "n/a"
         views = [f"{k[len('precision_view_'):]} {v:.3f}" for k, v in sorted(r.items()) if k.startswith("precision_view_")]
         prec += f" ({', '.join(views)})" if views else ""
         lines.append(f"| {r['round']} | {r.get('threshold', '-')} | {r.get('kept', 0)} ({per}) | {prec} | "
-                     f"{r['cv_waf']:.3f} | {r[test]:.3f} | {r.get('test_waf_change', 0.0):+.3f} |"
+                     f"{r['cv_waf']:.3f} | {r[test]:.3f} | {r.get('test_waf_change', 0.0):+.3f} | {_guard_cell(r)} |"
                      + (f" {_encoder_cells(r)} |" if enc else ""))
-    table = "\n".join(lines)
+    table = "\n".join(lines) + f"\n\nkept: round {kept_round} ({model})"
     write_text_atomic(out / "rounds.md", table + "\n")
     print("\nself-train rounds\n" + table, flush=True)
     tracker.params({"rounds": cfg.rounds, "thresholds": cfg.thresholds, "top_per_class": cfg.top_per_class,
                     "views": cfg.views, "encoders": cfg.encoders, "control": cfg.control})
     for r in rows:
         tracker.metrics({k: v for k, v in r.items() if isinstance(v, (int, float)) and k != "round"}, r["round"])
-    for f in ("rounds.csv", "rounds.md"):
+    for f in ("rounds.csv", "rounds.md", "kept.json"):
         tracker.artifact(out / f)
     tracker.close()

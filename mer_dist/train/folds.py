@@ -18,6 +18,7 @@ from mer_dist.eval.metrics import summary
 from mer_dist.features import Encoders, StackedRows, extract, frames, specs_for
 from mer_dist.models.fusion import FusionModel, VisualFusion
 from mer_dist.train.losses import soft_cross_entropy
+from mer_dist.train.round_guard import unselected
 from mer_dist.train.pseudo import (
     as_targets,
     leave_out_test,
@@ -133,9 +134,10 @@ def fold_train_indices(tr: np.ndarray, ts: dict, k: int) -> np.ndarray:
 
 
 def train_fold(cfg: FinetuneConfig, ts: dict, y: np.ndarray, tr: np.ndarray, va: np.ndarray, k: int,
-               seed: int, encoder=None) -> tuple[dict, list[dict], float, np.ndarray]:
+               seed: int, encoder=None) -> tuple[dict, list[dict], float, np.ndarray, np.ndarray]:
     """One fold: labeled `tr` + every pseudo-labelled clip train, labeled `va` validates. Returns the best epoch's
-    (state, history, validation WAF, validation probabilities). With an `encoder` (visual_train=top_k|full) a
+    (state, history, validation WAF, validation probabilities) and the validation probabilities no clip's own label
+    chose the epoch of (`round_guard.unselected`: the self-training guard's score). With an `encoder` (visual_train=top_k|full) a
     copy of it trains too and the state holds both."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -168,7 +170,7 @@ def train_fold(cfg: FinetuneConfig, ts: dict, y: np.ndarray, tr: np.ndarray, va:
         w[:ts["n_labeled"]] = (counts.sum() / np.maximum(counts, 1) / len(LABELS))[y]
     p, q, w = torch.from_numpy(present), torch.from_numpy(q), torch.from_numpy(w)
     train_idx = fold_train_indices(tr, ts, k)
-    best, best_state, history = -1.0, None, []
+    best, best_state, history, epoch_probs = -1.0, None, [], []
     # an encoder that trains makes an epoch minutes long at real size: show epochs then
     for epoch in tqdm(range(cfg.epochs), desc=f"finetune: fold {k}", unit="epoch", leave=False, disable=encoder is None):
         model.train()
@@ -184,9 +186,10 @@ def train_fold(cfg: FinetuneConfig, ts: dict, y: np.ndarray, tr: np.ndarray, va:
         probs = val_probs()
         val = summary(y[va], probs.argmax(1))
         history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_waf": val["waf"]})
+        epoch_probs.append(probs)
         if val["waf"] > best:
             best, best_state, best_probs = val["waf"], copy.deepcopy(model.state_dict()), probs
-    return best_state, history, best, best_probs
+    return best_state, history, best, best_probs, unselected(y[va], epoch_probs, seed)
 
 
 def head_cv_waf(x: np.ndarray, y: np.ndarray, folds: int, seed: int) -> float:
