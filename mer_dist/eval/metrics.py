@@ -14,6 +14,11 @@ from mer_dist.config import LABELS
 CLASSES = list(range(len(LABELS)))
 
 
+def waf(y_true, y_pred) -> float:
+    """Weighted F1 alone: for scores computed many times over (the self-training guard's bootstrap)."""
+    return float(f1_score(y_true, y_pred, average="weighted", zero_division=0))
+
+
 def summary(y_true, y_pred) -> dict:
     y_true, y_pred = np.asarray(y_true, dtype=int), np.asarray(y_pred, dtype=int)
     if len(y_true) == 0:
@@ -21,7 +26,7 @@ def summary(y_true, y_pred) -> dict:
                 "per_class": {lab: {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0.0} for lab in LABELS}}
     p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=CLASSES, zero_division=0)
     return {
-        "waf": float(f1_score(y_true, y_pred, average="weighted", zero_division=0)),
+        "waf": waf(y_true, y_pred),
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
         "per_class": {LABELS[i]: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),

@@ -17,6 +17,7 @@ from mer_dist.dist import launch_local
 from mer_dist.eval import ablation
 from mer_dist.io import write_json_atomic, write_text_atomic
 from mer_dist.stages import run_stage
+from mer_dist.train import round_guard
 from mer_dist.train.checkpoint import read_summary
 from mer_dist.tracking import Tracker, default_uri, parent_of
 
@@ -234,8 +235,6 @@ def _table(results: dict[str, list[float]], times: dict[str, float], rounds: lis
         for run in rounds:
             for r in run["rows"]:
                 prec = f"{r['precision']:.3f}" if r.get("precision", -1) >= 0 else "-"
-                guard = r.get("guard", "-") + (f" ({r['guard_gain']:+.3f}, low {r['guard_low']:+.3f})"
-                                               if "guard_gain" in r else "")
                 lines.append(f"| {run['view']} | {run['seed']} | {r['round']} | {r.get('kept', 0)} | {prec} | "
-                             f"{r['cv_waf']:.3f} | {r['test_waf']:.3f} | {guard} |")
+                             f"{r['cv_waf']:.3f} | {r['test_waf']:.3f} | {round_guard.cell(r)} |")
     return "\n".join(lines)

@@ -217,12 +217,6 @@ def co_label(cfg: SelfTrainConfig, r: int, m: str, prev_pseudo, tracking, label)
     return dst
 
 
-def _guard_cell(r: dict) -> str:
-    if "guard_gain" not in r:
-        return r.get("guard", "-")
-    return f"{r['guard']} ({r['guard_gain']:+.3f}, low {r['guard_low']:+.3f})"
-
-
 def _encoder_cells(r: dict) -> str:
     kept = f"{r['kept_encoders']}" if "kept_encoders" in r else "-"
     kept += f" ({r['precision_encoders']:.3f})" if "precision_encoders" in r else ""
@@ -246,7 +240,7 @@ def _report(cfg: SelfTrainConfig, out: Path, rows: list[dict], tracker: Tracker,
         views = [f"{k[len('precision_view_'):]} {v:.3f}" for k, v in sorted(r.items()) if k.startswith("precision_view_")]
         prec += f" ({', '.join(views)})" if views else ""
         lines.append(f"| {r['round']} | {r.get('threshold', '-')} | {r.get('kept', 0)} ({per}) | {prec} | "
-                     f"{r['cv_waf']:.3f} | {r[test]:.3f} | {r.get('test_waf_change', 0.0):+.3f} | {_guard_cell(r)} |"
+                     f"{r['cv_waf']:.3f} | {r[test]:.3f} | {r.get('test_waf_change', 0.0):+.3f} | {round_guard.cell(r)} |"
                      + (f" {_encoder_cells(r)} |" if enc else ""))
     table = "\n".join(lines) + f"\n\nkept: round {kept_round} ({model})"
     write_text_atomic(out / "rounds.md", table + "\n")

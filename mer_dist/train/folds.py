@@ -137,8 +137,8 @@ def train_fold(cfg: FinetuneConfig, ts: dict, y: np.ndarray, tr: np.ndarray, va:
                seed: int, encoder=None) -> tuple[dict, list[dict], float, np.ndarray, np.ndarray]:
     """One fold: labeled `tr` + every pseudo-labelled clip train, labeled `va` validates. Returns the best epoch's
     (state, history, validation WAF, validation probabilities) and the validation probabilities no clip's own label
-    chose the epoch of (`round_guard.unselected`: the self-training guard's score). With an `encoder` (visual_train=top_k|full) a
-    copy of it trains too and the state holds both."""
+    chose the epoch of (`round_guard.unselected`: the self-training guard's score). With an `encoder`
+    (visual_train=top_k|full) a copy of it trains too and the state holds both."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     feats, present = ts["feats"], ts["present"]

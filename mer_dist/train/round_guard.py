@@ -16,13 +16,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import f1_score
 
+from mer_dist.eval.metrics import waf as _waf
 from mer_dist.io import atomic_target
-
-
-def _waf(y: np.ndarray, pred: np.ndarray) -> float:
-    return float(f1_score(y, pred, average="weighted", zero_division=0))
 
 
 def unselected(y_val: np.ndarray, epoch_probs: list[np.ndarray], seed: int) -> np.ndarray:
@@ -58,13 +54,11 @@ def decide(before: str | Path, after: str | Path, confidence: float = 0.9, resam
     """{"keep", "gain", "low", "before", "after"}: the unselected out-of-fold WAF of both finetune outputs on their
     common labeled clips, and the gain's one-sided lower bound at `confidence` (paired bootstrap). Kept only when
     that bound is above 0. Raises ValueError naming the file when a model has no oof.npz."""
-    got = {}
-    for d in (before, after):
-        r = read_oof(d)
+    oof = [read_oof(d) for d in (before, after)]
+    for d, r in zip((before, after), oof):
         if r is None:
             raise ValueError(f"{Path(d) / 'oof.npz'}: not found (a finetune output of an older mer-dist: run it again)")
-        got[d] = r
-    (na, ya, pa), (nb, _, pb) = got[before], got[after]
+    (na, ya, pa), (nb, _, pb) = oof
     index = {n: i for i, n in enumerate(nb)}
     common = [i for i, n in enumerate(na) if n in index]
     if not common:
@@ -78,3 +72,10 @@ def decide(before: str | Path, after: str | Path, confidence: float = 0.9, resam
         boot[t] = _waf(y[s], b[s]) - _waf(y[s], a[s])
     gain, low = _waf(y, b) - _waf(y, a), float(np.quantile(boot, 1 - confidence))
     return {"keep": bool(low > 0), "gain": gain, "low": low, "before": _waf(y, a), "after": _waf(y, b)}
+
+
+def cell(r: dict) -> str:
+    """A round's guard decision, as the round tables show it."""
+    if "guard_gain" not in r:
+        return r.get("guard", "-")
+    return f"{r['guard']} ({r['guard_gain']:+.3f}, low {r['guard_low']:+.3f})"
