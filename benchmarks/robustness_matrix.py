@@ -94,7 +94,8 @@ def describe(folder: Path, key: str) -> str:
     what = "InfoNCE, shuffled audio-video pairs (control)" if a.get("pairing") == "shuffled" else \
         "InfoNCE onto the teacher's clip emotion posteriors" if a.get("infonce_target") == "posteriors" else \
         " + ".join({"infonce": "InfoNCE", "kd": "KD of the teacher's frame + utterance posteriors",
-                    "mse": f"MSE onto the teacher's {a.get('target_space', 'features')}"}.get(x, x) for x in a["loss"])
+                    "mse": f"MSE onto the teacher's {a.get('target_space', 'features')}",
+                    "views": "two augmented views (no teacher)"}.get(x, x) for x in a["loss"])
     if key.endswith("@last"):
         return f"{what}, no guard (the same runs' last step)"
     probe = _probe(a)
@@ -132,7 +133,9 @@ OBJECTIVES = [  # (row key, what it is) in the overview's order; "@last": the gu
     ("infonce", "InfoNCE (today's default with the head-probe guard)"), ("infonce@last", "InfoNCE, last step"),
     ("kd", "KD"), ("kd@last", "KD, last step"), ("mse-features", "MSE onto features"),
     ("mse-features@last", "MSE onto features, last step"), ("posteriors", "InfoNCE onto posteriors"),
-    ("posteriors@last", "InfoNCE onto posteriors, last step"), ("shuffled", "shuffled pairs (control)")]
+    ("posteriors@last", "InfoNCE onto posteriors, last step"), ("views", "two views (no teacher)"),
+    ("views@last", "two views, last step"), ("views+infonce", "two views + InfoNCE"),
+    ("views+infonce@last", "two views + InfoNCE, last step"), ("shuffled", "shuffled pairs (control)")]
 OLD_NAMES = {"infonce": "infonce-guard"}    # a variant's name in runs of older commits
 
 

@@ -32,7 +32,7 @@ def _check(ok: bool, key: str, expected: str, value: Any) -> None:
         raise ConfigError(f"config key '{key}': expected {expected}, got {value!r}")
 
 
-LOSS_KINDS = ("mse", "cosine", "kd", "infonce", "pseudo")
+LOSS_KINDS = ("mse", "cosine", "kd", "infonce", "pseudo", "views")
 
 
 @dataclass
@@ -307,6 +307,24 @@ class GuardConfig:
 
 
 @dataclass
+class ViewsConfig:
+    """Loss `views` (mer_dist/train/augment.py): two augmented views of each clip contrasted, no teacher."""
+    min_scale: float = 0.5         # a view's crop keeps at least this fraction of the frame's area
+    min_span: float = 0.6          # a view spans at least this fraction of the clip's frames (resampled to all of them)
+    flip: bool = True              # mirror a view left-right with probability 1/2
+    colour: float = 0.3            # brightness, contrast and saturation each scaled within 1 +- this
+    grey: float = 0.2              # probability that a view is grey
+    temperature: float = 0.1       # initial temperature of the views' contrast (learned, as infonce's)
+
+    def __post_init__(self):
+        for key in ("min_scale", "min_span"):
+            _check(0.0 < getattr(self, key) <= 1.0, f"views.{key}", "a fraction in (0, 1]", getattr(self, key))
+        _check(0.0 <= self.colour < 1.0, "views.colour", "a number in [0, 1)", self.colour)
+        _check(0.0 <= self.grey <= 1.0, "views.grey", "a probability in [0, 1]", self.grey)
+        _check(self.temperature > 0, "views.temperature", "a number > 0", self.temperature)
+
+
+@dataclass
 class AlignConfig:
     data: DataConfig = field(default_factory=DataConfig)  # unlabeled shards and decoding (batch_size is per rank)
     teacher: str = "runs/teacher"  # teacher directory from adapt-audio
@@ -315,13 +333,14 @@ class AlignConfig:
     eval_split: str = "train"      # a fixed held-out alignment set (never trained on by align)
     targets: Literal["online", "offline"] = "online"  # online: run the frozen teacher per batch; offline: teacher.npy from extract-targets
     target_space: Literal["features", "logits", "both"] = "features"  # mse/cosine regress onto layer features, frame emotion logits, or both (logits: online)
-    loss: list[str] = field(default_factory=lambda: ["infonce"])  # objectives summed, "name" or "name:weight": mse|cosine|kd|infonce|pseudo
+    loss: list[str] = field(default_factory=lambda: ["infonce"])  # objectives summed, "name" or "name:weight": mse|cosine|kd|infonce|pseudo|views
     kd_temperature: float = 2.0    # kd: softmax temperature tau (loss scaled by tau^2)
     kd_confidence: bool = False    # kd: weight frames/clips by the teacher's confidence (1 - normalised entropy)
     infonce_dim: int = 128         # infonce: width of the shared embedding both projection heads map to
     infonce_target: Literal["features", "posteriors"] = "features"  # infonce: the audio side is the teacher's pooled layer features, or its clip emotion posteriors (only what the teacher knows of emotion; online)
     pairing: Literal["matched", "shuffled"] = "matched"   # shuffled: each video meets a fixed other clip's audio (control)
     pseudo: PseudoConfig = field(default_factory=PseudoConfig)  # loss pseudo: the clips whose pseudo-labels the encoder learns
+    views: ViewsConfig = field(default_factory=ViewsConfig)  # loss views: two augmented views of each clip contrasted (no teacher)
     acoustic: Literal["adapted", "base"] = "adapted"      # base: the teacher without its adapter (control)
     frame_weight: float = 1.0      # weight of the frame-level part of mse/cosine/kd
     utterance_weight: float = 1.0  # weight of the utterance-level part of mse/cosine/kd
@@ -405,10 +424,14 @@ class PseudoLabelConfig:
     top_per_class: int = 0         # then keep at most N most confident clips per predicted class (0 = no cap)
     agree_with: str = ""           # a second finetune output; keep a clip only where both predict the same class
     student_modalities: list[str] = field(default_factory=list)  # what a student sees of these clips (co-training: what the model did not); [] = all
+    calibrate: bool = True         # temperature-scale the fold models' probabilities on the model's out-of-fold ones (oof.npz) first: thresholds, soft targets and the expected precision then mean what they say
+    min_precision: float = 0.0     # per predicted class, keep the most confident clips whose expected precision (mean calibrated confidence) is at least this (0 = no such rule)
+    truth: str = ""                # a truth CSV (name,discrete) to report the true precision beside the expected one; "" -> a synthetic corpus's hidden one, if any (never used to select)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow settings
 
     def __post_init__(self):
         _check(0.0 <= self.threshold <= 1.0, "threshold", "a probability in [0, 1]", self.threshold)
+        _check(0.0 <= self.min_precision <= 1.0, "min_precision", "a probability in [0, 1]", self.min_precision)
         _check(set(self.student_modalities) <= {"a", "v", "t"}, "student_modalities", "a subset of [a, v, t]",
                self.student_modalities)
         _check(self.top_per_class >= 0, "top_per_class", "an integer >= 0", self.top_per_class)
@@ -422,6 +445,8 @@ class SelfTrainConfig:
     start: str = ""                # an existing finetune output to use as round 0 (instead of fine-tuning it again)
     thresholds: list[float] = field(default_factory=lambda: [0.7, 0.6])   # per round; the last one repeats
     top_per_class: int = 0         # per round: at most N pseudo-labels per predicted class (0 = no cap)
+    min_precision: float = 0.0     # per round: per predicted class, only as many clips as keep the expected precision >= this (see pseudo-label)
+    calibrate: bool = True         # temperature-scale each labeller on its out-of-fold probabilities first (see pseudo-label)
     agree_with: str = ""           # a second finetune output that must agree (see pseudo-label)
     views: Literal["fusion", "cross"] = "fusion"   # fusion: the fusion model labels clips for the whole student; cross: co-training, for each modality a model without it labels the clips for that modality alone
     truth: str = ""                # truth CSV (name,discrete) for pseudo-label precision; "" -> corpus/.truth-unlabeled.csv

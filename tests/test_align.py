@@ -116,7 +116,7 @@ def test_zero3_sigterm_resume(shards, teacher, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher,stage,space,loss", [("deepspeed", 2, "logits", "mse"),
                                                        ("accelerate", 2, "features", "kd,infonce:0.5"),
-                                                       ("accelerate3", 3, "both", "cosine,kd,infonce")])
+                                                       ("accelerate3", 3, "both", "cosine,kd,infonce,views:0.5")])
 def test_other_launchers(launcher, stage, space, loss, shards, teacher, tmp_path):
     out = tmp_path / "run"
     # train.epochs sets the length (half a pass over the 64-clip pool at global batch 8 = 4 steps), not --steps

@@ -171,3 +171,80 @@ def test_pseudo_loss_and_pseudo_dir_come_together():
     cfg = AlignConfig(loss=["infonce", "pseudo:0.5"], pseudo=PseudoConfig(dir="runs/pseudo"))      # together: the head exists
     obj = AlignmentObjective(parse_loss(cfg.loss), 8, audio_dim=4)
     assert obj.pseudo_head is not None and [t.weight for t in obj.terms if t.kind == "pseudo"] == [0.5]
+
+
+def _views(**kw):
+    from mer_dist.config import ViewsConfig
+    from mer_dist.train.augment import ClipAugment
+    return ClipAugment(ViewsConfig(**kw))
+
+
+def test_clip_views_identity_flip_and_timing():
+    """Each draw holds for a whole clip: with every augmentation off a view is the clip itself; a flip mirrors
+    every frame of a clip or none; a view's frames run forward in time over a span of the clip; the module holds
+    no tensor (`.to(device)` has nothing to move)."""
+    torch.manual_seed(0)
+    clips = torch.randint(0, 256, (16, 4, 3, 12, 12), dtype=torch.uint8)
+    off = _views(min_scale=1.0, min_span=1.0, flip=False, colour=0.0, grey=0.0)
+    assert not list(off.parameters()) and not list(off.buffers())
+    same = off(clips)
+    assert same.dtype == torch.float32 and torch.allclose(same, clips.float(), atol=1e-3)
+    flipped = _views(min_scale=1.0, min_span=1.0, flip=True, colour=0.0, grey=0.0)(clips)
+    mirror = torch.allclose(flipped, clips.float().flip(-1), atol=1e-3, rtol=0)
+    per_clip = [torch.allclose(flipped[i], clips[i].float().flip(-1), atol=1e-3) for i in range(16)]
+    kept = [torch.allclose(flipped[i], clips[i].float(), atol=1e-3) for i in range(16)]
+    assert all(a != b for a, b in zip(per_clip, kept)) and 0 < sum(per_clip) < 16 and not mirror
+    ramp = torch.arange(8, dtype=torch.uint8).mul(30).view(1, 8, 1, 1, 1).expand(32, 8, 3, 6, 6).contiguous()
+    timed = _views(min_scale=1.0, min_span=0.5, flip=False, colour=0.0, grey=0.0)(ramp)[:, :, 0, 0, 0] / 30
+    assert (timed.diff(dim=1) >= 0).all()                                          # never backwards
+    assert ((timed[:, -1] - timed[:, 0]) >= 3).all() and (timed[:, -1] - timed[:, 0] < 7).any()   # a span >= half
+    crops = _views()(clips[:1].expand(8, -1, -1, -1, -1))
+    assert not torch.allclose(crops[0], crops[1]) and crops.min() >= 0 and crops.max() <= 255
+
+
+def test_views_term_trains_an_encoder_to_tell_clips_apart_without_a_teacher():
+    """Loss `views` alone, default augmentation: no teacher output is read, gradients reach the encoder through
+    both views, and training makes two views of one clip find each other among the batch's other clips far more
+    often than the untrained encoder does (16 grey 3x3 layouts, which colour jitter cannot tell apart)."""
+    from mer_dist.config import ViewsConfig, VisualConfig
+    from mer_dist.models.visual import VisualEncoder
+    from mer_dist.train.align import Aligner
+    from mer_dist.train.augment import ClipAugment
+    torch.manual_seed(0)
+    enc = VisualEncoder(VisualConfig(backbone="tiny:vit"), 16)
+    obj = AlignmentObjective(parse_loss(["views"]), width=enc.width, embed_dim=32)
+    assert obj.needs == {"views"}
+    model = Aligner(enc, obj, ClipAugment(ViewsConfig()))
+    layouts = torch.randint(0, 256, (16, 1, 1, 3, 3)).float().expand(16, 1, 3, 3, 3).flatten(0, 1)
+    clips = F.interpolate(layouts, size=(16, 16), mode="nearest").view(16, 1, 3, 16, 16).expand(16, 4, 3, 16, 16)
+    clips = clips.round().to(torch.uint8)
+
+    def retrieval() -> float:
+        model.eval()
+        with torch.no_grad():
+            acc = np.mean([model(clips, {})[1]["views_acc"].item() for _ in range(10)])
+        model.train()
+        return acc
+
+    before = retrieval()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(100):
+        loss, stats = model(clips, {})
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert set(stats) == {"loss_views", "views_acc"}
+    assert enc.backbone.embeddings.patch_embeddings.projection.weight.grad.abs().sum() > 0
+    after = retrieval()
+    assert after > before + 0.15, (before, after)
+
+
+def test_views_alone_needs_no_teacher(tmp_path):
+    """A views-only alignment never loads the teacher: the target function works without one."""
+    from mer_dist.config import AlignConfig
+    from mer_dist.train.align import target_fn
+    cfg = AlignConfig(loss=["views"], teacher=str(tmp_path / "no-teacher"))
+    targets = target_fn(cfg, torch.device("cpu"), {"views"}, {"views"})
+    assert targets({"name": ["a"]}) == {} and targets.teacher() is None
+    with pytest.raises(Exception):
+        target_fn(AlignConfig(teacher=str(tmp_path / "no-teacher")), torch.device("cpu"), {"clip"}, {"infonce"})

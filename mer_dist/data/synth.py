@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from mer_dist.config import LABELS, TRUTH_FILE, SynthConfig, to_dict
 from mer_dist.data.decode import write_av
+from mer_dist.data.ingest import load_manifest
 
 SR = 16000
 CONFUSABLE = {
@@ -285,10 +286,23 @@ def generate(cfg: SynthConfig) -> Path:
                 if splits[r["meta"]["name"]] == keep:
                     w.writerow([r["meta"]["name"], r["meta"]["emotion"], r["meta"]["valence"]])
     # the true emotion of every clip in video-unlabeled/: hidden (dot file), never read by training code; the
-    # self-training round table reads it to report pseudo-label precision, which a real corpus cannot tell
+    # pseudo-label line and the self-training round table read it to report true precision, which a real corpus cannot tell
     with open(out / TRUTH_FILE, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["name", "discrete"])
         w.writerows([r["meta"]["name"], r["meta"]["emotion"]] for r in results if splits[r["meta"]["name"]] != "train")
     (out / "synth.json").write_text(json.dumps({"config": to_dict(cfg), "clips": [r["meta"] for r in results]}))
     return out
+
+
+def read_truth(path: str, shards: str) -> dict[str, str]:
+    """{name: emotion} of a synthetic corpus's unlabeled clips (its hidden `.truth-unlabeled.csv`, or `path`): for
+    reports of pseudo-label precision only, never for training. {} when `path` is "" and the corpus has none (a
+    real corpus)."""
+    f = Path(path) if path else Path(load_manifest(shards)["corpus"]) / TRUTH_FILE
+    if not f.is_file():
+        if path:
+            raise FileNotFoundError(f"{f}: truth file not found")
+        return {}
+    with open(f, newline="", encoding="utf-8") as fh:
+        return {r["name"]: r["discrete"] for r in csv.DictReader(fh)}

@@ -33,6 +33,7 @@ from mer_dist.models.visual import VisualEncoder, export, read_encoder
 from mer_dist.tracking import NodeMetrics, Tracker
 from mer_dist.train import checkpoint
 from mer_dist.train.align import Aligner, target_fn
+from mer_dist.train.augment import ClipAugment
 from mer_dist.train.guard import Guard
 from mer_dist.train.losses import AlignmentObjective
 from mer_dist.train.zero import ds_config, fp32_state, keep_global_batch, param_elements, state_bytes
@@ -89,11 +90,13 @@ def build(cfg: AlignConfig, env: dist.DistEnv) -> Job:
     if cfg.model.init:
         job.encoder.load_state_dict(read_encoder(cfg.model.init)["state_dict"])
     objective = AlignmentObjective(
-        terms, job.encoder.width, {"features": feat_dim, "logits": len(LABELS), "both": feat_dim + len(LABELS)}[
-            cfg.target_space], len(LABELS), feat_dim if cfg.infonce_target == "features" else len(LABELS),
-        cfg.infonce_dim, cfg.kd_temperature, cfg.kd_confidence, cfg.frame_weight, cfg.utterance_weight)
+        terms, job.encoder.width,
+        regress_dim={"features": feat_dim, "logits": len(LABELS), "both": feat_dim + len(LABELS)}[cfg.target_space],
+        num_classes=len(LABELS), audio_dim=feat_dim if cfg.infonce_target == "features" else len(LABELS),
+        embed_dim=cfg.infonce_dim, tau=cfg.kd_temperature, confidence_weighting=cfg.kd_confidence,
+        frame_weight=cfg.frame_weight, utterance_weight=cfg.utterance_weight, views_temperature=cfg.views.temperature)
     job.targets = target_fn(cfg, env.device, objective.needs, {t.kind for t in terms})
-    model = Aligner(job.encoder, objective)
+    model = Aligner(job.encoder, objective, ClipAugment(cfg.views) if "views" in objective.needs else None)
     job.guard, job.initial = _guard(cfg, job.encoder, env.device, env)
     prev = checkpoint.peek(job.ckdir)
     reshard = bool(prev) and int(prev.get("world_size") or env.world_size) != env.world_size

@@ -32,6 +32,9 @@ VARIANTS = {
     "kd": ("KD of frame + utterance posteriors", ["loss=kd"]),
     "kd+infonce": ("KD + InfoNCE", ["loss=kd,infonce"]),
     "posteriors": ("InfoNCE onto the teacher's clip emotion posteriors", ["loss=infonce", "infonce_target=posteriors"]),
+    # teacher-independent: what the pool's video alone teaches (two augmented views of each clip contrasted)
+    "views": ("two augmented views of each clip contrasted, no teacher", ["loss=views"]),
+    "views+infonce": ("two views + InfoNCE onto the teacher", ["loss=infonce,views"]),
 }
 # self-training variants: name -> (what it is, self-train overrides)
 SELF_TRAIN = {

@@ -15,18 +15,17 @@ adapter; a fusion model on the new encoders then labels the pool for the head. L
 cannot move what the frozen encoders see. `control=true` runs the same round without pseudo-labels.
 
 Precision needs the truth of unlabeled clips, which a real corpus does not have; the synthetic
-generator writes it to a hidden `.truth-unlabeled.csv` that only this report reads.
+generator writes it to a hidden `.truth-unlabeled.csv` that only reports read (this table, `pseudo-label`'s line).
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 from pathlib import Path
 
 from mer_dist import dist
-from mer_dist.config import (LABELS, TRUTH_FILE, AdaptConfig, AlignConfig, ConfigError, FinetuneConfig, PseudoConfig,
+from mer_dist.config import (LABELS, AdaptConfig, AlignConfig, ConfigError, FinetuneConfig, PseudoConfig,
                              PseudoLabelConfig, SelfTrainConfig, load, save)
-from mer_dist.data.ingest import load_manifest
+from mer_dist.data import synth
 from mer_dist.io import write_csv_atomic, write_json_atomic, write_text_atomic
 from mer_dist.tracking import Tracker, parent_of
 from mer_dist.models.ensemble import read_metrics
@@ -35,24 +34,7 @@ from mer_dist.train import pseudo, round_guard
 
 
 def read_truth(cfg: SelfTrainConfig) -> dict[str, str]:
-    path = Path(cfg.truth) if cfg.truth else Path(load_manifest(cfg.finetune.data.shards)["corpus"]) / TRUTH_FILE
-    if not path.is_file():
-        if cfg.truth:
-            raise FileNotFoundError(f"{path}: truth file not found")
-        return {}
-    with open(path, newline="", encoding="utf-8") as f:
-        return {r["name"]: r["discrete"] for r in csv.DictReader(f)}
-
-
-def precision(pseudo_dir: Path, truth: dict[str, str]) -> dict[str, float]:
-    """Fraction of pseudo-labels equal to the truth, overall and per predicted class (NaN-free: absent = -1)."""
-    names, probs, _ = pseudo.read_pseudo(pseudo_dir)
-    rows = [(n, LABELS[int(p.argmax())]) for n, p in zip(names, probs) if n in truth]
-    out = {"precision": sum(d == truth[n] for n, d in rows) / len(rows) if rows else -1.0}
-    for lab in LABELS:
-        mine = [n for n, d in rows if d == lab]
-        out[f"precision_{lab}"] = sum(truth[n] == lab for n in mine) / len(mine) if mine else -1.0
-    return out
+    return synth.read_truth(cfg.truth, cfg.finetune.data.shards)
 
 
 def run(cfg: SelfTrainConfig) -> dict:
@@ -94,7 +76,8 @@ def _rounds(cfg: SelfTrainConfig, out: Path, truth: dict) -> tuple[list[dict], i
             label = lambda model, dst, view=(), thr=threshold: run_stage("pseudo-label", PseudoLabelConfig(  # noqa: E731
                 model=model, shards=cfg.finetune.data.shards, split=cfg.finetune.pseudo.split, out=str(dst),
                 threshold=thr, top_per_class=cfg.top_per_class, agree_with=cfg.agree_with,
-                student_modalities=list(view), tracking=tracking))
+                student_modalities=list(view), calibrate=cfg.calibrate, min_precision=cfg.min_precision,
+                truth=cfg.truth, tracking=tracking))
             if cfg.encoders:
                 base, enc_row = encoder_round(cfg, r, base, prev_model, tracking, label, truth)
                 row |= enc_row
@@ -111,12 +94,13 @@ def _rounds(cfg: SelfTrainConfig, out: Path, truth: dict) -> tuple[list[dict], i
                     summary = pseudo.combine(parts, pseudo_dir) if dist.detect().is_main else {}
                     dist.barrier()
                     if truth:
-                        row |= {f"precision_view_{p.name.rsplit('-', 1)[1]}": precision(p, truth)["precision"]
+                        row |= {f"precision_view_{p.name.rsplit('-', 1)[1]}": pseudo.precision(p, truth)["precision"]
                                 for p in parts}
                 row |= {"threshold": threshold, "kept": summary.get("kept", 0),
+                        "expected_precision": summary.get("expected_precision", -1.0),
                         **{f"kept_{k}": v for k, v in summary.get("per_class", {}).items()}}
                 if truth and summary:
-                    row |= precision(pseudo_dir, truth)
+                    row |= pseudo.precision(pseudo_dir, truth)
         ft = dataclasses.replace(base, out=str(out / f"round{r}"), pseudo=_pseudo(base, pseudo_dir), tracking=tracking)
         if r == 0 and cfg.start:
             ft = dataclasses.replace(ft, out=cfg.start)
@@ -162,7 +146,7 @@ def encoder_round(cfg: SelfTrainConfig, r: int, ft, prev_model: str, tracking, l
         pl = str(out / f"pseudo{r}-encoders")
         row["kept_encoders"] = label(prev_model, pl, thr=cfg.encoder_threshold).get("kept", 0)
         if truth:
-            row["precision_encoders"] = precision(Path(pl), truth)["precision"]
+            row["precision_encoders"] = pseudo.precision(Path(pl), truth)["precision"]
     # the encoders' stages read the shards the pseudo-labels were made on (their names are that corpus's), leave
     # out the clips fine-tuning leaves out, and read the split it reads
     take = {"dir": pl, "split": ft.pseudo.split, "test_split": ft.pseudo.test_split, "transductive": ft.pseudo.transductive}
@@ -231,7 +215,7 @@ def _report(cfg: SelfTrainConfig, out: Path, rows: list[dict], tracker: Tracker,
     save(cfg, out / "config.yaml")
     test = f"{cfg.finetune.test_split}_waf"
     enc = bool(cfg.encoders)
-    lines = ["| round | threshold | pseudo-labels kept (per class) | precision | CV WAF | test WAF | change | guard |"
+    lines = ["| round | threshold | pseudo-labels kept (per class) | precision (expected) | CV WAF | test WAF | change | guard |"
              + (" encoders: pseudo-labels (precision) | encoders: test WAF before the head's pseudo-labels |" if enc else ""),
              "|---|---|---|---|---|---|---|---|" + ("---|---|" if enc else "")]
     for r in rows:
@@ -239,6 +223,7 @@ def _report(cfg: SelfTrainConfig, out: Path, rows: list[dict], tracker: Tracker,
         prec = f"{r['precision']:.3f}" if r.get("precision", -1) >= 0 else "n/a"
         views = [f"{k[len('precision_view_'):]} {v:.3f}" for k, v in sorted(r.items()) if k.startswith("precision_view_")]
         prec += f" ({', '.join(views)})" if views else ""
+        prec += f" ({r['expected_precision']:.3f})" if r.get("expected_precision", -1) >= 0 else ""
         lines.append(f"| {r['round']} | {r.get('threshold', '-')} | {r.get('kept', 0)} ({per}) | {prec} | "
                      f"{r['cv_waf']:.3f} | {r[test]:.3f} | {r.get('test_waf_change', 0.0):+.3f} | {round_guard.cell(r)} |"
                      + (f" {_encoder_cells(r)} |" if enc else ""))

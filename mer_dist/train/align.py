@@ -12,19 +12,25 @@ from torch import nn
 from mer_dist.config import LABELS, AlignConfig
 from mer_dist.models.teacher import TargetStats, Teacher, frame_targets, masked_mean
 from mer_dist.models.visual import VisualEncoder
+from mer_dist.train.augment import ClipAugment
 from mer_dist.train.losses import AlignmentObjective
 from mer_dist.train.pseudo import as_targets, for_training
 
 
 class Aligner(nn.Module):
-    """What the engine trains: the encoder (exported) and the objective's heads (alignment only)."""
+    """What the engine trains: the encoder (exported) and the objective's heads (alignment only). With loss `views`
+    (`augment` given) the encoder sees two augmented views of every clip in one batched pass; the teacher's
+    terms read the first."""
 
-    def __init__(self, encoder: VisualEncoder, objective: AlignmentObjective):
+    def __init__(self, encoder: VisualEncoder, objective: AlignmentObjective, augment: ClipAugment | None = None):
         super().__init__()
-        self.encoder, self.objective = encoder, objective
+        self.encoder, self.objective, self.augment = encoder, objective, augment
 
     def forward(self, frames: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
-        return self.objective(self.encoder(frames), target)
+        if self.augment is None:
+            return self.objective(self.encoder(frames), target)
+        emb, view = self.encoder(torch.cat([self.augment(frames), self.augment(frames)])).chunk(2)
+        return self.objective(emb, target, view)
 
 
 def batch_targets(batch: dict, teacher: Teacher | None, stats: TargetStats | None, need: set[str],
@@ -65,21 +71,24 @@ def batch_targets(batch: dict, teacher: Teacher | None, stats: TargetStats | Non
 
 
 def target_fn(cfg: AlignConfig, device: torch.device, need: set[str], kinds: set[str]) -> Callable:
-    """batch -> targets: one live teacher pass (online) or the shards' teacher.npy (offline), plus pseudo-labels."""
+    """batch -> targets: one live teacher pass (online) or the shards' teacher.npy (offline), plus pseudo-labels;
+    no teacher at all when no term reads one (`views`, `pseudo`)."""
+    heard = need & {"regress", "logits", "clip"}
     teacher = Teacher.load(cfg.teacher, adapted=cfg.acoustic == "adapted").to(device) \
-        if cfg.targets == "online" else None
+        if cfg.targets == "online" and heard else None
     if teacher is not None and teacher.head is None and ("kd" in kinds or cfg.infonce_target == "posteriors"):
         raise ValueError(f"{cfg.teacher}: loss kd and infonce_target=posteriors need the teacher's emotion head (head.pt)")
     stats = (teacher.stats if teacher is not None else TargetStats.load(cfg.teacher).to(device)) \
-        if cfg.standardize else None
+        if cfg.standardize and heard else None
     pseudo = PseudoTargets(cfg) if cfg.pseudo.dir else None
 
     def targets(batch: dict, teacher=teacher) -> dict:
         if "target" in batch:           # the fixed eval set's, computed once
             return batch["target"]
-        t = batch_targets(batch, teacher, stats, need, cfg.target_space, device, cfg.infonce_target)
+        t = batch_targets(batch, teacher, stats, need, cfg.target_space, device, cfg.infonce_target) if heard else {}
         return t | pseudo.batch(batch["name"], device) if pseudo is not None else t
-    targets.teacher = lambda: teacher or Teacher.load(cfg.teacher, adapted=cfg.acoustic == "adapted").to(device)
+    targets.teacher = lambda: (teacher or Teacher.load(cfg.teacher, adapted=cfg.acoustic == "adapted").to(device)) \
+        if heard else None
     return targets
 
 

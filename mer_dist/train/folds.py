@@ -53,8 +53,9 @@ def pseudo_sets(cfg: FinetuneConfig, n_folds: int
             else np.ones(len(cand), bool)
         sets = []
         for k in range(n_folds):
-            idx = np.array([i for i in select(probs[k], summary["threshold"], summary["top_per_class"]) if allowed[i]],
-                           dtype=int)
+            mine = select(probs[k], summary["threshold"], summary["top_per_class"],
+                          min_precision=summary.get("min_precision", 0.0))
+            idx = np.array([i for i in mine if allowed[i]], dtype=int)
             sets.append((idx, probs[k][idx]))
         return cand, views, sets, True
     if cfg.folds > 1:

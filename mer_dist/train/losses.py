@@ -12,7 +12,9 @@ for `infonce`), a small module. `create_objective` builds the weighted sum that 
   gathered across ranks with a differentiable all-gather (the number of negatives grows with the world);
 * `pseudo`: self-training inside alignment -- cross-entropy of a clip-level emotion head onto the
   pseudo-labels (`mer-dist pseudo-label`) of the clips that have one (`align.pseudo`), so the unlabeled
-  pool teaches the encoder what the fusion model already knows of emotion from all three modalities.
+  pool teaches the encoder what the fusion model already knows of emotion from all three modalities;
+* `views`: no teacher at all -- the clip embeddings of two augmented views of each clip (`train/augment.py`)
+  contrasted with the same gathered InfoNCE, so the pool teaches the encoder from its video alone.
 """
 from __future__ import annotations
 
@@ -109,7 +111,8 @@ class AlignmentObjective(nn.Module):
 
     def __init__(self, terms: list[LossTerm], width: int, regress_dim: int = 0, num_classes: int = 6,
                  audio_dim: int = 0, embed_dim: int = 128, tau: float = 2.0, confidence_weighting: bool = False,
-                 frame_weight: float = 1.0, utterance_weight: float = 1.0, init_temperature: float = 0.07):
+                 frame_weight: float = 1.0, utterance_weight: float = 1.0, init_temperature: float = 0.07,
+                 views_temperature: float = 0.1):
         super().__init__()
         self.terms, self.tau, self.conf = terms, tau, confidence_weighting
         self.frame_weight, self.utterance_weight = frame_weight, utterance_weight
@@ -123,17 +126,23 @@ class AlignmentObjective(nn.Module):
                                             nn.Linear(width, embed_dim))
             # shape [1], not a scalar: DeepSpeed broadcasts parameters as byte views, which a 0-dim tensor cannot give
             self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / init_temperature)))
+        if "views" in kinds:
+            self.views_proj = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, embed_dim))
+            self.views_logit_scale = nn.Parameter(torch.full((1,), math.log(1 / views_temperature)))
 
     @property
     def needs(self) -> set[str]:
-        """Which teacher outputs the terms read: "regress", "logits", "clip"."""
-        return {{"mse": "regress", "cosine": "regress", "kd": "logits", "infonce": "clip", "pseudo": "pseudo"}[t.kind]
-                for t in self.terms}
+        """What the terms read besides the clip itself: the teacher's "regress", "logits", "clip"; "pseudo"
+        (pseudo-labels); "views" (a second augmented view of the clip, which the caller embeds)."""
+        return {{"mse": "regress", "cosine": "regress", "kd": "logits", "infonce": "clip", "pseudo": "pseudo",
+                 "views": "views"}[t.kind] for t in self.terms}
 
-    def forward(self, emb: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, emb: torch.Tensor, target: dict,
+                view: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`emb` [B,F,W] of the clip (for `views`: of its first view) and `view` [B,F,W] of its second view."""
         # the teacher is frozen: whatever its outputs carry, no gradient flows back into them
         target = {k: v.detach() if torch.is_tensor(v) else v for k, v in target.items()}
-        valid = target["valid"]
+        valid = target.get("valid")
         total, stats = emb.new_zeros((), dtype=torch.float32), {}
         for t in self.terms:
             if t.kind in ("mse", "cosine"):
@@ -148,6 +157,9 @@ class AlignmentObjective(nn.Module):
                 has = target["pseudo_weight"] > 0
                 stats["pseudo_agree"] = (logits.argmax(-1) == target["pseudo"].argmax(-1))[has].float().mean() \
                     if has.any() else logits.new_zeros(())
+            elif t.kind == "views":
+                z1, z2 = self.views_proj(emb.mean(1)).float(), self.views_proj(view.mean(1)).float()
+                loss, stats["views_acc"] = infonce_loss(z1, z2, self.views_logit_scale.float())
             else:
                 # heads run in the engine's precision (bf16 on GPUs); the loss in fp32
                 v = self.video_proj(emb.mean(1)).float()      # the clip embedding `finetune` uses, projected

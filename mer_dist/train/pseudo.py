@@ -21,19 +21,24 @@ from mer_dist.io import atomic_target, write_json_atomic
 
 
 def select(probs: np.ndarray, threshold: float, top_per_class: int = 0,
-           agree: np.ndarray | None = None) -> np.ndarray:
+           agree: np.ndarray | None = None, min_precision: float = 0.0) -> np.ndarray:
     """Indices (ascending) of the rows kept: max probability >= threshold, the argmax equal to `agree`'s (when
-    given), then the `top_per_class` most confident rows of each predicted class (0 = all)."""
+    given), then per predicted class the most confident rows whose mean confidence -- with calibrated `probs`, the
+    precision expected of them -- stays >= `min_precision` (class-aware: a class the model reads badly keeps fewer),
+    then at most `top_per_class` of them (0 = all; a frequent class cannot drown a rare one)."""
     pred, conf = probs.argmax(1), probs.max(1)
     keep = conf >= threshold
     if agree is not None:
         keep &= agree.argmax(1) == pred
-    if top_per_class > 0:
-        for c in range(probs.shape[1]):
-            idx = np.flatnonzero(keep & (pred == c))
-            if len(idx) > top_per_class:
-                drop = idx[np.argsort(-conf[idx], kind="stable")[top_per_class:]]
-                keep[drop] = False
+    for c in range(probs.shape[1]):
+        idx = np.flatnonzero(keep & (pred == c))
+        idx = idx[np.argsort(-conf[idx], kind="stable")]
+        n = len(idx)
+        if min_precision > 0:       # the running mean of a descending sequence only falls: a prefix passes
+            n = int((np.cumsum(conf[idx]) / np.arange(1, len(idx) + 1) >= min_precision).sum())
+        if top_per_class > 0:
+            n = min(n, top_per_class)
+        keep[idx[n:]] = False
     return np.flatnonzero(keep)
 
 
@@ -109,6 +114,18 @@ def unreadable(folder: str | Path, wanted: list[str], read: set[str], shards: st
     print(f"{stage}: {len(lost)} pseudo-labelled clip(s) of '{split}' could not be read here: skipped "
           f"(first: {lost[0]})", flush=True)
     return set(lost)
+
+
+def precision(folder: str | Path, truth: dict[str, str]) -> dict[str, float]:
+    """Fraction of a pseudo-label directory's labels equal to `truth` (synthetic corpora only), overall and per
+    predicted class (NaN-free: absent = -1)."""
+    names, probs, _ = read_pseudo(folder)
+    rows = [(n, LABELS[int(p.argmax())]) for n, p in zip(names, probs) if n in truth]
+    out = {"precision": sum(d == truth[n] for n, d in rows) / len(rows) if rows else -1.0}
+    for lab in LABELS:
+        mine = [n for n, d in rows if d == lab]
+        out[f"precision_{lab}"] = sum(truth[n] == lab for n in mine) / len(mine) if mine else -1.0
+    return out
 
 
 def as_targets(probs: np.ndarray, soft: bool) -> np.ndarray:
