@@ -532,7 +532,7 @@ class DemoConfig:
     seeds: int = 1                 # seeds per ablation row (3 for the RESULTS.md table)
     folds: int = 5  # K-fold CV of every fine-tuning row
     self_train_rounds: int = 1     # self-training rounds on the fusion row (0 = none)
-    self_train_views: list[str] = field(default_factory=lambda: ["fusion"])  # self-training variants (mer_dist/stages/demo.py SELF_TRAIN): fusion, cross, encoders, encoders-control
+    self_train_views: list[str] = field(default_factory=lambda: ["fusion"])  # self-training variants (mer_dist/stages/demo.py SELF_TRAIN): fusion, precision, cross, encoders, encoders-control
     visual_top_k: bool = False     # also the rows that fine-tune the visual encoder's top block end to end
     audio_pretrain_steps: int = 0  # > 0: HuBERT's first iteration on the corpus audio; the teacher starts from it
     single_rows: list[str] = field(default_factory=lambda: ["audio-base", "audio", "text"])  # single-modality rows (mer_dist/stages/demo.py SINGLE): audio-base, audio, text

@@ -191,12 +191,22 @@ def test_pseudo_label_two_ranks_each_clip_once_and_no_leak(base_model, shards, t
 def test_self_train_two_rounds_end_to_end(shards, teacher, tmp_path):
     out = tmp_path / "st"
     p = run_cli("self-train", "--shards", shards, "--teacher", teacher, "--visual", "random", "--out", out,
-                "--rounds", "2", "thresholds=[0.3,0.2]", "finetune.modalities=a,t", "finetune.folds=2",
-                "finetune.epochs=15", *[f"finetune.{d}" for d in DATA if not d.startswith("tracking")])
+                "--rounds", "2", "thresholds=[0.0]", "top_per_class=4", "finetune.modalities=a,t",
+                "finetune.folds=2", "finetune.epochs=15", *[f"finetune.{d}" for d in DATA if not d.startswith("tracking")])
     rows = json.loads((out / "rounds.json").read_text())
     assert [r["round"] for r in rows] == [0, 1, 2] and "self-train rounds" in p.stdout
-    assert rows[0]["n_pseudo_trained"] == 0 and rows[1]["kept"] > 0 and rows[2]["kept"] > 0
+    assert rows[0]["n_pseudo_trained"] == 0 and 0 < rows[1]["kept"] <= 24 and 0 < rows[2]["kept"] <= 24
     assert rows[1]["n_pseudo_trained"] > 0 and rows[2]["n_pseudo_trained"] > 0
+    # each labeller calibrated on its own out-of-fold probabilities: the precision it expects is the mean
+    # calibrated confidence of what it kept, and the line says it beside the true one
+    for r in (1, 2):
+        s = json.loads((out / f"pseudo{r}" / "summary.json").read_text())
+        probs = np.array([[float(x[c]) for c in C.LABELS] for x in csv.DictReader(open(out / f"pseudo{r}" / "pseudo.csv"))])
+        from mer_dist.features import index
+        assert s["calibrated"] and s["temperature"] > 0 and s["oof_clips"] == len(index(str(shards), "train")[0])
+        assert s["expected_precision"] == pytest.approx(probs.max(1).mean(), abs=1e-4)
+        assert rows[r]["expected_precision"] == pytest.approx(s["expected_precision"])
+    assert "expected precision" in p.stdout and ", true " in p.stdout
     # cross-fitted: each fold learned from its own previous-round model's pseudo-labels (no validation leak)
     assert json.loads((out / "round1" / "metrics.json").read_text())["pseudo_crossfit"] is True
     # real numbers per round: precision from the generator's hidden truth, WAFs that differ between rounds

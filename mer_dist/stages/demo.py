@@ -39,6 +39,9 @@ VARIANTS = {
 # self-training variants: name -> (what it is, self-train overrides)
 SELF_TRAIN = {
     "fusion": ("the fusion model labels the pool (threshold 0.7, hard)", {"views": "fusion"}),
+    "precision": ("the fusion model labels the pool, per class as many as its calibrated probabilities expect "
+                  "to be right 60% of the time (soft)",
+                  {"views": "fusion", "thresholds": "[0.0]", "min_precision": "0.6", "finetune.pseudo.soft": "true"}),
     "cross": ("co-training: a model without each modality labels the pool for it (all clips, soft)",
               {"views": "cross", "thresholds": "[0.0]", "finetune.pseudo.soft": "true"}),
     "encoders": ("pseudo-labels into the visual encoder, the adapter and the head",
