@@ -548,6 +548,32 @@ class DemoConfig:
                self.ablate_seeds)
 
 
+@dataclass
+class RecipeConfig:
+    corpus: str = "runs/corpus"  # your corpus in the MER2024 layout (video-labeled/, video-unlabeled/, label-disdim.csv, label-transcription.csv)
+    out: str = "runs/recipe"  # every stage writes below it (shards/, probe/, teacher/, align/, models/, self-train/, eval-<split>/) and recipe.md/json; the stages' own out/shards/teacher/probe/visual keys are set from it
+    launcher: Literal["auto", "torchrun", "srun"] = "auto"  # how align starts its ranks: auto = srun inside a Slurm allocation (SLURM_JOB_ID set), else torchrun on this machine
+    align_procs: int = 2  # torchrun: align's ranks on this machine (srun: the allocation's tasks)
+    rounds: int = 1  # guarded self-training rounds after the fine-tuned model (0 = none)
+    thresholds: list[float] = field(default_factory=lambda: [0.0])  # per round: keep pseudo-labels this confident (calibrated); the last one repeats
+    min_precision: float = 0.6  # per round and predicted class: as many pseudo-labels as its calibrated probabilities expect to be right this often
+    encoders: list[str] = field(default_factory=list)  # each round's pseudo-labels also into these encoders (visual, audio): see self-train encoders
+    test_split: str = "test"  # the split the final model predicts (predictions.csv; metrics where it has labels); "" or a split the shards lack = none
+    shard: ShardConfig = field(default_factory=ShardConfig)  # shard settings (corpus and out are the recipe's)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)  # probe-layers settings (its HuBERT `model` is adapt's too unless adapt names one)
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)  # adapt-audio settings (the teacher)
+    align: AlignConfig = field(default_factory=AlignConfig)  # align settings (the visual encoder on the unlabeled pool, guarded)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # fine-tuning of every model the recipe trains (labeled only, aligned, each round)
+
+    def __post_init__(self):
+        _check(self.align_procs >= 1, "align_procs", "an integer >= 1", self.align_procs)
+        _check(self.rounds >= 0, "rounds", "an integer >= 0", self.rounds)
+        _check(bool(self.thresholds) and all(0.0 <= t <= 1.0 for t in self.thresholds), "thresholds",
+               "a non-empty list of probabilities in [0, 1]", self.thresholds)
+        _check(0.0 <= self.min_precision <= 1.0, "min_precision", "a probability in [0, 1]", self.min_precision)
+        _check(set(self.encoders) <= {"visual", "audio"}, "encoders", "a subset of [visual, audio]", self.encoders)
+
+
 @dataclass(frozen=True)
 class Stage:
     """One subcommand: its config class, its runner (imported only when it runs: `mer-dist --help` stays fast),
@@ -617,6 +643,8 @@ STAGES: dict[str, Stage] = {     # in pipeline order
     "ablate": Stage(AblateConfig, "mer_dist.stages.ablate:run", "ablate", {
         "shards": "shards", "teacher": "teacher", "aligned": "aligned", "shuffled": "shuffled", "out": "out",
         "seeds": "seeds"}),
+    "recipe": Stage(RecipeConfig, "mer_dist.stages.recipe:run", "recipe", {
+        "corpus": "corpus", "out": "out", "rounds": "rounds", "launcher": "launcher"}),
     "demo": Stage(DemoConfig, "mer_dist.stages.demo:run", "demo", {
         "out": "out", "seeds": "seeds", "self-train-rounds": "self_train_rounds"}),
 }

@@ -158,8 +158,18 @@ def free_port() -> int:
 def launch_local(args: list[str], procs: int) -> None:
     """`python -m mer_dist ARGS` under torchrun on this machine, `procs` ranks (the demo's and self-train's alignment
     runs); raises CalledProcessError when it fails."""
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}",
-                    f"--master_port={free_port()}", "-m", "mer_dist", *args], check=True)
+    subprocess.run(launch_command(args, procs, "torchrun", {}), check=True)
+
+
+def launch_command(args: list[str], procs: int, launcher: str, environ) -> list[str]:
+    """The command line that starts `python -m mer_dist ARGS` on many ranks: `srun` (every task of the Slurm
+    allocation it runs in; launcher "auto" picks it inside one, i.e. where SLURM_JOB_ID is set) or torchrun with
+    `procs` ranks on this machine."""
+    if launcher == "srun" or (launcher == "auto" and environ.get("SLURM_JOB_ID")):
+        # a failed task ends the step (no rank waits on a dead one); its exit code (75: requeue me) is the step's
+        return ["srun", "--kill-on-bad-exit=1", sys.executable, "-m", "mer_dist", *args]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}",
+            f"--master_port={free_port()}", "-m", "mer_dist", *args]
 
 
 TIMEOUT_ENV = "MER_DIST_TIMEOUT_S"
