@@ -5,7 +5,7 @@ import tarfile
 
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import REPO, run_cli
 
 from mer_dist.config import LABELS, DataConfig, ShardConfig, SynthConfig
 from mer_dist.data.decode import DecodeError, decode, write_av
@@ -301,3 +301,17 @@ def test_reencode_follows_the_video_not_the_duration_its_header_claims(tmp_path)
     with tarfile.open(shard_urls(tmp_path / "s", "train")[0]) as t:
         meta = json.loads(t.extractfile(next(m for m in t.getmembers() if m.name.endswith(".json"))).read())
     assert meta["duration_s"] == pytest.approx(2.0, abs=0.15)
+
+
+@pytest.mark.slow
+def test_loader_workers_never_free_the_parents_ffmpeg_graphs():
+    """A resampler's filter graph made in the trainer and left to the cyclic GC (what decoding PCM audio leaves):
+    freed inside a forked worker, FFmpeg joins threads that exist only in the parent and the worker hangs holding
+    the GIL (found on an AVI corpus: align made no step for 15 minutes). A plain DataLoader hangs; ours answers."""
+    import subprocess
+    import sys
+    script = str(REPO / "tests" / "forked_ffmpeg.py")
+    ok = subprocess.run([sys.executable, script, "fixed"], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert ok.returncode == 0 and "tensor([0.])" in ok.stdout, ok.stderr[-2000:]
+    with pytest.raises(subprocess.TimeoutExpired):
+        subprocess.run([sys.executable, script, "plain"], capture_output=True, timeout=20, cwd=REPO)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import gc
 import io
 import itertools
 import json
@@ -267,15 +268,30 @@ class _Stream(IterableDataset):
 
 def _worker_init(_worker_id: int) -> None:
     """Loader workers leave SIGTERM/SIGUSR1 to the trainer, which checkpoints and then shuts them down, and die
-    with it (Linux): a trainer that gives up on a stalled worker must not leave it blocked on a dead mount."""
+    with it (Linux): a trainer that gives up on a stalled worker must not leave it blocked on a dead mount. What a
+    worker inherits from the trainer is frozen out of its garbage collector (see `Loader`)."""
+    gc.freeze()
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)    # PR_SET_PDEATHSIG
 
 
+class Loader(DataLoader):
+    """A DataLoader whose forked workers never free what the parent made. FFmpeg objects the parent created (an
+    audio resampler's filter graph: every clip whose audio is not mono float at the target rate, e.g. the PCM of an
+    AVI) own threads that exist only in the parent; if the cyclic GC frees one inside a worker, FFmpeg joins those
+    threads forever while holding the GIL, and the worker -- and the rank waiting on it -- hangs. So the parent
+    collects its garbage right before the workers fork, and each worker freezes what it inherited (`_worker_init`)."""
+
+    def __iter__(self):
+        if self.num_workers > 0:
+            gc.collect()
+        return super().__iter__()
+
+
 def _loader(ds: _Stream, workers: int) -> DataLoader:
-    return DataLoader(ds, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
+    return Loader(ds, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
                       prefetch_factor=4 if workers > 0 else None, persistent_workers=False,
                       worker_init_fn=_worker_init if workers > 0 else None)
 
