@@ -132,3 +132,22 @@ def test_matrix_pseudo_rows_pair_each_seed_with_its_control(tmp_path):
     table = "\n".join(overview({"r": demo}, {"r": results(demo)}, {"r": pseudo_rows(results(demo)["test_waf"], st)}))
     assert "| InfoNCE + pseudo-labels (one self-train round) | +0.400 / +0.300 (1 of 2 seeds) |" in table
     assert "| its control (the same steps, no pseudo-labels) | +0.050 / +0.050 (1 of 2 seeds) |" in table
+
+
+def test_matrix_self_training_record_counts_where_the_guard_agreed_with_the_test():
+    """A kept round that lowered test WAF is a miss; a rejected round that would have lowered it, and a kept one
+    that raised it, agree; the kept round's test WAF is what the product returns."""
+    from robustness_matrix import self_training
+
+    def run(seed, change, guard):
+        return {"view": "fusion", "seed": seed, "kept_round": int(guard == "kept"), "rows": [
+            {"round": 0, "test_waf": 0.40, "guard": "start"},
+            {"round": 1, "test_waf": 0.40 + change, "guard": guard, "guard_gain": 0.02, "kept": 90,
+             "precision": 0.5, "expected_precision": 0.55}]}
+    res = {"self_train": [run(0, 0.03, "kept"), run(1, -0.02, "kept"), run(2, -0.04, "rejected")],
+           "test_waf": {"self-train/fusion": [0.43, 0.38, 0.40]}}
+    text = "\n".join(self_training(res))
+    assert "agreed with the hidden test in 2 of 3 rounds" in text
+    assert "| fusion | 1 | 1 | 90 | 0.500 (0.550) | -0.020 | kept (+0.020) | **no** |" in text
+    assert "| fusion | 0.403 ± 0.025 | 0.430, 0.380, 0.400 | +0.003 |" in text
+    assert self_training({"test_waf": {}}) == []
