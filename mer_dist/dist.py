@@ -172,6 +172,8 @@ def launch_command(args: list[str], procs: int, launcher: str, environ) -> list[
             f"--master_port={free_port()}", "-m", "mer_dist", *args]
 
 
+EXIT_PREEMPTED = 75     # EX_TEMPFAIL: "checkpointed on a signal, requeue me" (align, and the recipe that runs it)
+
 TIMEOUT_ENV = "MER_DIST_TIMEOUT_S"
 
 

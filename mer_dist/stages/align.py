@@ -39,7 +39,6 @@ from mer_dist.train.losses import AlignmentObjective
 from mer_dist.train.zero import ds_config, fp32_state, keep_global_batch, param_elements, state_bytes
 
 log = logging.getLogger("mer_dist.align")
-EXIT_PREEMPTED = 75
 
 
 def run(cfg: AlignConfig) -> int:
@@ -163,7 +162,7 @@ def fit(job: Job) -> int:
     it = iterate(train_loader(shard_urls(cfg.data.shards, cfg.split), cfg.data, env.rank, env.world_size,
                               seed=zlib.crc32(f"{cfg.train.seed}/{start}".encode()), pairing=cfg.pairing))
     eval_batches = _eval_set(cfg, job.targets)
-    stop = dist.StopFlag(grace_s=cfg.train.stop_grace_s, exit_code=EXIT_PREEMPTED,
+    stop = dist.StopFlag(grace_s=cfg.train.stop_grace_s, exit_code=dist.EXIT_PREEMPTED,
                          on_give_up=(lambda: _mark_requeue(job.step)) if env.is_main else None)
     # the other nodes' first ranks add their own system/<node>/* metrics to the run
     node_metrics = NodeMetrics(cfg.tracking, job.out, job.run_id, env.node_id) \
@@ -203,7 +202,7 @@ def fit(job: Job) -> int:
                     print(f"align: signal {stop.signum} -> checkpoint at step {job.step} saved, exiting for requeue",
                           flush=True)
                     _mark_requeue(job.step)
-                exit_code = EXIT_PREEMPTED
+                exit_code = dist.EXIT_PREEMPTED
                 break
     finally:
         bar.close()     # the error line of a failure starts on a line of its own

@@ -27,13 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mer_dist import config as C
-from mer_dist.dist import launch_command
+from mer_dist.data.ingest import load_manifest
+from mer_dist.dist import EXIT_PREEMPTED, launch_command
 from mer_dist.io import write_json_atomic, write_text_atomic
+from mer_dist.models.ensemble import read_metrics
 from mer_dist.stages import run_stage
 from mer_dist.train import round_guard
 from mer_dist.train.checkpoint import read_summary
-
-EXIT_PREEMPTED = 75
 
 
 @dataclass
@@ -107,7 +107,8 @@ def run(cfg: C.RecipeConfig) -> RecipeResult | int:
         print(f"recipe: align failed with exit code {code}; the recipe stops here (rerun it to resume)", flush=True)
         return code
 
-    ft = dataclasses.replace(_with_shards(cfg.finetune, at, teacher=str(at.teacher)), test_split=_split(cfg, at))
+    split = cfg.test_split if cfg.test_split in load_manifest(at.shards)["splits"] else ""   # a corpus may have none
+    ft = dataclasses.replace(_with_shards(cfg.finetune, at, teacher=str(at.teacher)), test_split=split)
     for name, visual, dst in (("finetune labeled only", "random", at.labeled_only),
                               ("finetune aligned", str(at.align / "encoder.pt"), at.aligned)):
         step(name, lambda dst=dst: _model_done(dst),
@@ -134,7 +135,6 @@ def run(cfg: C.RecipeConfig) -> RecipeResult | int:
             rows.append(_row(f"+ self-training round {r['round']}", at.self_train / f"round{r['round']}",
                              {"gain": r.get("guard_gain"), "low": r.get("guard_low")}, r.get("guard") == "kept"))
     evaluation = ""
-    split = _split(cfg, at)
     if split:
         ev = C.EvaluateConfig(model=str(final), split=split, out=str(at.evaluation(split)),
                               tracking=cfg.finetune.tracking)
@@ -151,12 +151,6 @@ def _with_shards(section, at: Layout, **paths):
     return dataclasses.replace(section, data=dataclasses.replace(section.data, shards=str(at.shards)), **paths)
 
 
-def _split(cfg: C.RecipeConfig, at: Layout) -> str:
-    """The test split when the shards have it (a corpus without test labels or names has none), else ""."""
-    splits = json.loads((at.shards / "manifest.json").read_text()).get("splits", {})
-    return cfg.test_split if cfg.test_split in splits else ""
-
-
 def read_visual(model_dir: Path) -> str:
     """The visual encoder a finetune output was trained on (its config.yaml): the next rounds start from it."""
     return C.load(C.FinetuneConfig, Path(model_dir) / "config.yaml").visual
@@ -170,12 +164,8 @@ def _model_done(model: Path) -> bool:
     return (model / "metrics.json").is_file() and (model / "model.pt").is_file()
 
 
-def _metrics(model: Path) -> dict:
-    return json.loads((model / "metrics.json").read_text())
-
-
 def _row(name: str, model: Path, guard: dict | None, kept: bool) -> dict:
-    m = _metrics(model)
+    m = read_metrics(model)
     return {"step": name, "model": str(model), "cv_waf": m.get("cv_waf_unselected", m.get("cv_waf")),
             "test_waf": m.get("test_waf"), "gain": (guard or {}).get("gain"), "low": (guard or {}).get("low"),
             "kept": kept}

@@ -33,15 +33,11 @@ from mer_dist.stages import run_stage
 from mer_dist.train import pseudo, round_guard
 
 
-def read_truth(cfg: SelfTrainConfig) -> dict[str, str]:
-    return synth.read_truth(cfg.truth, cfg.finetune.data.shards)
-
-
 def run(cfg: SelfTrainConfig) -> dict:
     out = Path(cfg.out)
     if cfg.encoders:
         _check_encoder_sources(cfg)
-    truth = read_truth(cfg)
+    truth = synth.read_truth(cfg.truth, cfg.finetune.data.shards)
     tracker = Tracker(cfg.finetune.tracking, out, "self-train", active=dist.detect().is_main,
                       tags={"rounds": cfg.rounds, "views": cfg.views,
                                                                         "encoders": ",".join(cfg.encoders) or "none"},
